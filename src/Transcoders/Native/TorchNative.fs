@@ -1,0 +1,31 @@
+/// Makes TorchSharp's native glue loadable before the first tensor is made.
+///
+/// The build already patches every output folder (build/TorchSharpNative.targets). This covers the
+/// rest: a script or program that loads TorchSharp from a folder the build never saw (for example
+/// `dotnet fsi` with `#r "nuget: TorchSharp"`). Call `ensureLoadable ()` before touching `torch`.
+module Transcoders.Native.TorchNative
+
+open System.IO
+
+let mutable private checkedOnce = false
+
+/// Folders where TorchSharp may look for libLibTorchSharp.so: next to TorchSharp.dll and its
+/// runtimes/linux-x64/native and cpu/ subfolders.
+let private candidateFolders () =
+    let asm = typeof<TorchSharp.torch.Tensor>.Assembly.Location
+    if System.String.IsNullOrEmpty asm then []
+    else
+        let dir = Path.GetDirectoryName asm
+        [ dir; Path.Combine(dir, "cpu"); Path.Combine(dir, "runtimes", "linux-x64", "native") ]
+        |> List.filter Directory.Exists
+
+/// Weakens the GLIBCXX_3.4.32 requirement in the glue TorchSharp will load, when the system needs it.
+/// Idempotent and cheap after the first call.
+let ensureLoadable () =
+    if not checkedOnce then
+        checkedOnce <- true
+        if System.OperatingSystem.IsLinux() && ElfVerneed.systemNeedsPatch () then
+            for dir in candidateFolders () do
+                for f in Directory.EnumerateFiles(dir, "libLibTorchSharp.so", SearchOption.TopDirectoryOnly) do
+                    try ElfVerneed.weaken f ElfVerneed.TorchSharpLibrary ElfVerneed.TorchSharpVersion |> ignore
+                    with :? System.UnauthorizedAccessException | :? IOException -> ()

@@ -1,0 +1,3 @@
+module Transcoders.Text.Batches
+
+let private todo = ()

@@ -1,0 +1,3 @@
+module Transcoders.Text.CompactVocab
+
+let private todo = ()

@@ -1,0 +1,3 @@
+module Transcoders.Text.Corpus
+
+let private todo = ()

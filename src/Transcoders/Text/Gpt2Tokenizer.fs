@@ -1,0 +1,3 @@
+module Transcoders.Text.Gpt2Tokenizer
+
+let private todo = ()

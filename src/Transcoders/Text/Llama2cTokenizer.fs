@@ -1,0 +1,3 @@
+module Transcoders.Text.Llama2cTokenizer
+
+let private todo = ()

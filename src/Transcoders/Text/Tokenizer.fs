@@ -1,0 +1,3 @@
+module Transcoders.Text.Tokenizer
+
+let private todo = ()
