@@ -8,6 +8,7 @@ let all =
     testList "Transcoders" [
         ElfTests.tests
         TorchTests.tests
+        SafetensorsTests.tests
     ]
 
 [<EntryPoint>]
