@@ -9,6 +9,7 @@ let all =
         ElfTests.tests
         TorchTests.tests
         SafetensorsTests.tests
+        ActivationTests.tests
     ]
 
 [<EntryPoint>]
