@@ -223,6 +223,31 @@ let private flattenTests =
             finally Pass.dispose pass
         }
 
+        test "an activation spec lists each hook once and one batch feeds every coder" {
+            let spec =
+                { Coders =
+                    [ CoderHooks.sae "sae" "in"
+                      CoderHooks.transcoder "tc" "in" "out"
+                      CoderHooks.crossLayer "clt" [ "in"; "z" ] [ "out"; "z" ] ] }
+            Expect.equal spec.Hooks [ "in"; "out"; "z" ] "hooks in order of first use, once each"
+            let s = { B = 2; P = 4; D = 3; Passes = 3; Seed = 18 }
+            use b = new ShuffleBuffer(bufferConfig 8L 4L 0.5 1L, PassSource.ForSpec(spec, KeepBos, producer s 0L))
+            use _ = torch.NewDisposeScope()
+            let batch = (b.Next()).Value
+            checkAligned batch |> ignore
+            let tc = spec.Coders[1]
+            Expect.isTrue (obj.ReferenceEquals((CoderHooks.inputs tc batch).Head, batch["in"])) "transcoder input"
+            Expect.isTrue (obj.ReferenceEquals((CoderHooks.targets tc batch).Head, batch["out"])) "transcoder target"
+            Expect.equal (CoderHooks.inputs spec.Coders[2] batch |> List.map (fun t -> t.shape[1])) [ 3L; 4L ] "cross-layer inputs"
+            expectArgumentError "no hook 'resid'" (fun () -> Batch.hook "resid" batch |> ignore)
+            for bad, keyword in
+                [ { Coders = [] }, "names no coders"
+                  { Coders = [ CoderHooks.sae "a" "in"; CoderHooks.sae "a" "out" ] }, "coder name 'a' appears more than once"
+                  { Coders = [ CoderHooks.crossLayer "c" [] [ "out" ] ] }, "coder 'c' has no input hooks"
+                  { Coders = [ CoderHooks.transcoder "t" "in" "" ] }, "names an empty hook" ] do
+                expectArgumentError keyword (fun () -> bad.Validate())
+        }
+
         testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 40 } "a pass source resumed at its position yields the same remaining rows" <| fun (seed: int) ->
             let rng, s, _, bos = randomSetup seed
             let step = int64 (rng.Next(1, 9))
@@ -491,6 +516,29 @@ let private cacheTests =
             File.Delete(Path.Combine(dir.Path, "shard_00002.safetensors"))
             (use src = passSource s KeepBos Position.Start in ActivationCache.write dir.Path config src) |> ignore
             Expect.equal (filesOf dir.Path) (filesOf reference.Path) "the same files as an undamaged write"
+        }
+
+        test "MaxRows ends the cache early, progress is reported per shard, and verify finds damage" {
+            let s = { B = 2; P = 4; D = 3; Passes = 6; Seed = 19 }
+            use dir = new TempDir()
+            let reports = ResizeArray()
+            let config = { cacheConfig 8L Safetensors.BF16 with MaxRows = Some 20L }
+            let m = (use src = passSource s KeepBos Position.Start in ActivationCache.writeWith reports.Add dir.Path config src)
+            Expect.equal (m.Shards |> List.map (fun sh -> sh.Rows)) [ 8L; 8L; 4L ] "shards of 8, 8 and 4 rows"
+            Expect.isTrue m.Complete "complete at MaxRows"
+            Expect.equal [ for r in reports -> r.TotalRows, r.Complete ] [ 8L, false; 16L, false; 20L, true ] "a report per shard"
+            Expect.equal (ActivationCache.verify dir.Path) [] "an intact cache"
+            let again = (use src = passSource s KeepBos Position.Start in ActivationCache.write dir.Path config src)
+            Expect.equal again m "writing a complete cache again changes nothing"
+            let path = Path.Combine(dir.Path, "shard_00001.safetensors")
+            let bytes = File.ReadAllBytes path
+            bytes[bytes.Length - 1] <- bytes[bytes.Length - 1] ^^^ 4uy
+            File.WriteAllBytes(path, bytes)
+            match ActivationCache.verify dir.Path with
+            | [ p, problem ] ->
+                Expect.equal p path "names the shard"
+                Expect.stringContains problem "checksum mismatch" "says what is wrong"
+            | other -> failtestf "expected one problem, got %A" other
         }
 
         test "writing into a cache made with other settings fails clearly" {

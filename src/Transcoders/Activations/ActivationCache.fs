@@ -188,5 +188,11 @@ module ActivationCache =
                     onShard manifest
             manifest
 
+    /// Checks every shard of the cache in `dir` against its manifest (presence, size, SHA-256) and returns
+    /// the problems found as (file, problem), empty when the cache is intact. Raises on a bad manifest.
+    let verify (dir: string) : (string * string) list =
+        let m = CacheManifest.Read dir
+        m.Shards |> List.choose (ShardCheck.problem dir true)
+
     /// `writeWith` without progress reports.
     let write (dir: string) (config: CacheConfig) (source: IRowSource) = writeWith ignore dir config source

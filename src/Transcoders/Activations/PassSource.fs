@@ -152,6 +152,11 @@ type PassSource(hooks: string list, bos: BosFilter, next: unit -> Pass option, ?
                 count <- n
                 offset <- first
 
+    /// A source of the hooks `spec`'s coders use (validated), from passes produced by `next`.
+    static member ForSpec(spec: ActivationSpec, bos: BosFilter, next: unit -> Pass option, ?start: Position) =
+        spec.Validate()
+        new PassSource(spec.Hooks, bos, next, ?start = start)
+
     /// A source over a model that never runs out of text: `run ()` returns hook -> [B, P, d] for the next batch.
     static member OfModel(hooks: string list, bos: BosFilter, run: unit -> Map<string, torch.Tensor>, ?start: Position) =
         new PassSource(hooks, bos, (fun () -> Some(Pass.ofMap (run ()))), ?start = start)

@@ -8,22 +8,28 @@ open System.IO.Compression
 /// bytes, then all second bytes, ...: Blosc's shuffle, which puts a float's low-entropy sign/exponent
 /// bytes together) and then compressed with an in-box codec.
 ///
-/// Measured on this project's machine (AMD EPYC Zen 4, one core; `scripts/activation_compression.fsx`,
-/// 16,384 rows × 768, bf16 unless noted; "read" = decompress + un-shuffle into a tensor; uncompressed
-/// shards are memory-mapped and read at several GB/s):
+/// Measured with `scripts/activation_compression.fsx` (compressed size / raw size of the same dtype; speeds
+/// per core, taken on a 2-core machine shared with other jobs, so only their ratios are reliable):
 ///
-///   rows                      codec           size   write MB/s   read MB/s
-///   Gaussian, per-dim scales  deflate-fastest 0.80      ~95         ~330
-///                             brotli-q1       0.80     ~310         ~350
-///                             brotli-q5       0.77      ~90         ~330
-///   + outlier dims, t-tails   brotli-q1       0.79     ~300         ~350
-///   float32 rows              brotli-q1       0.78     ~300         ~410
+///   BF16 rows                                 no-shuffle  deflate-  deflate-  brotli-  brotli-  brotli-  brotli-
+///                                             brotli-q1   fastest   optimal   q0       q1       q4       q9
+///   Gaussian, per-dim scales (16384×768)        0.790      0.871     0.711    0.737    0.718    0.708    0.707
+///   + t(4) tails, mean, outlier dims            0.791      0.872     0.713    0.738    0.719    0.709    0.708
+///   real: stories260K, 5 layers × resid_pre,    0.687      0.777     0.626    0.645    0.611    0.581    0.582
+///     ln2.hook_normalized, mlp_out (8192×64)
+///   compress MB/s (Gaussian)                               22        8       109      78       15       2
+///   decompress + unshuffle MB/s (Gaussian)                 74       81       152     166      195     186
 ///
-/// (Filled in from the script's run; see the report for exact figures.) bf16 keeps 8 bits of exponent and
-/// 7 of mantissa: the mantissa byte is close to random, so no lossless codec gains more than the
-/// exponent's spare entropy, about 20%, while reading is 10× slower than a memory map. Halving the size
-/// comes from the dtype (f32 → bf16), not from compression. Compression therefore defaults to off; use
-/// Brotli quality 1 when disk space, not read speed, is the limit (e.g. a cache on a network disk).
+/// F16 and F32 rows compress less (brotli-q1: 0.86 Gaussian, 0.74 real). End to end, bf16 shards of
+/// 4096 rows written by `ActivationCache` and read back by `CachedActivationSource` without checksums:
+/// uncompressed 2.9–3.2 GB/s read (memory-mapped), brotli-q1 56–64 MB/s read and 21–27 MB/s written
+/// (uncompressed: 76–140 MB/s written, most of it SHA-256 and the copy to disk).
+///
+/// So compression saves 28–42% of a bf16 cache but makes reading about 50× slower: a pair of 4096×768
+/// bf16 batches (12.6 MB) takes ~0.2 s to decode on one core, far longer than a GPU training step.
+/// bf16's mantissa byte is close to random, so no lossless codec can gain much more; halving the size
+/// comes from the dtype (F32 → BF16). Compression therefore defaults to off; Brotli quality 1 is the
+/// choice when disk space, not read speed, is the limit (a cache on a network disk, an archive).
 type Compression =
     | NoCompression
     /// Byte shuffle + Deflate (RFC 1951) at a System.IO.Compression level.

@@ -355,7 +355,8 @@ type ShuffleBuffer private (config: ShuffleBufferConfig, source: IRowSource, res
             let batch =
                 hooks
                 |> List.map (fun h ->
-                    let rows = storage[h].index_select(0L, idx).to_type(config.ServeDType).``to``(config.ServeDevice)
+                    // Moved in the storage dtype (half the bytes when it is bf16), converted on the training device.
+                    let rows = storage[h].index_select(0L, idx).``to``(config.ServeDevice).to_type(config.ServeDType)
                     h, rows.MoveToOuterDisposeScope())
                 |> Map.ofList
             served <- served + 1L
