@@ -85,23 +85,27 @@ let checkAlignedBf16 (rows: Rows) =
 let snapshot (batch: Batch) =
     batch |> Map.map (fun _ t -> (use c = t.cpu().contiguous() in c.shape, c.to_type(torch.ScalarType.Float32).data<float32>().ToArray()))
 
-/// Every remaining batch, each taken inside its own dispose scope as a training loop would.
-let drain (buffer: ShuffleBuffer) =
+/// Every remaining batch, each taken inside its own dispose scope as a training loop would, checked by `check`.
+let drainWith (check: Rows -> int64[]) (buffer: ShuffleBuffer) =
     let out = ResizeArray()
     let mutable go = true
     while go do
         use _ = torch.NewDisposeScope()
         match buffer.Next() with
-        | Some b -> out.Add(snapshot b, checkAligned b)
+        | Some b -> out.Add(snapshot b, check b)
         | None -> go <- false
     List.ofSeq out
 
-let take (n: int) (buffer: ShuffleBuffer) =
+let drain buffer = drainWith checkAligned buffer
+
+let takeWith (check: Rows -> int64[]) (n: int) (buffer: ShuffleBuffer) =
     [ for _ in 1 .. n do
           use _ = torch.NewDisposeScope()
           match buffer.Next() with
-          | Some b -> yield snapshot b, checkAligned b
+          | Some b -> yield snapshot b, check b
           | None -> () ]
+
+let take n buffer = takeWith checkAligned n buffer
 
 let bufferConfig rows batch mix seed =
     { ShuffleBufferConfig.Default with Rows = rows; BatchSize = batch; Mix = mix; Seed = seed }
@@ -329,11 +333,15 @@ let private bufferTests =
 
         testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 40 } "resuming from a saved state reproduces the subsequent batches exactly" <| fun (seed: int) ->
             let rng, s, config, bos = randomSetup seed
+            let bf16 = rng.Next 2 = 0
+            let config = if bf16 then { config with StorageDType = torch.ScalarType.BFloat16 } else config
+            let check = if bf16 then checkAlignedBf16 else checkAligned
+            let drain = drainWith check
             use dir = new TempDir()
             let full = (use b = new ShuffleBuffer(config, passSource s bos Position.Start) in drain b)
             let k = rng.Next(0, full.Length + 1)
             use first = new ShuffleBuffer(config, passSource s bos Position.Start)
-            let served = take k first
+            let served = takeWith check k first
             Expect.equal (List.map fst served) (List.map fst (List.take k full)) "same start"
             let path = dir.File "state.safetensors"
             first.SaveState path
@@ -362,6 +370,8 @@ let private bufferTests =
             expectArgumentError "Seed" (fun () ->
                 use r = ShuffleBuffer.Resume({ config with Seed = 10L }, passSource s KeepBos start, path)
                 r.Next() |> Option.iter Batch.dispose)
+            expectArgumentError "StorageDType" (fun () ->
+                ShuffleBuffer.Resume({ config with StorageDType = torch.ScalarType.BFloat16 }, passSource s KeepBos start, path) |> ignore)
             expectArgumentError "create the source at that position" (fun () ->
                 use r = ShuffleBuffer.Resume(config, passSource s KeepBos Position.Start, path)
                 r.Next() |> Option.iter Batch.dispose)

@@ -55,6 +55,8 @@ type ShuffleBufferState =
       BatchSize: int64
       Mix: float
       DropLast: bool
+      /// The pool's element type: rows are rounded to it, so resuming with another would change them.
+      StorageDType: torch.ScalarType
       /// The cycle being served (0 first).
       Cycle: int64
       /// Batches of this cycle already served.
@@ -77,6 +79,7 @@ type ShuffleBufferState =
             w.WriteNumber("batch_size", s.BatchSize)
             w.WriteNumber("mix", s.Mix)
             w.WriteBoolean("drop_last", s.DropLast)
+            w.WriteString("storage_dtype", string s.StorageDType)
             w.WriteNumber("cycle", s.Cycle)
             w.WriteNumber("batch_in_cycle", s.BatchInCycle)
             w.WriteNumber("batches_served", s.BatchesServed)
@@ -100,6 +103,11 @@ type ShuffleBufferState =
           BatchSize = JsonFields.natural path where "batch_size" o
           Mix = JsonFields.number path where "mix" o
           DropLast = JsonFields.boolean path where "drop_last" o
+          StorageDType =
+            let name = JsonFields.text path where "storage_dtype" o
+            match Enum.TryParse<torch.ScalarType> name with
+            | true, t when Enum.IsDefined t -> t
+            | _ -> JsonFields.fail path (sprintf "storage_dtype '%s' is not a torch element type" name)
           Cycle = JsonFields.natural path where "cycle" o
           BatchInCycle = JsonFields.natural path where "batch_in_cycle" o
           BatchesServed = JsonFields.natural path where "batches_served" o
@@ -227,7 +235,8 @@ type ShuffleBuffer private (config: ShuffleBufferConfig, source: IRowSource, res
         fill ()
         beginServing ()
 
-    let restore (state: ShuffleBufferState) (carried: Rows) =
+    /// Checks, before anything is read, that `state` can be resumed with this config and source.
+    let checkResume (state: ShuffleBufferState) (carried: Rows) =
         let expect name (a: 'a) (b: 'a) =
             if a <> b then
                 invalidArg "state" (sprintf "the saved state has %s = %A but the buffer's config has %A" name a b)
@@ -236,19 +245,26 @@ type ShuffleBuffer private (config: ShuffleBufferConfig, source: IRowSource, res
         expect "BatchSize" state.BatchSize config.BatchSize
         expect "Mix" state.Mix config.Mix
         expect "DropLast" state.DropLast config.DropLast
+        expect "StorageDType" state.StorageDType config.StorageDType
         if source.Position <> state.SourceAtCycleStart then
             invalidArg "source"
                 (sprintf "the source is at (%O) but the state's cycle began at (%O): create the source at that position"
                     source.Position state.SourceAtCycleStart)
-        started <- true
-        cycle <- state.Cycle
-        sourceAtCycleStart <- state.SourceAtCycleStart
+        if state.CarriedIn > int64 N then
+            invalidArg "state" (sprintf "the state carries %d rows, more than the capacity %d" state.CarriedIn N)
         if state.CarriedIn > 0L then
             let n = Rows.validate "saved buffer state" hooks carried
             if n <> state.CarriedIn then
                 invalidArg "state" (sprintf "the state carries %d rows but %d were given" state.CarriedIn n)
-            if n > int64 N then invalidArg "state" (sprintf "the state carries %d rows, more than the capacity %d" n N)
-            append carried
+
+    do resume |> Option.iter (fun (state, carried) -> checkResume state carried)
+
+    /// Refills the saved cycle and skips the batches it had served.
+    let restore (state: ShuffleBufferState) (carried: Rows) =
+        started <- true
+        cycle <- state.Cycle
+        sourceAtCycleStart <- state.SourceAtCycleStart
+        if state.CarriedIn > 0L then append carried
         carriedIn <- poolCount
         fill ()
         beginServing ()
@@ -316,7 +332,7 @@ type ShuffleBuffer private (config: ShuffleBufferConfig, source: IRowSource, res
         | Some(state, _) -> state
         | None ->
             { Seed = config.Seed; Rows = config.Rows; BatchSize = config.BatchSize; Mix = config.Mix
-              DropLast = config.DropLast; Cycle = cycle; BatchInCycle = served; BatchesServed = batchesServed
+              DropLast = config.DropLast; StorageDType = config.StorageDType; Cycle = cycle; BatchInCycle = served; BatchesServed = batchesServed
               RowsServed = rowsServed; SourceAtCycleStart = sourceAtCycleStart; CarriedIn = int64 carriedIn }
 
     /// Writes `State` and the rows carried into the current cycle (in StorageDType) to `path`, atomically,
