@@ -551,6 +551,19 @@ let private cacheTests =
             | other -> failtestf "expected one problem, got %A" other
         }
 
+        test "shards written but not yet listed (a crash between the two renames) are rewritten" {
+            let s = { B = 2; P = 4; D = 3; Passes = 5; Seed = 20 }
+            let config = cacheConfig 8L Safetensors.BF16
+            use dir = new TempDir()
+            let m = (use src = passSource s KeepBos Position.Start in ActivationCache.write dir.Path config src)
+            let reference = filesOf dir.Path
+            { m with Shards = [ m.Shards.Head ]; TotalRows = m.Shards.Head.Rows; Complete = false }.Write dir.Path
+            File.WriteAllText(Path.Combine(dir.Path, ".shard_00003.safetensors.0123abcd.tmp"), "half-written")
+            Expect.equal (ActivationCache.resumePosition dir.Path) m.Shards.Head.End "resume after the listed shard"
+            (use src = passSource s KeepBos (ActivationCache.resumePosition dir.Path) in ActivationCache.write dir.Path config src) |> ignore
+            Expect.equal (filesOf dir.Path) reference "the same files, temporary leftovers removed"
+        }
+
         test "writing into a cache made with other settings fails clearly" {
             let s = { B = 2; P = 4; D = 3; Passes = 3; Seed = 14 }
             use dir = new TempDir()
