@@ -46,8 +46,8 @@ type Transformer private (config: TransformerConfig) as this =
         match c.Positions with
         | Rotary (_, theta) ->
             let cos, sin = Rotary.tables c.NCtx (TransformerConfig.dHead c) theta torch.CPU
-            this.register_buffer("rotary_cos", cos, false)
-            this.register_buffer("rotary_sin", sin, false)
+            this.register_buffer("rotary_cos", cos.DetachFromDisposeScope(), false)
+            this.register_buffer("rotary_sin", sin.DetachFromDisposeScope(), false)
         | Learned -> ()
 
     /// Builds a model with freshly initialised weights (GPT-2's scheme: N(0, InitRange), output
