@@ -9,6 +9,8 @@ let all =
         TorchTests.tests
         SafetensorsTests.tests
         ModelTests.tests
+        ModelFileTests.tests
+        GenerationTests.tests
     ]
 
 [<EntryPoint>]

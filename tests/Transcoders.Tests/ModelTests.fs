@@ -57,15 +57,17 @@ let randomConfig (seed: int) (kind: Kind) : TransformerConfig =
         Biases = (match kind with GptLike -> { preset.Biases with Unembed = rng.Next 2 = 0 } | _ -> preset.Biases)
         InitRange = 0.3 }
 
-/// A model of `config` with every parameter (norm weights and biases included) moved off its
-/// initial value, so that no term of the forward pass hides behind a 0 or a 1.
+/// A model of `config` whose every parameter is drawn from a private generator seeded by `seed` (so
+/// tests running in parallel stay reproducible): N(0, 0.3) for matrices and biases, 1 + N(0, 0.2) for
+/// norm weights, so that no term of the forward pass hides behind a 0 or a 1.
 let randomModel (seed: int) (config: TransformerConfig) =
-    torch.manual_seed (int64 seed) |> ignore
     let m = Transformer.create config cpu
+    use g = new torch.Generator(uint64 (int64 seed + 1000000L), cpu)
     use _ = torch.no_grad ()
-    for _, p in Transformer.parameters m do
-        use noise = torch.randn_like(p) * 0.2
-        p.add_(noise) |> ignore
+    for name, p in Transformer.parameters m do
+        use noise = torch.randn(p.shape, generator = g)
+        let isNormWeight = name.EndsWith "ln1.weight" || name.EndsWith "ln2.weight" || name = "ln_final.weight"
+        (if isNormWeight then p.copy_(noise * 0.2 + 1.0) else p.copy_(noise * 0.3)) |> ignore
     m
 
 let randomTokens (seed: int) (vocab: int) (batch: int) (positions: int) =
@@ -179,7 +181,7 @@ let hookTests =
             Expect.sequenceEqual r.Logits.Value.shape [| int64 b; int64 p; int64 c.VocabSize |] "logits"
             use plain = Transformer.forward m tokens
             // caching the attention pattern switches to explicit attention: same logits as the fused kernel
-            Expect.isLessThan (relDiff r.Logits.Value plain) 1e-5 "cached run = plain forward"
+            Expect.isLessThan (relDiff r.Logits.Value plain) 1e-4 "cached run = plain forward"
 
         testCase "the residual stream adds up: resid_post = resid_pre + attn_out + mlp_out" <| fun () ->
             let c = randomConfig 7 GptLike
@@ -209,7 +211,7 @@ let hookTests =
             use tokens = randomTokens seed c.VocabSize 2 (min c.NCtx 5)
             use plain = Transformer.forward m tokens
             use hooked = Transformer.runWithHooks m [ "*", id ] tokens
-            Expect.isLessThan (relDiff hooked plain) 1e-5 "identity hooks"
+            Expect.isLessThan (relDiff hooked plain) 1e-4 "identity hooks (explicit attention and norms)"
             use ablated = Transformer.runWithHooks m [ "blocks.*.hook_mlp_out", torch.zeros_like ] tokens
             Expect.isGreaterThan (maxDiff plain ablated) 1e-4 "zero-ablated MLPs change the logits"
 
@@ -311,7 +313,7 @@ let attentionTests =
             use tokens = randomTokens seed c.VocabSize 2 (min c.NCtx 6)
             use a = Transformer.forward gqa tokens
             use b = Transformer.forward mha tokens
-            Expect.isLessThan (relDiff a b) 1e-5 "same logits"
+            Expect.isLessThan (relDiff a b) 1e-4 "same logits"
 
         testCase "interleaved rotary = half-split rotary with query/key rows permuted per head (HF's conversion)" <| fun () ->
             let c = { randomConfig 21 LlamaLike with Positions = Rotary (Interleaved, 10000.0); DHead = None; DModel = 16; NHeads = 2; NKvHeads = 1 }
@@ -332,7 +334,7 @@ let attentionTests =
             use tokens = randomTokens 21 c.VocabSize 2 8
             use a = Transformer.forward inter tokens
             use b = Transformer.forward half tokens
-            Expect.isLessThan (relDiff a b) 1e-5 "same logits"
+            Expect.isLessThan (relDiff a b) 1e-4 "same logits"
 
         testCase "rotary embeddings make attention scores depend only on relative position" <| fun () ->
             for layout in [ HalfSplit; Interleaved ] do
@@ -375,7 +377,7 @@ let kvCacheTests =
             for start, len in chunks do
                 use logits = Transformer.forwardCached m cache (tokens.narrow(1, int64 start, int64 len))
                 use expected = full.narrow(1, int64 start, int64 len)
-                Expect.isLessThan (relDiff logits expected) 1e-5 (sprintf "positions %d..%d" start (start + len - 1))
+                Expect.isLessThan (relDiff logits expected) 1e-4 (sprintf "positions %d..%d" start (start + len - 1))
             Expect.equal cache.Length n "cache holds every position"
             Expect.throwsT<ArgumentException> (fun () -> Transformer.forwardCached m cache (tokens.narrow(1, 0L, 1L)) |> ignore) "past n_ctx"
 

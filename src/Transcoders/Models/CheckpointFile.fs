@@ -90,10 +90,10 @@ module internal CheckpointFile =
         for name, t in tensors do
           use t = t
           match parameters.TryGetValue name with
-          | false, _ -> raise (CheckpointError(path, sprintf "unexpected tensor '%s' %A: the model has no such parameter" name t.shape))
+          | false, _ -> raise (CheckpointError(path, sprintf "unexpected tensor '%s' %s: the model has no such parameter" name (Shape.show t.shape)))
           | true, p ->
               if p.shape <> t.shape then
-                  raise (CheckpointError(path, sprintf "tensor for '%s' has shape %A, the model expects %A" name t.shape p.shape))
+                  raise (CheckpointError(path, sprintf "tensor for '%s' has shape %s, the model expects %s" name (Shape.show t.shape) (Shape.show p.shape)))
               if not (assigned.Add name) then raise (CheckpointError(path, sprintf "two tensors for parameter '%s'" name))
               p.copy_(t) |> ignore
         let missing = parameters.Keys |> Seq.filter (assigned.Contains >> not) |> List.ofSeq

@@ -5,6 +5,10 @@ open System.Collections.Generic
 open System.Text.RegularExpressions
 open TorchSharp
 
+/// Shapes in messages, written as [2, 16, 64].
+module internal Shape =
+    let show (shape: int64 seq) = "[" + String.Join(", ", shape) + "]"
+
 /// Hook point names, as in TransformerLens. Shapes (b = batch, p = positions of this call, P = all key
 /// positions including a KV cache's past, h = query heads, k = key/value heads, d = d_model, e = d_head,
 /// m = d_mlp):
@@ -112,7 +116,6 @@ type HookFn = torch.Tensor -> torch.Tensor
 
 /// The hook points of one forward pass: which functions run where and which activations are saved.
 /// Made by `HookPoints.Create` with names validated against the model's configuration.
-[<AllowNullLiteral>]
 type HookPoints private (hooks: IReadOnlyDictionary<string, HookFn list>, cached: HashSet<string>, detach: bool) =
     let store = Dictionary<string, torch.Tensor>()
     static let none = HookPoints(Dictionary(), HashSet(), true)
@@ -148,7 +151,7 @@ type HookPoints private (hooks: IReadOnlyDictionary<string, HookFn list>, cached
                         let r = f t
                         if isNull r then invalidOp (sprintf "the hook at '%s' returned null (return the tensor it got to leave it unchanged)" name)
                         if r.shape <> t.shape then
-                            invalidOp (sprintf "the hook at '%s' returned shape %A, but the activation there has shape %A" name r.shape t.shape)
+                            invalidOp (sprintf "the hook at '%s' returned shape %s, but the activation there has shape %s" name (Shape.show r.shape) (Shape.show t.shape))
                         r) x
                 | _ -> x
             if cached.Contains name then

@@ -133,7 +133,7 @@ let private convert (fam: Family) (c: TransformerConfig) (has: string -> bool) (
                 use b = get (hf (name + ".bias"))
                 let total = outputs |> List.sumBy snd
                 if w.dim () <> 2L || w.shape.[1] <> total then
-                    raise (CheckpointError(path, sprintf "'%s' has shape %A, expected [in, %d]" (hf (name + ".weight")) w.shape total))
+                    raise (CheckpointError(path, sprintf "'%s' has shape %s, expected [in, %d]" (hf (name + ".weight")) (Shape.show w.shape) total))
                 let mutable start = 0L
                 [ for ours, size in outputs do
                     yield ours + ".weight", w.narrow(1, start, size).t().contiguous()
@@ -197,7 +197,7 @@ let load (dir: string) (device: torch.Device) : Transformer =
             let unexpected =
                 table |> Map.keys |> Seq.filter (fun k -> not (used.Contains k) && not (ignorable.IsMatch k) && not (tiedHead && k = "lm_head.weight")) |> List.ofSeq
             if not unexpected.IsEmpty then
-                raise (CheckpointError(dir, sprintf "unexpected tensors for a %A model: %s" fam (unexpected |> List.truncate 8 |> String.concat ", ")))
+                raise (CheckpointError(dir, sprintf "unexpected tensors for a %s model: %s" (match fam with Gpt2 -> "GPT-2" | Llama -> "Llama") (unexpected |> List.truncate 8 |> String.concat ", ")))
         with _ ->
             m.Dispose()
             reraise ()

@@ -107,7 +107,7 @@ type Transformer private (config: TransformerConfig) as this =
             match tokens.dim () with
             | 1L -> tokens.unsqueeze 0
             | 2L -> tokens
-            | n -> invalidArg "tokens" (sprintf "token ids must be [batch, pos] (or [pos]), got %d dimensions %A" n tokens.shape)
+            | n -> invalidArg "tokens" (sprintf "token ids must be [batch, pos] (or [pos]), got %d dimensions %s" n (Shape.show tokens.shape))
         let tokens =
             match tokens.dtype with
             | torch.ScalarType.Int64 -> tokens
@@ -121,7 +121,8 @@ type Transformer private (config: TransformerConfig) as this =
             let lo, hi = tokens.min().item<int64> (), tokens.max().item<int64> ()
             if lo < 0L || hi >= int64 c.VocabSize then
                 let bad = if lo < 0L then lo else hi
-                let where = tokens.eq(torch.tensor(bad: int64)).nonzero().select(0, 0L).data<int64>().ToArray() : int64[]
+                use hits = tokens.eq(torch.tensor((bad: int64), device = tokens.device)).nonzero().cpu()
+                let where = hits.select(0, 0L).data<int64>().ToArray() : int64[]
                 invalidArg "tokens" (sprintf "token id %d at [%d, %d] is out of range: the vocabulary has %d ids (0..%d)" bad where.[0] where.[1] c.VocabSize (c.VocabSize - 1))
         tokens
 
@@ -179,19 +180,23 @@ module Transformer =
     /// tokens [batch, pos] int64 → logits [batch, pos, vocab] (the caller owns them).
     let forward (m: Transformer) (tokens: torch.Tensor) = m.forward tokens
 
-    /// A forward pass with caching, hooks and early stopping (see RunOptions). Every intermediate tensor
-    /// is disposed at the end; the result's tensors belong to the caller.
-    let run (m: Transformer) (opts: RunOptions) (tokens: torch.Tensor) : RunResult =
+    let private runWith (m: Transformer) (kv: KvCache option) (opts: RunOptions) (tokens: torch.Tensor) : RunResult =
         opts.StopAtLayer |> Option.iter (fun l ->
+            if kv.IsSome then invalidArg "StopAtLayer" "StopAtLayer cannot be combined with a KV cache"
             if l < 0 || l > m.Config.NLayers then
                 invalidArg "StopAtLayer" (sprintf "StopAtLayer %d is outside 0..%d (n_layers)" l m.Config.NLayers))
         let hp = HookPoints.Create(m.Config, opts.Cache, opts.Hooks, opts.DetachCache)
         use scope = torch.NewDisposeScope()
-        let out = m.Run(tokens, hp, None, opts.StopAtLayer).alias().MoveToOuterDisposeScope()
+        // alias: the output may be a tensor the caller passed to a hook, which must not leave its own scope
+        let out = m.Run(tokens, hp, kv, opts.StopAtLayer).alias().MoveToOuterDisposeScope()
         let cache = hp.Cached |> Seq.map (fun kv -> kv.Key, kv.Value.MoveToOuterDisposeScope()) |> Map.ofSeq
         match opts.StopAtLayer with
         | Some _ -> { Logits = None; Residual = Some out; Cache = cache }
         | None -> { Logits = Some out; Residual = None; Cache = cache }
+
+    /// A forward pass with caching, hooks and early stopping (see RunOptions). Every intermediate tensor
+    /// is disposed at the end; the result's tensors belong to the caller.
+    let run (m: Transformer) (opts: RunOptions) (tokens: torch.Tensor) : RunResult = runWith m None opts tokens
 
     /// Logits and the activations at `names` (exact or globs), as TransformerLens' run_with_cache.
     let runWithCache (m: Transformer) (names: string seq) (tokens: torch.Tensor) : RunResult =
@@ -217,12 +222,7 @@ module Transformer =
     /// As forwardCached, with hooks and caching (hooks see only the new positions; attention patterns
     /// are [b, h, new, cached+new]).
     let runCached (m: Transformer) (cache: KvCache) (opts: RunOptions) (tokens: torch.Tensor) : RunResult =
-        if opts.StopAtLayer.IsSome then invalidArg "StopAtLayer" "StopAtLayer cannot be combined with a KV cache"
-        let hp = HookPoints.Create(m.Config, opts.Cache, opts.Hooks, opts.DetachCache)
-        use scope = torch.NewDisposeScope()
-        let out = m.Run(tokens, hp, Some cache, None).alias().MoveToOuterDisposeScope()
-        let cached = hp.Cached |> Seq.map (fun kv -> kv.Key, kv.Value.MoveToOuterDisposeScope()) |> Map.ofSeq
-        { Logits = Some out; Residual = None; Cache = cached }
+        runWith m (Some cache) opts tokens
 
     /// Named parameters in registration order (the names our checkpoints use).
     let parameters (m: Transformer) : (string * TorchSharp.Modules.Parameter) list =
