@@ -195,7 +195,7 @@ let llama2cTests =
     testList "llama2.c files" [
         testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 8 } "a file written from the format description loads back to the same model (tied and untied)"
         <| fun (seed: int) (tied: bool) ->
-            let c = { randomConfig seed LlamaLike with Positions = Rotary (Interleaved, 10000.0); NormEps = 1e-5; DHead = None; TiedUnembed = tied; InitRange = 0.02 }
+            let c = { randomConfig seed LlamaLike with Positions = Rotary (Interleaved, 10000.0); NormEps = 1e-5; DHead = None; TiedUnembed = tied; InitRange = 0.02; Dropout = 0.0 }
             let c = { c with DModel = c.NHeads * 4 }
             use m = randomModel seed c
             use dir = new TempDir()

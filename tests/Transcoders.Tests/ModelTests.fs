@@ -55,13 +55,15 @@ let randomConfig (seed: int) (kind: Kind) : TransformerConfig =
         Mlp = (match kind with GptLike -> pick [ Plain GeluNew; Plain Gelu; Plain Relu; Gated Silu ] | _ -> preset.Mlp)
         TiedUnembed = (match kind with TinyLike -> false | _ -> rng.Next 2 = 0)
         Biases = (match kind with GptLike -> { preset.Biases with Unembed = rng.Next 2 = 0 } | _ -> preset.Biases)
-        InitRange = 0.3 }
+        InitRange = 0.3
+        Dropout = pick [ 0.0; 0.1 ] }
 
 /// A model of `config` whose every parameter is drawn from a private generator seeded by `seed` (so
 /// tests running in parallel stay reproducible): N(0, 0.3) for matrices and biases, 1 + N(0, 0.2) for
-/// norm weights, so that no term of the forward pass hides behind a 0 or a 1.
+/// norm weights, so that no term of the forward pass hides behind a 0 or a 1. In eval mode (no dropout).
 let randomModel (seed: int) (config: TransformerConfig) =
     let m = Transformer.create config cpu
+    m.eval ()
     use g = new torch.Generator(uint64 (int64 seed + 1000000L), cpu)
     use _ = torch.no_grad ()
     for name, p in Transformer.parameters m do
@@ -128,7 +130,7 @@ let hfGreedy (name: string) =
         for useCache in [ true; false ] do
             let g = Generation.generate m { Generation.GenerateOptions.Greedy with MaxNewTokens = n; UseKvCache = useCache } prompt
             Expect.sequenceEqual g.Tokens expected (sprintf "greedy tokens (KV cache %b)" useCache)
-            Expect.equal g.Stop Generation.MaxNewTokens "ran to MaxNewTokens"
+            Expect.equal g.Stop Generation.ReachedMaxNewTokens "ran to MaxNewTokens"
 
 let stories260K = Paths.data "models/stories260K/stories260K.bin"
 
@@ -301,6 +303,7 @@ let attentionTests =
             let c = { randomConfig seed LlamaLike with NHeads = 4; NKvHeads = 2; DHead = Some 4; DModel = 12 }
             use gqa = randomModel seed c
             use mha = Transformer.create { c with NKvHeads = 4 } cpu
+            mha.eval ()
             let e = 4L
             (use _ = torch.no_grad ()
              for name, p in Transformer.parameters mha do
@@ -319,6 +322,7 @@ let attentionTests =
             let c = { randomConfig 21 LlamaLike with Positions = Rotary (Interleaved, 10000.0); DHead = None; DModel = 16; NHeads = 2; NKvHeads = 1 }
             use inter = randomModel 21 c
             use half = Transformer.create { c with Positions = Rotary (HalfSplit, 10000.0) } cpu
+            half.eval ()
             let e = 8L
             // half-split coordinate i < e/2 is interleaved 2i; i ≥ e/2 is 2(i − e/2) + 1
             let perm = [| for i in 0L .. e - 1L -> if i < e / 2L then 2L * i else 2L * (i - e / 2L) + 1L |]
@@ -429,6 +433,28 @@ let validationTests =
             Expect.stringContains ex.Message "n_layers" "both problems"
             Expect.stringContains ex.Message "vocab_size" "both problems"
             Expect.isEmpty (TransformerConfig.problems { g with DModel = 63; DHead = Some 16 }) "an explicit head size need not divide d_model"
+
+        testCase "dropout acts in training mode only; loaded models come in eval mode" <| fun () ->
+            let c = { randomConfig 30 GptLike with Dropout = 0.3 }
+            use m = randomModel 30 c
+            use tokens = randomTokens 30 c.VocabSize 2 6
+            use e1 = Transformer.forward m tokens
+            use e2 = Transformer.forward m tokens
+            Expect.isTrue (identical e1 e2) "eval mode is deterministic"
+            m.train ()
+            use t1 = Transformer.forward m tokens
+            use t2 = Transformer.forward m tokens
+            use t3 = Transformer.runWithHooks m [ "*", id ] tokens // explicit attention with dropout on the pattern
+            Expect.isGreaterThan (maxDiff t1 t2) 1e-3 "two training-mode passes differ"
+            Expect.isGreaterThan (maxDiff t1 e1) 1e-3 "training differs from eval"
+            Expect.isGreaterThan (maxDiff t3 e1) 1e-3 "explicit path drops out too"
+            use dir = new TempDir()
+            Checkpoint.save dir.Path Checkpoint.Metadata.Empty m
+            let loaded, _ = Checkpoint.load dir.Path cpu
+            use loaded = loaded
+            Expect.isFalse loaded.training "loaded in eval mode"
+            use l1 = Transformer.forward loaded tokens
+            Expect.isTrue (identical l1 e1) "the loaded model gives the eval-mode logits"
 
         testCase "parameter count from the configuration = the model's" <| fun () ->
             for seed in 0 .. 11 do

@@ -8,7 +8,7 @@
 ///                   "positions": { "kind": "learned" } | { "kind": "rotary", "layout": "half_split" | "interleaved", "theta": 10000 },
 ///                   "mlp": { "kind": "plain" | "gated", "activation": "gelu_new" | "gelu" | "relu" | "silu" },
 ///                   "biases": { "qkv": true, "attn_out": true, "mlp_in": true, "mlp_out": true, "unembed": false },
-///                   "tied_unembed": true, "init_range": 0.02 },
+///                   "tied_unembed": true, "init_range": 0.02, "dropout": 0.0 },
 ///       "tokenizer": { ... }, "training": { ... } }
 ///
 /// `tokenizer` and `training` are opaque JSON objects chosen by the caller (absent when not given).
@@ -93,6 +93,7 @@ module ConfigJson =
         w.WriteEndObject()
         w.WriteBoolean("tied_unembed", c.TiedUnembed)
         w.WriteNumber("init_range", c.InitRange)
+        w.WriteNumber("dropout", c.Dropout)
         w.WriteEndObject()
 
     /// Reads and validates a configuration object; every field is required.
@@ -121,7 +122,7 @@ module ConfigJson =
               Norm = parse f "normalization" normalizations; NormEps = f.Float "norm_eps"; FinalNorm = f.Bool "final_norm"
               Positions = positions; Mlp = mlp
               Biases = { Qkv = b.Bool "qkv"; AttnOut = b.Bool "attn_out"; MlpIn = b.Bool "mlp_in"; MlpOut = b.Bool "mlp_out"; Unembed = b.Bool "unembed" }
-              TiedUnembed = f.Bool "tied_unembed"; InitRange = f.Float "init_range" }
+              TiedUnembed = f.Bool "tied_unembed"; InitRange = f.Float "init_range"; Dropout = f.Float "dropout" }
         match TransformerConfig.problems config with
         | [] -> config
         | ps -> raise (CheckpointError(f.Path, "invalid model configuration: " + String.concat "; " ps))

@@ -99,3 +99,5 @@ module internal CheckpointFile =
         let missing = parameters.Keys |> Seq.filter (assigned.Contains >> not) |> List.ofSeq
         if not missing.IsEmpty then
             raise (CheckpointError(path, sprintf "no tensor for parameter(s) %s" (String.concat ", " missing)))
+        // a loaded model is for use (dropout off), as with Hugging Face's from_pretrained
+        m.eval ()

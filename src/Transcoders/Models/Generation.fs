@@ -39,8 +39,10 @@ type GenerateOptions =
 
 /// Why generation ended.
 type StopReason =
+    /// One of the stop tokens was emitted (it ends the sequence).
     | StopToken of int
-    | MaxNewTokens
+    /// MaxNewTokens tokens were added.
+    | ReachedMaxNewTokens
 
 /// A generated sequence.
 type Generated =
@@ -107,7 +109,7 @@ let generate (model: Transformer) (o: GenerateOptions) (prompt: int[]) : Generat
             let window = tokens.GetRange(max 0 (tokens.Count - c.NCtx), min tokens.Count c.NCtx)
             model.Run(ids window, hooks, None, None).[0L, -1L]
     let rec loop produced =
-        if produced = o.MaxNewTokens then MaxNewTokens
+        if produced = o.MaxNewTokens then ReachedMaxNewTokens
         else
             let next =
                 use scope = torch.NewDisposeScope()

@@ -54,7 +54,8 @@ let private gpt2Config (f: JsonFields) : TransformerConfig =
       NCtx = (match f.IntOpt "n_positions" with Some n -> n | None -> f.Int "n_ctx")
       VocabSize = f.Int "vocab_size"; Norm = LayerNorm; NormEps = f.FloatOr("layer_norm_epsilon", 1e-5); FinalNorm = true
       Positions = Learned; Mlp = Plain (activation f "activation_function" (f.StringOpt "activation_function" |> Option.defaultValue "gelu_new"))
-      Biases = Biases.All; TiedUnembed = f.BoolOr("tie_word_embeddings", true); InitRange = f.FloatOr("initializer_range", 0.02) }
+      Biases = Biases.All; TiedUnembed = f.BoolOr("tie_word_embeddings", true); InitRange = f.FloatOr("initializer_range", 0.02)
+      Dropout = 0.0 }
 
 let private llamaConfig (f: JsonFields) : TransformerConfig =
     let rope = f.ObjectOpt "rope_parameters"
@@ -79,7 +80,8 @@ let private llamaConfig (f: JsonFields) : TransformerConfig =
       Positions = Rotary (HalfSplit, theta)
       Mlp = Gated (activation f "hidden_act" (f.StringOpt "hidden_act" |> Option.defaultValue "silu"))
       Biases = { Qkv = attnBias; AttnOut = attnBias; MlpIn = mlpBias; MlpOut = mlpBias; Unembed = false }
-      TiedUnembed = f.BoolOr("tie_word_embeddings", false); InitRange = f.FloatOr("initializer_range", 0.02) }
+      TiedUnembed = f.BoolOr("tie_word_embeddings", false); InitRange = f.FloatOr("initializer_range", 0.02)
+      Dropout = 0.0 }
 
 /// The model family, the architecture name and our configuration for a Hugging Face folder's config.json.
 let readConfig (dir: string) : Family * string * TransformerConfig =

@@ -14,6 +14,10 @@ module internal Init =
         torch.nn.init.normal_(l.weight, 0.0, std) |> ignore
         if not (isNull l.bias) then l.bias.zero_() |> ignore
 
+    /// Dropout with probability p in training mode; the identity otherwise (and when p = 0).
+    let dropout (training: bool) (p: float) (x: torch.Tensor) =
+        if training && p > 0.0 then F.dropout(x, p, true) else x
+
     let activation (a: Activation) : torch.Tensor -> torch.Tensor =
         match a with
         | GeluNew -> fun x -> F.gelu(x, TorchSharp.Modules.GELU.Approximate.tanh)
@@ -78,7 +82,7 @@ type Attention(c: TransformerConfig, layer: int) as this =
 
     /// x [b,p,d] → attention output [b,p,d] (before hook_attn_out). With a KV cache, keys and values of
     /// earlier positions come from it and this call's are added to it.
-    member _.Run(x: torch.Tensor, hp: HookPoints, pos: PositionInfo, cache: KvCache option) : torch.Tensor =
+    member this.Run(x: torch.Tensor, hp: HookPoints, pos: PositionInfo, cache: KvCache option) : torch.Tensor =
         let b, p = x.shape.[0], x.shape.[1]
         let heads (lin: TorchSharp.Modules.Linear) n = lin.forward(x).view(b, p, n, e)
         let qh = hp.Point(names.Q, heads q h)
@@ -104,17 +108,18 @@ type Attention(c: TransformerConfig, layer: int) as this =
             let device = x.device
             torch.arange(keys, device = device).unsqueeze(0).le((torch.arange(p, device = device) + past).unsqueeze(1))
         let z =
+            let dropout = if this.training then c.Dropout else 0.0
             if hp.Wants names.Scores || hp.Wants names.Pattern then
                 let scores = qt.matmul(kAll.transpose(-2, -1)) / sqrt (float e)
                 let scores = if p > 1L then scores.masked_fill(allowed().logical_not(), System.Double.NegativeInfinity) else scores
                 let scores = hp.Point(names.Scores, scores)
                 let pattern = hp.Point(names.Pattern, F.softmax(scores, -1L))
-                pattern.matmul(vAll)
-            elif past = 0L then F.scaled_dot_product_attention(qt, kAll, vAll, is_casual = (p > 1L))
-            elif p = 1L then F.scaled_dot_product_attention(qt, kAll, vAll)
-            else F.scaled_dot_product_attention(qt, kAll, vAll, attn_mask = allowed ())
+                (Init.dropout this.training dropout pattern).matmul(vAll)
+            elif past = 0L then F.scaled_dot_product_attention(qt, kAll, vAll, p = dropout, is_casual = (p > 1L))
+            elif p = 1L then F.scaled_dot_product_attention(qt, kAll, vAll, p = dropout)
+            else F.scaled_dot_product_attention(qt, kAll, vAll, attn_mask = allowed (), p = dropout)
         let z = hp.Point(names.Z, z.transpose(1, 2))
-        o.forward(z.reshape(b, p, h * e))
+        Init.dropout this.training c.Dropout (o.forward(z.reshape(b, p, h * e)))
 
 /// The MLP: fc_out(act(fc_in x)), or fc_out(act(fc_gate x) ⊙ fc_in x) when gated.
 type Mlp(c: TransformerConfig, layer: int) as this =
@@ -133,15 +138,15 @@ type Mlp(c: TransformerConfig, layer: int) as this =
             this.register_module("fc_gate", fcGate)
         this.register_module("fc_out", fcOut)
 
-    member _.Run(x: torch.Tensor, hp: HookPoints) : torch.Tensor =
-        match c.Mlp with
-        | Plain act ->
-            let hidden = hp.Point(pre, fcIn.forward x)
-            fcOut.forward(hp.Point(post, Init.activation act hidden))
-        | Gated act ->
-            let gate = hp.Point(pre, fcGate.forward x)
-            let linear = hp.Point(preLinear, fcIn.forward x)
-            fcOut.forward(hp.Point(post, Init.activation act gate * linear))
+    member this.Run(x: torch.Tensor, hp: HookPoints) : torch.Tensor =
+        let hidden =
+            match c.Mlp with
+            | Plain act -> hp.Point(post, Init.activation act (hp.Point(pre, fcIn.forward x)))
+            | Gated act ->
+                let gate = hp.Point(pre, fcGate.forward x)
+                let linear = hp.Point(preLinear, fcIn.forward x)
+                hp.Point(post, Init.activation act gate * linear)
+        Init.dropout this.training c.Dropout (fcOut.forward hidden)
 
 /// A pre-norm residual block: x + attn(ln1 x), then + mlp(ln2 ·).
 type Block(c: TransformerConfig, layer: int) as this =

@@ -53,6 +53,7 @@ type Transformer private (config: TransformerConfig) as this =
     /// Builds a model with freshly initialised weights (GPT-2's scheme: N(0, InitRange), output
     /// projections N(0, InitRange/√(2L)), zero biases, unit norm weights) on `device`. The global torch
     /// seed (`Device.seed`) makes it reproducible. The model owns its parameters (outside any dispose scope).
+    /// It starts in training mode, as PyTorch modules do (only dropout cares); loaders return eval mode.
     static member Create(config: TransformerConfig, device: torch.Device) : Transformer =
         let config = TransformerConfig.validate config
         use scope = torch.NewDisposeScope()
@@ -82,6 +83,7 @@ type Transformer private (config: TransformerConfig) as this =
             else
                 let positions = torch.arange(int64 start, int64 start + p, dtype = torch.int64, device = tokens.device)
                 x + hp.Point(HookNames.posEmbed, posEmbed.forward(positions).unsqueeze(0).expand(b, p, int64 c.DModel))
+        let x = Init.dropout this.training c.Dropout x
         let pos =
             { Start = start
               Rotate =

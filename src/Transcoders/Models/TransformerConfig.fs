@@ -84,7 +84,10 @@ type TransformerConfig =
       TiedUnembed: bool
       /// Standard deviation of the normal initialisation of weights (output projections get
       /// InitRange / √(2·NLayers), as in GPT-2).
-      InitRange: float }
+      InitRange: float
+      /// Dropout probability in training mode (`model.train()`), as in nanoGPT: on the embeddings, the
+      /// attention probabilities, and the attention and MLP outputs. Ignored in eval mode.
+      Dropout: float }
 
 [<RequireQualifiedAccess>]
 module TransformerConfig =
@@ -122,6 +125,8 @@ module TransformerConfig =
               yield sprintf "norm_eps must be a small positive number, got %g" c.NormEps
           if not (c.InitRange > 0.0) || System.Double.IsInfinity c.InitRange then
               yield sprintf "init_range must be positive, got %g" c.InitRange
+          if not (c.Dropout >= 0.0 && c.Dropout < 1.0) then
+              yield sprintf "dropout must be in [0, 1), got %g" c.Dropout
         ]
 
     /// The configuration itself when valid; otherwise an ArgumentException listing every problem.
@@ -134,14 +139,14 @@ module TransformerConfig =
     let gpt2 =
         { DModel = 768; NLayers = 12; NHeads = 12; NKvHeads = 12; DHead = None; DMlp = 3072; NCtx = 1024
           VocabSize = 50257; Norm = LayerNorm; NormEps = 1e-5; FinalNorm = true; Positions = Learned
-          Mlp = Plain GeluNew; Biases = Biases.All; TiedUnembed = true; InitRange = 0.02 }
+          Mlp = Plain GeluNew; Biases = Biases.All; TiedUnembed = true; InitRange = 0.02; Dropout = 0.0 }
 
     /// Llama's kind at the size of llama2.c's stories260K: RMSNorm, rotary (HF half-split layout,
     /// θ = 10000), SwiGLU, grouped-query attention, no biases, untied unembedding.
     let llama =
         { DModel = 64; NLayers = 5; NHeads = 8; NKvHeads = 4; DHead = None; DMlp = 172; NCtx = 512
           VocabSize = 512; Norm = RMSNorm; NormEps = 1e-5; FinalNorm = true; Positions = Rotary (HalfSplit, 10000.0)
-          Mlp = Gated Silu; Biases = Biases.None; TiedUnembed = false; InitRange = 0.02 }
+          Mlp = Gated Silu; Biases = Biases.None; TiedUnembed = false; InitRange = 0.02; Dropout = 0.0 }
 
     /// tinymodel's kind (Nabeshima): no normalisation anywhere, learned positions, ReLU MLP with biases,
     /// no query/key/value bias but an output bias, untied unembedding with a bias.
@@ -149,7 +154,7 @@ module TransformerConfig =
         { DModel = 768; NLayers = 4; NHeads = 16; NKvHeads = 16; DHead = None; DMlp = 3072; NCtx = 256
           VocabSize = 10000; Norm = NoNorm; NormEps = 1e-5; FinalNorm = false; Positions = Learned
           Mlp = Plain Relu; Biases = { Qkv = false; AttnOut = true; MlpIn = true; MlpOut = true; Unembed = true }
-          TiedUnembed = false; InitRange = 0.02 }
+          TiedUnembed = false; InitRange = 0.02; Dropout = 0.0 }
 
     /// Number of parameters a model of this configuration has (tied matrices counted once).
     let parameterCount (c: TransformerConfig) : int64 =
