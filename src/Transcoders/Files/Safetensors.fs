@@ -314,7 +314,8 @@ let private layout (path: string) (specs: (string * DType * int64[]) seq) : Entr
         if name = "__metadata__" then fail "'__metadata__' is reserved and cannot name a tensor"
         if not (seen.Add name) then fail "two tensors are named '%s'" name
         if shape |> Array.exists (fun d -> d < 0L) then fail "tensor '%s': negative dimension in shape %s" name (showShape shape)
-        if (elementCount shape |> Option.bind (fun n -> if n <= Int64.MaxValue / int64 dtype.Size then Some n else None)).IsNone then
+        let fits = stridesFit shape && (elementCount shape).Value <= Int64.MaxValue / int64 dtype.Size
+        if not fits then
             fail "tensor '%s': shape %s is too large" name (showShape shape)
     let utf8 (s: string) =
         try UTF8Encoding(false, true).GetBytes s
