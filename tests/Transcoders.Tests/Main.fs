@@ -7,6 +7,9 @@ let all =
     testList "Transcoders" [
         ElfTests.tests
         TorchTests.tests
+        TokenizerTests.tests
+        CorpusTests.tests
+        BatchesTests.tests
     ]
 
 [<EntryPoint>]

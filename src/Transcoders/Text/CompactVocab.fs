@@ -213,7 +213,7 @@ let ofJsonText (source: string) (json: string) : CompactVocab =
 
 /// Writes the vocabulary as JSON, atomically.
 let save (path: string) (v: CompactVocab) =
-    Transcoders.Files.AtomicFile.writeAllText path (toJson(v).ToJsonString(JsonSerializerOptions(WriteIndented = false)))
+    Transcoders.Files.AtomicFile.writeAllText path (toJson(v).ToJsonString(JsonSerializerOptions(Encoder = Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping)))
 
 /// Reads and validates a vocabulary file.
 let load (path: string) : CompactVocab =

@@ -176,7 +176,7 @@ let private metaToJson (m: Meta) : string =
         e["tokens"] <- JsonValue.Create s.Tokens
         shards.Add e
     o["shards"] <- shards
-    o.ToJsonString(JsonSerializerOptions(WriteIndented = true))
+    o.ToJsonString(JsonSerializerOptions(WriteIndented = true, Encoder = Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping))
 
 /// Parses and validates `meta.json` text; `path` names the file in errors.
 let parseMeta (path: string) (json: string) : Meta =
@@ -245,7 +245,7 @@ let parseMeta (path: string) (json: string) : Meta =
     if shardSum <> tokens then fail "tokens" (sprintf "%d, but the shards hold %d" tokens shardSum)
     { Split = str root "" "split"
       SplitRule = str root "" "split_rule"
-      TokenizerJson = tok.GetRawText()
+      TokenizerJson = JsonNode.Parse(tok.GetRawText()).ToJsonString(JsonSerializerOptions(Encoder = Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping))
       TokenizerName = str root "" "tokenizer_name"
       VocabSize = int vocab
       DType = dtype
@@ -320,7 +320,7 @@ type ShardWriter(folder: string, tokenizer: Tokenizer, info: ShardInfo, ?tokensP
         flush ()
         let meta =
             { Split = info.Split; SplitRule = info.SplitRule
-              TokenizerJson = (Tokenizer.toJson tokenizer).ToJsonString()
+              TokenizerJson = (Tokenizer.toJson tokenizer).ToJsonString(JsonSerializerOptions(Encoder = Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping))
               TokenizerName = Tokenizer.describe tokenizer
               VocabSize = vocab; DType = dtype; Bos = info.Bos; Eos = info.Eos
               Documents = docs; Tokens = written; Sources = info.Sources; Shards = List.ofSeq shards }

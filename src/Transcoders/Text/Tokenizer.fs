@@ -144,7 +144,7 @@ module Tokenizer =
 
     /// Writes `toJson` to a file, atomically.
     let save (path: string) (t: Tokenizer) =
-        Transcoders.Files.AtomicFile.writeAllText path ((toJson t).ToJsonString())
+        Transcoders.Files.AtomicFile.writeAllText path ((toJson t).ToJsonString(JsonSerializerOptions(Encoder = Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping)))
 
     /// Reads a tokenizer file written by `save`, validating it.
     let load (path: string) : Tokenizer =
