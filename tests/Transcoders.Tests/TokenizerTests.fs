@@ -93,6 +93,27 @@ let private gpt2Tests =
             for c in golden.Value do
                 Expect.equal (Gpt2Tokenizer.decode g c.Ids) c.Text (sprintf "text of %A" c.Ids)
         }
+        test "letters and digits outside the BMP split like a code-point regex engine" {
+            // Ids from openai/gpt-2's encoder.py algorithm run with Python's `regex` (a code-point engine, as
+            // tiktoken's); that script reproduces every case of gpt2_tokenizer_golden.json. .NET's regex sees
+            // surrogate pairs, which the plain pattern would misclassify.
+            let g = Gpt2Tokenizer.get ()
+            let cases =
+                [ "The 𝐁𝐨𝐥𝐝 word and 𝟙𝟚𝟛 digits",
+                  [| 464; 220; 47728; 238; 223; 47728; 238; 101; 47728; 238; 98; 47728; 238; 251; 1573; 290; 220; 47728; 253; 247; 47728; 253; 248; 47728; 253; 249; 19561 |]
+                  "Gothic 𐌰𐌱𐌲 and 𠀀𠀁 ext-B",
+                  [| 38; 849; 291; 220; 172; 238; 234; 108; 172; 238; 234; 109; 172; 238; 234; 110; 290; 220; 172; 254; 222; 222; 172; 254; 222; 223; 1070; 12; 33 |]
+                  "mixed a𝐀b 1𝟙2 x😀y",
+                  [| 76; 2966; 257; 47728; 238; 222; 65; 352; 47728; 253; 247; 17; 2124; 47249; 222; 88 |] ]
+            for text, ids in cases do
+                Expect.sequenceEqual (Gpt2Tokenizer.encode g text) ids (sprintf "ids of %A" text)
+            let rx = Gpt2Tokenizer.preTokenizerRegex.Force()
+            Expect.sequenceEqual [ for m in rx.Matches "a𝐀b 1𝟙2" -> m.Value ] [ "a𝐀b"; " 1𝟙2" ] "pieces"
+        }
+        testPropertyWithConfig (config 300) "on BMP text the extended pattern splits exactly like GPT-2's plain pattern" <| Prop.forAll validTextArb (fun s ->
+            let bmp = String(s.ToCharArray() |> Array.filter (Char.IsSurrogate >> not))
+            let plain = Text.RegularExpressions.Regex(Gpt2Tokenizer.PreTokenizerPattern)
+            [ for m in plain.Matches bmp -> m.Value ] = [ for m in Gpt2Tokenizer.preTokenizerRegex.Force().Matches bmp -> m.Value ])
         test "<|endoftext|> is ordinary text unless special tokens are allowed" {
             let g = Gpt2Tokenizer.get ()
             let plain = Gpt2Tokenizer.encode g "a<|endoftext|>b"

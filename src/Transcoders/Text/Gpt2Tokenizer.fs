@@ -17,9 +17,55 @@ open System.Text.Json
 open System.Text.RegularExpressions
 open Microsoft.ML.Tokenizers
 
-/// GPT-2's pre-tokenizer regex (openai/gpt-2 `encoder.py`, tiktoken `r50k_base`).
+/// GPT-2's pre-tokenizer regex as written for code-point regex engines (openai/gpt-2 `encoder.py` with
+/// Python's `regex`, tiktoken `r50k_base` with Rust's `fancy-regex`).
 [<Literal>]
 let PreTokenizerPattern = @"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+/// .NET's regex engine matches UTF-16 code units, so in `PreTokenizerPattern` a letter or digit outside the
+/// Basic Multilingual Plane (𝐀, 𠀀, 𝟙: a surrogate pair, category Cs per unit) would fall into the "other"
+/// class and split words differently from tiktoken. This builds the same pattern with the classes extended
+/// by surrogate-pair alternations for supplementary letters and numbers (from .NET's Unicode tables), so the
+/// splits are those of a code-point engine. Lone surrogates count as "other" (tiktoken reads them as U+FFFD).
+let preTokenizerPatternUtf16 () : string =
+    let pairsOf (pick: Globalization.UnicodeCategory -> bool) =
+        let byHigh = SortedDictionary<int, ResizeArray<int>>()
+        for cp in 0x10000 .. 0x10FFFF do
+            if pick (Rune.GetUnicodeCategory(Rune cp)) then
+                let hi, lo = 0xD800 + ((cp - 0x10000) >>> 10), 0xDC00 + ((cp - 0x10000) &&& 0x3FF)
+                match byHigh.TryGetValue hi with
+                | true, l -> l.Add lo
+                | _ -> byHigh[hi] <- ResizeArray [ lo ]
+        let ranges (los: ResizeArray<int>) =
+            let sb = StringBuilder()
+            let mutable i = 0
+            while i < los.Count do
+                let mutable j = i
+                while j + 1 < los.Count && los[j + 1] = los[j] + 1 do j <- j + 1
+                if j = i then sb.AppendFormat("\\u{0:X4}", los[i]) |> ignore
+                else sb.AppendFormat("\\u{0:X4}-\\u{1:X4}", los[i], los[j]) |> ignore
+                i <- j + 1
+            sb.ToString()
+        let alts = [ for KeyValue(hi, los) in byHigh -> sprintf "\\u%04X[%s]" hi (ranges los) ]
+        // The lookahead makes every BMP character fail fast (without it matching runs ~3x slower).
+        @"(?=[\uD800-\uDBFF])(?:" + String.Join("|", alts) + ")"
+    let isLetter (c: Globalization.UnicodeCategory) = c <= Globalization.UnicodeCategory.OtherLetter
+    let isNumber (c: Globalization.UnicodeCategory) =
+        c = Globalization.UnicodeCategory.DecimalDigitNumber || c = Globalization.UnicodeCategory.LetterNumber
+        || c = Globalization.UnicodeCategory.OtherNumber
+    let l2 = pairsOf isLetter
+    let n2 = pairsOf isNumber
+    let pair = @"[\uD800-\uDBFF][\uDC00-\uDFFF]"
+    let lone = @"[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]"
+    String.concat "" [
+        @"'s|'t|'re|'ve|'m|'ll|'d"
+        @"| ?(?:\p{L}|" + l2 + ")+"
+        @"| ?(?:\p{N}|" + n2 + ")+"
+        @"| ?(?:[^\s\p{L}\p{N}\uD800-\uDFFF]|(?!" + l2 + "|" + n2 + ")" + pair + "|" + lone + ")+"
+        @"|\s+(?!\S)|\s+" ]
+
+/// The compiled pre-tokenizer regex (see `preTokenizerPatternUtf16`).
+let preTokenizerRegex = lazy (Regex(preTokenizerPatternUtf16 (), RegexOptions.Compiled ||| RegexOptions.CultureInvariant))
 
 /// The end-of-text token's text and id.
 [<Literal>]
@@ -102,7 +148,7 @@ let load (encoderJson: string) (vocabBpe: string) : Gpt2Bpe =
                 failwithf "%s: line %d merges into %A, which is not in %s" vocabBpe (i + 1) (parts[0] + parts[1]) encoderJson
             l)
     if merges.Length <> VocabSize - 257 then failwithf "%s: expected %d merges, found %d" vocabBpe (VocabSize - 257) merges.Length
-    let pre = RegexPreTokenizer(Regex(PreTokenizerPattern, RegexOptions.Compiled), null)
+    let pre = RegexPreTokenizer(preTokenizerRegex.Force(), null)
     let options = BpeOptions(vocab, Merges = merges, ByteLevel = true, PreTokenizer = pre)
     Gpt2Bpe(BpeTokenizer.Create options, tokenBytes, encoderJson)
 
