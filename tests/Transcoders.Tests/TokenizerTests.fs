@@ -130,6 +130,10 @@ let private gpt2Tests =
         testPropertyWithConfig (config 200) "token bytes concatenate to the UTF-8 of the text" <| Prop.forAll validTextArb (fun s ->
             let g = Gpt2Tokenizer.get ()
             Gpt2Tokenizer.decodeBytes g (Gpt2Tokenizer.encode g s) = Encoding.UTF8.GetBytes s)
+        testPropertyWithConfig (config 300) "decoding any ids equals replacement-decoding their bytes (tiktoken's errors='replace')" <|
+            Prop.forAll (Arb.fromGen (Gen.arrayOf (Gen.oneof [ Gen.choose (0, 255); Gen.choose (0, 50256) ]))) (fun ids ->
+                let g = Gpt2Tokenizer.get ()
+                Gpt2Tokenizer.decode g ids = Encoding.UTF8.GetString(Gpt2Tokenizer.decodeBytes g ids))
         test "a lone surrogate is encoded as U+FFFD (text a file can hold never has one)" {
             let g = Gpt2Tokenizer.get ()
             for s, replaced in [ "x\uD800y", "x\uFFFDy"; "\uDC00", "\uFFFD"; "ab\uD83D", "ab\uFFFD" ] do
@@ -155,7 +159,9 @@ let private gpt2Tests =
 /// Text made of tok512's merged pieces mixed with arbitrary text: many competing merges and ties.
 let private pieceText =
     let pieces = Gen.elements (Llama2cTokenizer.load (stories260K "tok512.bin") 512).Pieces[259..]
-    Gen.oneof [ validText; Gen.listOf (Gen.oneof [ pieces; chunk ]) |> Gen.map String.Concat ]
+    // Runs of one character ("lll", "oooo") make equal-score pairs: the leftmost must merge first.
+    let runs = Gen.zip (Gen.elements [ "l"; "o"; "p"; "e"; " "; "a" ]) (Gen.choose (2, 7)) |> Gen.map (fun (c, n) -> String.replicate n c)
+    Gen.oneof [ validText; Gen.listOf (Gen.oneof [ pieces; chunk; runs ]) |> Gen.map String.Concat ]
 
 let private llamaTests =
     testList "llama2.c tokenizer" [
@@ -191,6 +197,16 @@ let private llamaTests =
         testPropertyWithConfig (config 150) "the priority-queue merge equals run.c's rescanning loop" <| Prop.forAll (Arb.fromGen pieceText) (fun s ->
             let v = tok512.Value
             Llama2cTokenizer.encodeWith v true false s = Llama2cTokenizer.encodeReference v true false s)
+        test "equal-score pairs merge leftmost first, as in run.c" {
+            let v = tok512.Value
+            for text in [ "lll"; "ooo"; "ppp"; "bllll"; "xooooy"; "Holll ppp" ] do
+                Expect.sequenceEqual (Llama2cTokenizer.encode v text) (Llama2cTokenizer.encodeReference v false false text) text
+            // In " blll" (dummy space first) " b" merges, then the two "ll" pairs tie: leftmost first ends
+            // "ll" "l", rightmost first would end "l" "ll".
+            let ll, l = Array.IndexOf(v.Pieces, "ll"), Array.IndexOf(v.Pieces, "l")
+            let ids = Llama2cTokenizer.encode v "blll"
+            Expect.sequenceEqual ids[ids.Length - 2 ..] [| ll; l |] "leftmost merge"
+        }
         test "a vocabulary size that does not match the file is an error naming it" {
             let path = stories260K "tok512.bin"
             expectThrowsMessage (fun () -> Llama2cTokenizer.load path 500 |> ignore) [ path; "bytes are left" ] "too small"

@@ -173,6 +173,10 @@ let encodeAllowingSpecial (t: Gpt2Bpe) (text: string) : int[] =
                if i > 0 then yield EndOfTextId
                yield! encode t parts[i] |]
 
+/// `encodeAllowingSpecial` when `allowSpecial`, else `encode`.
+let encodeWith (t: Gpt2Bpe) (allowSpecial: bool) (text: string) : int[] =
+    if allowSpecial then encodeAllowingSpecial t text else encode t text
+
 let private checkIds (ids: int seq) =
     for id in ids do
         if id < 0 || id >= VocabSize then invalidArg "ids" (sprintf "GPT-2 token id %d is outside 0..%d" id (VocabSize - 1))
