@@ -85,7 +85,8 @@ let epochOrder (documents: int) (seed: int64) (epoch: int64) : int[] =
 /// r·ctx), so every token but an epoch's first is a target exactly once per epoch. A trailing remainder
 /// shorter than a row is left out of that epoch. Row g of the endless sequence is row g mod R of epoch g / R
 /// (R rows per epoch); step s of a batch size B uses rows sB..sB+B−1. Every row is a pure function of
-/// (documents, seed, g).
+/// (documents, seed, g). Documents read back from token shards (`splitDocuments`) already start with BOS:
+/// pass no `bos` for them.
 type PackedRows(documents: int[][], ctx: int, seed: int64, ?bos: int, ?eos: int) =
     do if ctx < 1 then invalidArg "ctx" (sprintf "context length %d must be at least 1" ctx)
     let wrap (d: int[]) =

@@ -1,5 +1,6 @@
 /// GPT-2's byte-level BPE (50,257 ids; also the GPT-Neo / TinyStories tokenizer), through
-/// Microsoft.ML.Tokenizers' `BpeTokenizer` with GPT-2's pre-tokenizer regex.
+/// Microsoft.ML.Tokenizers' `BpeTokenizer` with GPT-2's pre-tokenizer regex (extended so that .NET's
+/// UTF-16 regex engine classifies letters and digits outside the BMP as tiktoken's code-point engine does).
 ///
 /// `encode` matches tiktoken's `encode_ordinary`: the text `<|endoftext|>` is ordinary text (it becomes
 /// `<`, `|`, `endoftext`, `|`, `>`). `encodeAllowingSpecial` matches tiktoken's
