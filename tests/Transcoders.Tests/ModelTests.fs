@@ -159,6 +159,22 @@ let stories260KTests =
             let g = Generation.generate m { Generation.GenerateOptions.Greedy with MaxNewTokens = steps } [| 1 |]
             Expect.sequenceEqual g.Tokens expected "greedy tokens"
 
+        testCase "the greedy sample decodes to llama2.c's text; saved in our format with its tokenizer, it comes back the same" <| fun () ->
+            use doc = JsonDocument.Parse(File.ReadAllText(Paths.data "models/stories260K/reference_greedy.json"))
+            let text = doc.RootElement.GetProperty("greedy_text").GetString()
+            use m = Llama2c.load stories260K cpu
+            let tokenizer = Transcoders.Text.Tokenizer.llama2c (Paths.data "models/stories260K/tok512.bin") m.Config.VocabSize
+            let ids = Generation.greedy m 256 [| 1 |]
+            Expect.equal (Transcoders.Text.Tokenizer.decode tokenizer ids) text "decoded greedy text"
+            use dir = new TempDir()
+            let description = JsonSerializer.SerializeToElement(Transcoders.Text.Tokenizer.toJson tokenizer)
+            Checkpoint.save dir.Path { Checkpoint.Metadata.Empty with Tokenizer = Some description } m
+            let loaded, meta = ModelFiles.load dir.Path cpu
+            use loaded = loaded
+            let tokenizer2 = Transcoders.Text.Tokenizer.ofJsonElement "config.json" meta.Tokenizer.Value
+            Expect.sequenceEqual (Generation.greedy loaded 256 [| 1 |]) ids "same greedy tokens"
+            Expect.equal (Transcoders.Text.Tokenizer.decode tokenizer2 ids) text "same text through the saved tokenizer"
+
         testCase "a run without the KV cache agrees for the first 64 tokens" <| fun () ->
             use doc = JsonDocument.Parse(File.ReadAllText(Paths.data "models/stories260K/reference_greedy.json"))
             let expected = [| for x in doc.RootElement.GetProperty("greedy_token_ids").EnumerateArray() -> x.GetInt32() |]
