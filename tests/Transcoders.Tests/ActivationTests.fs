@@ -745,5 +745,57 @@ let private shuffleTests =
         }
     ]
 
+/// The real model: llama2.c's stories260K, cached at layer 0 on random tokens behind a BOS. Its block adds
+/// the MLP output to the residual stream in float32, so resid_post = resid_mid + mlp_out holds bit for bit
+/// in every served row exactly when rows stay aligned.
+let private modelTests =
+    testList "with a model" [
+        test "stories260K rows stay aligned through the buffer and an f32 cache" {
+            let m, _ = Transcoders.Models.ModelFiles.load (Paths.data "models/stories260K/stories260K.bin") torch.CPU
+            use _ = m
+            let mid, out, post = "blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post"
+            let spec = { Coders = [ CoderHooks.transcoder "tc0" mid out; CoderHooks.sae "sae0" post ] }
+            let B, P, passes = 4, 16, 5
+            let next (first: int) =
+                let mutable p = first
+                fun () ->
+                    if p >= passes then None
+                    else
+                        let rng = Random(1000 + p)
+                        p <- p + 1
+                        use tokens = torch.tensor(Array.init (B * P) (fun i -> if i % P = 0 then 1L else int64 (rng.Next 512))).reshape(int64 B, int64 P)
+                        let r =
+                            Transcoders.Models.Transformer.run m
+                                { Transcoders.Models.RunOptions.Default with Cache = set spec.Hooks; StopAtLayer = Some 1 } tokens
+                        r.Residual |> Option.iter (fun t -> t.Dispose())
+                        Some(Pass.ofMap r.Cache)
+            let check (rows: Rows) =
+                use sum = rows[mid].add(rows[out])
+                Expect.isTrue (rows[post].eq(sum).all().item<bool>()) "resid_post = resid_mid + mlp_out in every row"
+                Expect.equal rows[mid].shape[1] 64L "d_model"
+                rows[mid].shape[0]
+            let served (buffer: ShuffleBuffer) =
+                let mutable n = 0L
+                let mutable go = true
+                while go do
+                    use _ = torch.NewDisposeScope()
+                    match buffer.Next() with
+                    | Some b -> n <- n + check b
+                    | None -> go <- false
+                n
+            let rows = int64 (B * (P - 1) * passes)
+            use b = new ShuffleBuffer(bufferConfig 64L 16L 0.5 5L, PassSource.ForSpec(spec, DropFirstPosition, next 0))
+            Expect.equal (served b) rows "every non-BOS row served"
+            use dir = new TempDir()
+            (use src = PassSource.ForSpec(spec, DropFirstPosition, next 0)
+             ActivationCache.write dir.Path { cacheConfig 50L Safetensors.F32 with Source = Map.ofList [ "model", "stories260K" ] } src) |> ignore
+            use cached = CachedActivationSource.Buffer(dir.Path, readConfig, bufferConfig 64L 16L 0.5 5L)
+            Expect.equal (served cached) rows "the same rows from the cache"
+            use src = PassSource.ForSpec(spec, DropFirstPosition, next 0)
+            let stats = ActivationStats.collect src 100L
+            Expect.isTrue (stats[post].NormScale > 0.0 && Double.IsFinite stats[post].NormScale) "a finite norm scale"
+        }
+    ]
+
 let tests =
-    testList "activations" [ shuffleTests; flattenTests; bufferTests; cacheTests; statsTests ]
+    testList "activations" [ shuffleTests; flattenTests; bufferTests; cacheTests; statsTests; modelTests ]
