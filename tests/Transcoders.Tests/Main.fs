@@ -8,6 +8,7 @@ let all =
         ElfTests.tests
         TorchTests.tests
         SafetensorsTests.tests
+        CoderTests.tests
     ]
 
 [<EntryPoint>]

@@ -144,15 +144,16 @@ type Coder internal (config: CoderConfig, tensors: IDictionary<string, torch.Ten
     /// Pre-activations [L, B, d_sae] of normalised layer-major inputs [L, B, d_in].
     member _.PreActivations(xn: torch.Tensor) : torch.Tensor =
         let inputBias = if config.InputBias then (if config.Kind = Sae then Some(bDec :> torch.Tensor) else bIn |> Option.map (fun p -> p :> torch.Tensor)) else None
-        match inputBias with
-        | Some b ->
-            use b1 = b.unsqueeze 1
-            use xc = xn.sub b1
-            use be = bEnc.unsqueeze 1
-            torch.baddbmm(be, xc, wEnc)
-        | None ->
-            use be = bEnc.unsqueeze 1
-            torch.baddbmm(be, xn, wEnc)
+        use be = bEnc.unsqueeze 1
+        let xw =
+            match inputBias with
+            | Some b ->
+                use b1 = b.unsqueeze 1
+                use xc = xn.sub b1
+                torch.bmm(xc, wEnc)
+            | None -> torch.bmm(xn, wEnc)
+        use xw = xw
+        xw.add be
 
     /// Feature activations from pre-activations; for BatchTopK also the smallest positive kept value per layer.
     member this.Activate(pre: torch.Tensor) : torch.Tensor * torch.Tensor option =
