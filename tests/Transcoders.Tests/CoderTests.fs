@@ -588,22 +588,30 @@ let recovery (truth: torch.Tensor) (learned: torch.Tensor) =
     let cos = truth.matmul(l.t())
     cos.amax([| 1L |]).mean().item<float32> () |> float
 
-let trainingTests =
-    testList "training" [
+/// Runs `f` with torch limited to `n` intra-op threads (restored afterwards). The planted-dictionary runs are
+/// thousands of tiny kernels, where a second thread only adds synchronisation, and on a busy machine OpenMP's
+/// spinning barriers make them several times slower; their tests run sequenced, so no other test sees the change.
+let withThreads (n: int) (f: unit -> 'a) =
+    let before = torch.get_num_threads ()
+    torch.set_num_threads n
+    try f () finally torch.set_num_threads before
+
+let plantedTests =
+    testSequenced <| testList "planted dictionary" [
         test "an SAE recovers a planted dictionary" {
             let gen = new torch.Generator(1234UL)
             let d, nTrue = 32, 128
             let dict = unitRows gen nTrue d
             let source (_: int) =
-                let s = sparseCodes gen 1024 nTrue 3.0
+                let s = sparseCodes gen 512 nTrue 3.0
                 let x = s.matmul dict
                 x, x
             let cfg = { CoderConfig.sae "planted" "blocks.0.hook_resid_pre" 0 d 256 with Activation = TopK 4 }
             let tc = { TrainConfig.Paper with
-                         Steps = 1500; Lr = 3e-3; BatchSize = 1024
+                         Steps = 400; Lr = 3e-3; BatchSize = 512
                          Schedule = { WarmupSteps = 50; DecayFraction = 0.2; FinalFraction = 0.0 }
-                         Loss = LossConfig.TopK 16; DeadAfterTokens = 100_000L; Normalise = true; NormalisationBatches = 4 }
-            let state, logs = CoderTraining.run tc cfg dev source
+                         Loss = LossConfig.TopK 16; DeadAfterTokens = 50_000L; Normalise = true; NormalisationBatches = 4 }
+            let state, logs = withThreads 1 (fun () -> CoderTraining.run tc cfg dev source)
             use state = state
             let c = state.Coder
             let r = recovery dict (c.WDec[0].reshape(256L, int64 d))
@@ -617,20 +625,24 @@ let trainingTests =
             let dIn' = unitRows gen nTrue dIn
             let dOut' = unitRows gen nTrue dOut
             let source (_: int) =
-                let s = sparseCodes gen 1024 nTrue 3.0
+                let s = sparseCodes gen 512 nTrue 3.0
                 s.matmul dIn', s.matmul dOut'
             let cfg = { CoderConfig.transcoder "planted" 0 dIn 256 with DOut = dOut; Activation = TopK 4 }
             let tc = { TrainConfig.Paper with
-                         Steps = 1500; Lr = 3e-3; BatchSize = 1024
+                         Steps = 600; Lr = 3e-3; BatchSize = 512
                          Schedule = { WarmupSteps = 50; DecayFraction = 0.2; FinalFraction = 0.0 }
-                         Loss = LossConfig.TopK 16; DeadAfterTokens = 100_000L; Normalise = true; NormalisationBatches = 4 }
-            let state, logs = CoderTraining.run tc cfg dev source
+                         Loss = LossConfig.TopK 16; DeadAfterTokens = 50_000L; Normalise = true; NormalisationBatches = 4 }
+            let state, logs = withThreads 1 (fun () -> CoderTraining.run tc cfg dev source)
             use state = state
             let c = state.Coder
             let r = recovery dOut' (c.WDec[0].reshape(256L, int64 dOut))
             let last = List.last logs
             Expect.isGreaterThanOrEqual r 0.9 (sprintf "decoder vs true output directions: mean best cosine %.3f (final FVU %.4f)" r last.Fvu)
         }
+    ]
+
+let trainingTests =
+    testList "training" [
         test "a NaN loss stops training with a clear error" {
             let cfg = CoderConfig.transcoder "m" 0 4 8
             let tc = { TrainConfig.Paper with Steps = 3; BiasInit = Normalisation.ZeroBias }
@@ -689,4 +701,4 @@ let trainingTests =
     ]
 
 let tests =
-    testList "Coders" [ activationTests; configTests; decoderTests; cltTests; deadFeatureTests; foldingTests; fileTests; evalTests; trainingTests ]
+    testList "Coders" [ activationTests; configTests; decoderTests; cltTests; deadFeatureTests; foldingTests; fileTests; evalTests; trainingTests; plantedTests ]
