@@ -45,7 +45,7 @@ let smallConfig (rng: Random) (kind: CoderKind) (activation: int -> Activation) 
     let dOut = if kind = Sae then dIn else rng.Next(3, 9)
     let dSae = rng.Next(6, 17)
     let nL = if kind = CrossLayerTranscoder then rng.Next(2, 4) else 1
-    let layers = Array.init nL (fun i -> i + rng.Next(0, 2) * 0 + (if kind = CrossLayerTranscoder then 0 else rng.Next(0, 4)))
+    let layers = if kind = CrossLayerTranscoder then Array.init nL id else [| rng.Next(0, 4) |]
     let hookIn = layers |> Array.map (fun l -> if kind = Sae then sprintf "blocks.%d.hook_resid_pre" l else CoderConfig.mlpInHook l)
     let hookOut = if kind = Sae then hookIn else layers |> Array.map CoderConfig.mlpOutHook
     { Kind = kind; Layers = layers; HookIn = hookIn; HookOut = hookOut; DIn = dIn; DOut = dOut; DSae = dSae
@@ -171,9 +171,6 @@ let configTests =
     testList "config" [
         test "invalid configurations are rejected with the field named" {
             let ok = CoderConfig.transcoder "m" 2 8 32
-            let bad (c: CoderConfig) (field: string) =
-                let ex = Expect.throwsT<CoderConfigError> (fun () -> CoderConfig.validate c |> ignore) "invalid config"
-                ()
             let msg (c: CoderConfig) =
                 try CoderConfig.validate c |> ignore; "" with CoderConfigError m -> m
             Expect.stringContains (msg { ok with DSae = 0 }) "DSae" "DSae named"
@@ -183,7 +180,8 @@ let configTests =
             Expect.stringContains (msg { ok with Layers = [| 1; 2 |] }) "Layers" "one layer for a transcoder"
             Expect.stringContains (msg { CoderConfig.crossLayer "m" [| 0; 1; 2 |] 8 16 with Layers = [| 2; 1; 0 |] }) "ascending" "CLT layers ascending"
             Expect.stringContains (msg { ok with Scale = { In = [| 0.0 |]; Out = [| 1.0 |] } }) "Scale" "scale named"
-            bad { ok with DIn = -1 } "DIn"
+            Expect.throwsT<CoderConfigError> (fun () -> CoderConfig.validate { ok with DIn = -1 } |> ignore) "a typed error"
+            Expect.equal (CoderConfig.validate ok) ok "a valid config passes unchanged"
         }
         testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 40 } "JSON round trip preserves every field" <| fun (seed: int) ->
             let rng = Random seed
@@ -209,6 +207,68 @@ let configTests =
             let good = CoderConfig.toJson (CoderConfig.transcoder "m" 1 8 16)
             Expect.stringContains (ex (good.Replace("\"d_sae\": 16", "\"d_sae\": -16"))) "DSae" "invalid value named"
             Expect.stringContains (ex (good.Replace("\"relu\"", "\"gelu\""))) "gelu" "unknown activation named"
+        }
+    ]
+
+/// Runs `f` with torch limited to `n` intra-op threads (restored afterwards). The planted-dictionary runs are
+/// thousands of tiny kernels, where a second thread only adds synchronisation, and on a busy machine OpenMP's
+/// spinning barriers make them several times slower; their tests run sequenced, so no other test sees the change.
+let withThreads (n: int) (f: unit -> 'a) =
+    let before = torch.get_num_threads ()
+    torch.set_num_threads n
+    try f () finally torch.set_num_threads before
+
+let lossTests =
+    testList "losses" [
+        testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 15 } "each loss term equals its formula computed element by element" <| fun (seed: int) ->
+            let rng = Random seed
+            let nL, b, d, f = rng.Next(1, 4), rng.Next(2, 6), rng.Next(2, 6), rng.Next(2, 8)
+            torch.manual_seed (int64 seed) |> ignore
+            use pred = torch.randn([| int64 nL; int64 b; int64 d |], dtype = torch.float64)
+            use target = torch.randn([| int64 nL; int64 b; int64 d |], dtype = torch.float64)
+            use acts = torch.rand([| int64 nL; int64 b; int64 f |], dtype = torch.float64)
+            use pre = torch.randn([| int64 nL; int64 b; int64 f |], dtype = torch.float64)
+            use norms = torch.rand([| int64 nL; int64 f |], dtype = torch.float64).add(sc 0.5)
+            use theta = torch.rand([| int64 nL; int64 f |], dtype = torch.float64)
+            use mask = torch.rand([| int64 nL; int64 f |]).gt(sc 0.5)
+            let p, y, a, z, n, th, m = values pred, values target, values acts, values pre, values norms, values theta, values mask
+            let at l t j = (l * b + t) * d + j
+            let af l t i = (l * b + t) * f + i
+            let fb = float b
+            let mse = seq { for l in 0 .. nL - 1 do for t in 0 .. b - 1 do for j in 0 .. d - 1 -> (p[at l t j] - y[at l t j]) ** 2.0 } |> Seq.sum
+            Expect.floatClose Accuracy.high (values (Losses.mse pred target)).[0] (mse / fb) "MSE = mean_t Σ (ŷ − y)²"
+            let nmse =
+                seq { for l in 0 .. nL - 1 do
+                        for t in 0 .. b - 1 do
+                            let ny = sqrt (Seq.sum (seq { for j in 0 .. d - 1 -> y[at l t j] ** 2.0 }))
+                            for j in 0 .. d - 1 -> (p[at l t j] - y[at l t j]) ** 2.0 / ny } |> Seq.average
+            Expect.floatClose Accuracy.high (values (Losses.normalizedMse pred target)).[0] nmse "paper: mean (ŷ − y)²/‖y‖"
+            let var =
+                seq { for l in 0 .. nL - 1 do
+                        for j in 0 .. d - 1 do
+                            let mean = Seq.average (seq { for t in 0 .. b - 1 -> y[at l t j] })
+                            for t in 0 .. b - 1 -> (y[at l t j] - mean) ** 2.0 } |> Seq.sum
+            Expect.floatClose Accuracy.high (values (Losses.fvu pred target)).[0] (mse / var) "FVU"
+            let sumF g = seq { for l in 0 .. nL - 1 do for t in 0 .. b - 1 do for i in 0 .. f - 1 -> g l t i } |> Seq.sum
+            Expect.floatClose Accuracy.high (values (Losses.l1 acts None)).[0] (sumF (fun l t i -> abs a[af l t i]) / fb) "L1"
+            Expect.floatClose Accuracy.high (values (Losses.l1 acts (Some norms))).[0] (sumF (fun l t i -> abs a[af l t i] * n[l * f + i]) / fb) "decoder-norm weighted L1"
+            Expect.floatClose Accuracy.high (values (Losses.tanhPenalty 4.0 acts norms)).[0] (sumF (fun l t i -> tanh (4.0 * n[l * f + i] * a[af l t i])) / fb) "tanh(c·‖W_dec‖·a)"
+            Expect.floatClose Accuracy.high (values (Losses.l0 pre theta 0.1)).[0] (sumF (fun l t i -> if z[af l t i] > th[l * f + i] then 1.0 else 0.0) / fb) "L0 counts z > θ"
+            Expect.floatClose Accuracy.high (values (Losses.preAct pre theta norms (Some mask))).[0]
+                (sumF (fun l t i -> m[l * f + i] * max 0.0 (th[l * f + i] - z[af l t i]) * n[l * f + i]) / fb) "pre-activation loss on masked features"
+
+        test "training a JumpReLU coder with the L0 penalty raises thresholds and lowers L0" {
+            torch.manual_seed 8L |> ignore
+            let cfg = { CoderConfig.sae "m" "blocks.0.hook_resid_pre" 0 8 32 with Activation = JumpReLU { InitialThreshold = 0.1; Bandwidth = 0.5 } }
+            let tc = { TrainConfig.Paper with
+                         Steps = 60; Lr = 0.05; Schedule = { WarmupSteps = 0; DecayFraction = 0.0; FinalFraction = 0.0 }
+                         Loss = { LossConfig.Anthropic 1.0 with Sparsity = L0; PreActCoefficient = 0.0 }; BiasInit = Normalisation.ZeroBias }
+            let state, logs = CoderTraining.run { tc with LogEvery = 1 } cfg dev (fun _ -> let x = torch.randn(64L, 8L) in x, x)
+            use state = state
+            let first, last = List.head logs, List.last logs
+            Expect.isLessThan last.L0 (0.5 * first.L0) (sprintf "L0 %.2f → %.2f" first.L0 last.L0)
+            let th = values state.Coder.Threshold.Value
+            Expect.isGreaterThan (Array.average th) 0.2 "thresholds moved up from 0.1 through the straight-through estimator"
         }
     ]
 
@@ -502,6 +562,28 @@ let fileTests =
             Expect.isTrue (File.Exists(dir.File "clt.json")) "config beside the weights"
         }
 
+        test "the transcoder paper's checkpoints convert exactly (input bias folded, b_dec_out as b_dec)" {
+            torch.manual_seed 13L |> ignore
+            use dir = new TempDir()
+            let dIn, dSae, dOut = 6, 10, 5
+            let wEnc, bEnc, wDec = torch.randn(int64 dIn, int64 dSae), torch.randn(int64 dSae), torch.randn(int64 dSae, int64 dOut)
+            let bDec, bDecOut = torch.randn(int64 dIn), torch.randn(int64 dOut)
+            let path = dir.File "paper.safetensors"
+            Transcoders.Files.Safetensors.save path Map.empty [ "W_enc", wEnc; "b_enc", bEnc; "W_dec", wDec; "b_dec", bDec; "b_dec_out", bDecOut ]
+            use c = CoderFile.importPaper path "gpt2" 8 dev
+            use x = torch.randn(7L, int64 dIn)
+            // the paper's forward pass, sae_training/sparse_autoencoder.py
+            let f = ((x - bDec).matmul(wEnc) + bEnc).relu()
+            let expected = f.matmul(wDec) + bDecOut
+            let y, a = c.ForwardWithActivations x
+            expectClose 1e-5 y expected "same predictions"
+            expectClose 1e-5 a f "same features"
+            Expect.equal c.Config.HookIn [| "blocks.8.ln2.hook_normalized" |] "reads the MLP input"
+            Expect.equal c.Config.HookOut [| "blocks.8.hook_mlp_out" |] "predicts the MLP output"
+            CoderFile.save (dir.File "ours") c
+            use back = CoderFile.load (dir.File "ours") dev
+            expectClose 1e-5 (back.Forward x) expected "and through our format"
+        }
         test "files of another format are rejected with the file and key named" {
             use dir = new TempDir()
             let cfg = CoderConfig.transcoder "m" 0 4 6
@@ -588,14 +670,6 @@ let recovery (truth: torch.Tensor) (learned: torch.Tensor) =
     let cos = truth.matmul(l.t())
     cos.amax([| 1L |]).mean().item<float32> () |> float
 
-/// Runs `f` with torch limited to `n` intra-op threads (restored afterwards). The planted-dictionary runs are
-/// thousands of tiny kernels, where a second thread only adds synchronisation, and on a busy machine OpenMP's
-/// spinning barriers make them several times slower; their tests run sequenced, so no other test sees the change.
-let withThreads (n: int) (f: unit -> 'a) =
-    let before = torch.get_num_threads ()
-    torch.set_num_threads n
-    try f () finally torch.set_num_threads before
-
 let plantedTests =
     testSequenced <| testList "planted dictionary" [
         test "an SAE recovers a planted dictionary" {
@@ -647,7 +721,6 @@ let trainingTests =
             let cfg = CoderConfig.transcoder "m" 0 4 8
             let tc = { TrainConfig.Paper with Steps = 3; BiasInit = Normalisation.ZeroBias }
             let source (_: int) = torch.full([| 8L; 4L |], sc Double.NaN), torch.randn(8L, 4L)
-            let ex = Expect.throwsT<CoderTrainingError> (fun () -> CoderTraining.run tc cfg dev source |> ignore) "NaN must stop training"
             let msg = try CoderTraining.run tc cfg dev source |> ignore; "" with CoderTrainingError m -> m
             Expect.stringContains msg "step 0" "the step is named"
             Expect.stringContains msg "NaN/Inf" "the bad batch is diagnosed"
@@ -701,4 +774,4 @@ let trainingTests =
     ]
 
 let tests =
-    testList "Coders" [ activationTests; configTests; decoderTests; cltTests; deadFeatureTests; foldingTests; fileTests; evalTests; trainingTests; plantedTests ]
+    testList "Coders" [ activationTests; lossTests; configTests; decoderTests; cltTests; deadFeatureTests; foldingTests; fileTests; evalTests; trainingTests; plantedTests ]

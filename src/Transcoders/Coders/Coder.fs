@@ -293,6 +293,8 @@ module Coder =
             if not (expected |> List.exists (fun (e, _) -> e = n)) then
                 invalidArg "tensors" (sprintf "unexpected tensor '%s' for a %s with %A activation (expected %s)" n (CoderConfig.kindName config.Kind) config.Activation (String.Join(", ", expected |> List.map fst)))
         let own = Dictionary<string, torch.Tensor>()
+        // the copies become parameters (which leave this scope); every temporary is freed with it
+        use scope = torch.NewDisposeScope()
         use _ = torch.no_grad ()
         for n, shape in expected do
             match given.TryGetValue n with
@@ -310,6 +312,7 @@ module Coder =
     let create (config: CoderConfig) (device: torch.Device) : Coder =
         let config = CoderConfig.validate config
         let nL, dIn, dOut, dSae = int64 config.NLayers, int64 config.DIn, int64 config.DOut, int64 config.DSae
+        use scope = torch.NewDisposeScope()
         use _ = torch.no_grad ()
         let t = Dictionary<string, torch.Tensor>()
         let decs =

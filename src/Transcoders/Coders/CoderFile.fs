@@ -150,3 +150,38 @@ let load (path: string) (device: torch.Device) : Coder =
           | BatchTopK _ -> yield "batchtopk_threshold", read "batchtopk_threshold"
           | _ -> () ]
     Coder.ofTensors cfg device internalTensors
+
+/// A transcoder from the tensors of the transcoder paper's checkpoints (Dunefsky, Chlenski & Nanda 2024; e.g. the GPT-2
+/// small transcoders `final_sparse_autoencoder_gpt2-small_blocks.{L}.ln2.hook_normalized_24576.pt`, once their
+/// `state_dict` is written to safetensors unchanged): `W_enc` [d_in, d_sae], `b_enc` [d_sae], `W_dec` [d_sae, d_out],
+/// `b_dec` [d_in] (subtracted from the input), `b_dec_out` [d_out] (the output bias). Their forward pass
+/// ReLU((x − b_dec)·W_enc + b_enc)·W_dec + b_dec_out becomes ours with b_enc ← b_enc − b_dec·W_enc and b_dec ← b_dec_out;
+/// no transposes. The model must produce TransformerLens-processed activations (LayerNorm folded, writing weights
+/// centred) for these weights to fit (reference notes §1, §9.7).
+let ofPaperTensors (model: string) (layer: int) (device: torch.Device) (tensors: (string * torch.Tensor) seq) : Coder =
+    use scope = torch.NewDisposeScope()
+    use _ = torch.no_grad ()
+    let t = dict tensors
+    let get name =
+        match t.TryGetValue name with
+        | true, v -> v.``to``(torch.float32, device)
+        | _ -> fail "transcoder-paper tensors: '%s' is missing (expected W_enc, b_enc, W_dec, b_dec, b_dec_out)" name
+    let wEnc, bEnc, wDec, bIn, bOut = get "W_enc", get "b_enc", get "W_dec", get "b_dec", get "b_dec_out"
+    if wEnc.dim() <> 2L || wDec.dim() <> 2L then fail "transcoder-paper tensors: W_enc and W_dec must be matrices (got %A and %A)" wEnc.shape wDec.shape
+    let dIn, dSae, dOut = int wEnc.shape[0], int wEnc.shape[1], int wDec.shape[1]
+    let check (name: string) (x: torch.Tensor) (shape: int64[]) =
+        if x.shape <> shape then fail "transcoder-paper tensors: '%s' has shape %A, expected %A" name x.shape shape
+    check "b_enc" bEnc [| int64 dSae |]
+    check "W_dec" wDec [| int64 dSae; int64 dOut |]
+    check "b_dec" bIn [| int64 dIn |]
+    check "b_dec_out" bOut [| int64 dOut |]
+    let cfg = { CoderConfig.transcoder model layer dIn dSae with DOut = dOut; InputBias = false }
+    let bEnc' = bEnc - bIn.unsqueeze(0).matmul(wEnc).squeeze 0
+    Coder.ofTensors cfg device
+        [ "W_enc", wEnc.unsqueeze 0; "b_enc", bEnc'.unsqueeze 0; "W_dec_0", wDec.unsqueeze 1; "b_dec", bOut.unsqueeze 0 ]
+
+/// `ofPaperTensors` over a safetensors file holding the paper's state-dict keys.
+let importPaper (path: string) (model: string) (layer: int) (device: torch.Device) : Coder =
+    let tensors = Safetensors.load path device
+    try ofPaperTensors model layer device tensors
+    finally for _, t in tensors do t.Dispose()
