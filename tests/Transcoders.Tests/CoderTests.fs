@@ -469,7 +469,7 @@ let deadFeatureTests =
             dead[0, 2] <- torch.tensor(true)
             dead[0, 7] <- torch.tensor(true)
             let before = values c.WEnc
-            let n = DeadFeatures.resample c opt stats dead x y 0.2
+            let n = DeadFeatures.resample c (fun name mask -> opt.ResetMasked(name, mask)) stats dead x y 0.2
             Expect.equal n 2 "two features resampled"
             let norms = values (c.DecoderNorms())
             for i in [ 2; 7 ] do
@@ -717,6 +717,20 @@ let plantedTests =
 
 let trainingTests =
     testList "training" [
+        test "resampling during training revives dead features and keeps decoders at unit norm" {
+            let cfg = { CoderConfig.transcoder "m" 0 6 32 with Activation = TopK 1 }
+            let tc = { TrainConfig.Paper with
+                         Steps = 10; LogEvery = 1; Loss = LossConfig.TopK 2; DeadAfterTokens = 24L
+                         Resampling = Some { ResampleConfig.Default with EverySteps = 5; Batches = 2 } }
+            let state, logs = CoderTraining.run tc cfg dev (fun _ -> torch.randn(8L, 6L), torch.randn(8L, 6L))
+            use state = state
+            let resampled = logs |> List.sumBy (fun l -> l.Resampled)
+            Expect.isGreaterThan resampled 0 "features were resampled at steps 4 and 9"
+            Expect.equal (logs |> List.filter (fun l -> l.Resampled > 0) |> List.map (fun l -> l.Step)) [ 4; 9 ] "on schedule"
+            let norms = values (state.Coder.DecoderNorms())
+            Expect.isLessThan (norms |> Array.map (fun n -> abs (n - 1.0)) |> Array.max) 1e-5 "unit decoder norms"
+            Expect.equal (values (state.Stats.Dead 24L) |> Array.sum) 0.0 "resampled features count as just fired"
+        }
         test "a NaN loss stops training with a clear error" {
             let cfg = CoderConfig.transcoder "m" 0 4 8
             let tc = { TrainConfig.Paper with Steps = 3; BiasInit = Normalisation.ZeroBias }

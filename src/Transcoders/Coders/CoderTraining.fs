@@ -206,42 +206,51 @@ module CoderTraining =
             if counts[l] = 0 then fail "BatchTopK calibration: layer %d kept no positive activation in any batch" l
             sums[l] / float counts[l])
 
-    /// One training step on a batch (user layout; for an SAE target = x): forward, loss terms, backward, removal of the
-    /// decoder gradient's parallel component, Adam, decoder renormalisation, firing statistics, BatchTopK threshold,
-    /// resampling when due. Runs in its own dispose scope; raises `CoderTrainingError` on a NaN/Inf loss.
-    /// `resampleSource` supplies extra batches when resampling is due (it receives the step index).
-    let stepWith (state: TrainState) (resampleSource: int -> torch.Tensor * torch.Tensor) (x: torch.Tensor) (y: torch.Tensor) : StepLog =
+    /// The differentiable part of one step, computed in the caller's dispose scope.
+    type StepForward =
+        { /// Normalised layer-major batch.
+          Xn: torch.Tensor
+          Yn: torch.Tensor
+          Pass: CoderPass
+          Terms: LossTerms
+          /// Dead features [L, d_sae] before this step.
+          Dead: torch.Tensor }
+
+    /// Forward pass and loss terms of step `state.Step` on a user-layout batch (for an SAE target = x).
+    let forwardLoss (state: TrainState) (x: torch.Tensor) (y: torch.Tensor) : StepForward =
+        let cfg = state.Config
+        let xn, yn = normaliseBatch state.Coder x y
+        let dead = state.Stats.Dead cfg.DeadAfterTokens
+        let pass = state.Coder.PassNormalised xn
+        let terms = Losses.compute cfg.Loss (sparsityCoefficient cfg state.Step) state.Coder pass yn dead
+        { Xn = xn; Yn = yn; Pass = pass; Terms = terms; Dead = dead }
+
+    /// Host values of a step's loss terms and diagnostics (one device sync): total, reconstruction, sparsity,
+    /// pre-act, auxiliary, L0 (per layer, averaged), FVU, dead fraction.
+    let diagnostics (f: StepForward) : float[] =
+        use _ = torch.no_grad ()
+        let l0 = f.Pass.Acts.gt(sc 0.0).sum([| 2L |], false, torch.float32).mean()
+        let fvu = Losses.fvu (f.Pass.Prediction.detach ()) f.Yn
+        let deadFrac = f.Dead.to_type(torch.float32).mean()
+        let t = f.Terms
+        torch.stack([| t.Total.detach (); t.Reconstruction.detach (); t.Sparsity.detach (); t.PreAct.detach ()
+                       t.Auxiliary.detach (); l0; fvu; deadFrac |]).to_type(torch.float64).cpu().data<float>().ToArray()
+
+    /// After backward, before the optimiser: removes the decoder gradient's component parallel to each feature's
+    /// decoder (unit-norm decoders only).
+    let afterBackward (state: TrainState) =
+        if state.Coder.Config.Decoder = UnitNorm then DecoderConstraint.removeParallelGradient state.Coder
+
+    /// After the optimiser: renormalises unit-norm decoders, records firings, updates the BatchTopK threshold,
+    /// resamples dead features when due (extra batches from `resampleSource`, moments reset through `resetMoments`),
+    /// rolls the density window and advances `state.Step`. Returns how many features were resampled.
+    let afterStep (state: TrainState) (f: StepForward) (resampleSource: int -> torch.Tensor * torch.Tensor) (resetMoments: string -> torch.Tensor -> unit) : int =
         let cfg = state.Config
         let coder = state.Coder
         let step = state.Step
-        use scope = torch.NewDisposeScope()
-        let xn, yn = normaliseBatch coder x y
-        let dead = state.Stats.Dead cfg.DeadAfterTokens
-        let lambda = sparsityCoefficient cfg step
-        let lr = cfg.Lr * cfg.Schedule.Factor(step, cfg.Steps)
-        let pass = coder.PassNormalised xn
-        let terms = Losses.compute cfg.Loss lambda coder pass yn dead
-        let diag =
-            use _ = torch.no_grad ()
-            let l0 = pass.Acts.gt(sc 0.0).sum([| 2L |], false, torch.float32).mean()
-            let fvu = Losses.fvu (pass.Prediction.detach ()) yn
-            let deadFrac = dead.to_type(torch.float32).mean()
-            torch.stack([| terms.Total.detach (); terms.Reconstruction.detach (); terms.Sparsity.detach (); terms.PreAct.detach ()
-                           terms.Auxiliary.detach (); l0; fvu; deadFrac |]).to_type(torch.float64).cpu().data<float>().ToArray()
-        if not (Double.IsFinite diag[0]) then
-            let badInput =
-                use _ = torch.no_grad ()
-                not (xn.isfinite().all().item<bool> () && yn.isfinite().all().item<bool> ())
-            fail "coder training diverged at step %d: loss %g (reconstruction %g, sparsity %g, pre-act %g, auxiliary %g)%s"
-                step diag[0] diag[1] diag[2] diag[3] diag[4]
-                (if badInput then "; the batch itself holds NaN/Inf values" else "; lower the learning rate or the sparsity coefficient")
-        state.Optimizer.ZeroGrad()
-        terms.Total.backward()
-        if coder.Config.Decoder = UnitNorm then DecoderConstraint.removeParallelGradient coder
-        state.Optimizer.Step lr
         if coder.Config.Decoder = UnitNorm then DecoderConstraint.renormalise coder
-        state.Stats.Update(pass.Acts.detach ())
-        match pass.BatchMinKept with
+        state.Stats.Update(f.Pass.Acts.detach ())
+        match f.Pass.BatchMinKept with
         | Some m -> updateBatchTopKThreshold coder m cfg.BatchTopKMomentum
         | None -> ()
         let resampled =
@@ -251,11 +260,37 @@ module CoderTraining =
                 let extra = [ for i in 1 .. r.Batches -> let bx, by = resampleSource (step + i) in normaliseBatch coder bx by ]
                 let rx = torch.cat((extra |> List.map fst |> Array.ofList), 1L)
                 let ry = torch.cat((extra |> List.map snd |> Array.ofList), 1L)
-                DeadFeatures.resample coder state.Optimizer state.Stats deadNow rx ry r.EncoderScale
+                DeadFeatures.resample coder resetMoments state.Stats deadNow rx ry r.EncoderScale
             | _ -> 0
         if cfg.DensityWindowSteps > 0 && (step + 1) % cfg.DensityWindowSteps = 0 && step + 1 < cfg.Steps then
             state.Stats.ResetWindow()
         state.Step <- step + 1
+        resampled
+
+    /// One training step on a batch (user layout; for an SAE target = x): `forwardLoss`, a NaN/Inf check, backward,
+    /// `afterBackward`, Adam at the scheduled learning rate, `afterStep`. Runs in its own dispose scope; raises
+    /// `CoderTrainingError` on a NaN/Inf loss (before any parameter changes). `resampleSource` supplies the extra
+    /// batches resampling draws from (it receives step indices after the current one).
+    let stepWith (state: TrainState) (resampleSource: int -> torch.Tensor * torch.Tensor) (x: torch.Tensor) (y: torch.Tensor) : StepLog =
+        let cfg = state.Config
+        let step = state.Step
+        use scope = torch.NewDisposeScope()
+        let lambda = sparsityCoefficient cfg step
+        let lr = cfg.Lr * cfg.Schedule.Factor(step, cfg.Steps)
+        let f = forwardLoss state x y
+        let diag = diagnostics f
+        if not (Double.IsFinite diag[0]) then
+            let badInput =
+                use _ = torch.no_grad ()
+                not (f.Xn.isfinite().all().item<bool> () && f.Yn.isfinite().all().item<bool> ())
+            fail "coder training diverged at step %d: loss %g (reconstruction %g, sparsity %g, pre-act %g, auxiliary %g)%s"
+                step diag[0] diag[1] diag[2] diag[3] diag[4]
+                (if badInput then "; the batch itself holds NaN/Inf values" else "; lower the learning rate or the sparsity coefficient")
+        state.Optimizer.ZeroGrad()
+        f.Terms.Total.backward()
+        afterBackward state
+        state.Optimizer.Step lr
+        let resampled = afterStep state f resampleSource (fun name mask -> state.Optimizer.ResetMasked(name, mask))
         { Step = step; Tokens = state.Stats.TotalTokens; Lr = lr; SparsityCoefficient = lambda
           Loss = diag[0]; Reconstruction = diag[1]; Sparsity = diag[2]; PreAct = diag[3]; Auxiliary = diag[4]
           L0 = diag[5]; Fvu = diag[6]; DeadFraction = diag[7]; Resampled = resampled }

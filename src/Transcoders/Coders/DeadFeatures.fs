@@ -86,9 +86,10 @@ module DeadFeatures =
     /// tokens are drawn with probability ∝ (squared error of the coder there)²; a layer-ℓ feature's decoder becomes
     /// the normalised residual target − prediction of the drawn token at layers ℓ..L−1 (scaled to the mean alive decoder
     /// norm when decoders are free), its encoder the drawn input (minus the input bias) normalised to
-    /// `encoderScale` × the mean alive encoder norm, its b_enc 0; Adam's moments of those entries are zeroed and the
-    /// features are marked as just fired. Returns how many features were resampled.
-    let resample (coder: Coder) (opt: CoderAdam) (stats: FiringStats) (dead: torch.Tensor) (xn: torch.Tensor) (yn: torch.Tensor) (encoderScale: float) : int =
+    /// `encoderScale` × the mean alive encoder norm, its b_enc 0; the optimiser's moments of those entries are zeroed
+    /// through `resetMoments parameterName mask` (mask: bool, broadcastable to the parameter; `CoderAdam.ResetMasked`
+    /// does it for ours) and the features are marked as just fired. Returns how many features were resampled.
+    let resample (coder: Coder) (resetMoments: string -> torch.Tensor -> unit) (stats: FiringStats) (dead: torch.Tensor) (xn: torch.Tensor) (yn: torch.Tensor) (encoderScale: float) : int =
         use scope = torch.NewDisposeScope()
         use _ = torch.no_grad ()
         let cfg = coder.Config
@@ -132,11 +133,11 @@ module DeadFeatures =
                     coder.WEnc[l].index_copy_(1L, idx, newEnc.t()) |> ignore
                     coder.BEnc[l].index_fill_(0L, idx, sc 0.0) |> ignore
                     let m3 = deadL.reshape(-1L, 1L, 1L)
-                    opt.ResetMasked(sprintf "W_dec_%d" l, m3)
-            opt.ResetMasked("W_enc", dead.unsqueeze 1)
-            opt.ResetMasked("b_enc", dead)
+                    resetMoments (sprintf "W_dec_%d" l) m3
+            resetMoments "W_enc" (dead.unsqueeze 1)
+            resetMoments "b_enc" dead
             match coder.LogThreshold with
-            | Some _ -> opt.ResetMasked("log_threshold", dead)
+            | Some _ -> resetMoments "log_threshold" dead
             | None -> ()
             stats.MarkRevived dead
             total
