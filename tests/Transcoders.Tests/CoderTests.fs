@@ -671,7 +671,7 @@ let recovery (truth: torch.Tensor) (learned: torch.Tensor) =
     cos.amax([| 1L |]).mean().item<float32> () |> float
 
 let plantedTests =
-    testSequenced <| testList "planted dictionary" [
+    testSequenced <| testList "training runs" [
         test "an SAE recovers a planted dictionary" {
             let gen = new torch.Generator(1234UL)
             let d, nTrue = 32, 128
@@ -712,6 +712,31 @@ let plantedTests =
             let r = recovery dOut' (c.WDec[0].reshape(256L, int64 dOut))
             let last = List.last logs
             Expect.isGreaterThanOrEqual r 0.9 (sprintf "decoder vs true output directions: mean best cosine %.3f (final FVU %.4f)" r last.Fvu)
+        }
+        test "a cross-layer transcoder trains with Anthropic's recipe (free decoders, tanh penalty, pre-act loss, LR decay)" {
+            torch.manual_seed 17L |> ignore
+            let nL, d = 3, 8
+            let gen = new torch.Generator(17UL)
+            let maps = Array.init nL (fun _ -> Array.init nL (fun _ -> torch.randn([| int64 d; int64 d |], generator = gen).div(sc (sqrt (float d)))))
+            let source (_: int) =
+                let x = torch.randn([| 256L; int64 nL; int64 d |], generator = gen)
+                // y_ℓ' = Σ_{ℓ≤ℓ'} ReLU(x_ℓ)·M_ℓℓ': every layer's output depends on its own and earlier inputs
+                let ys = [| for lp in 0 .. nL - 1 -> Array.init (lp + 1) (fun l -> x.select(1, int64 l).relu().matmul(maps[l][lp])) |> Array.reduce (+) |]
+                x, torch.stack(ys, 1L)
+            let cfg = CoderConfig.crossLayer "m" [| 0; 1; 2 |] d 48
+            let tc = { TrainConfig.Paper with
+                         Steps = 150; Lr = 1e-2; LogEvery = 10; Schedule = { WarmupSteps = 10; DecayFraction = 0.2; FinalFraction = 0.0 }
+                         Loss = LossConfig.Anthropic 1e-3; SparsityWarmupSteps = 150; Normalise = true; NormalisationBatches = 2
+                         BiasInit = Normalisation.MeanBias; DeadAfterTokens = 5000L }
+            let state, logs = withThreads 1 (fun () -> CoderTraining.run tc cfg dev source)
+            use state = state
+            let first, last = List.head logs, List.last logs
+            Expect.isLessThan last.Fvu (0.5 * first.Fvu) (sprintf "FVU %.3f → %.3f" first.Fvu last.Fvu)
+            Expect.isGreaterThan last.PreAct 0.0 "the pre-activation term is computed"
+            Expect.isLessThan last.Lr (0.05 * tc.Lr) "the learning rate has decayed by the last step"
+            let r = CoderEval.evaluate state.Coder [ for i in 0 .. 3 -> source i ]
+            Expect.isLessThan r.Fvu 0.5 (sprintf "held-out FVU %.3f" r.Fvu)
+            Expect.equal r.L0PerLayer.Length 3 "per-layer L0"
         }
     ]
 
