@@ -756,6 +756,31 @@ let trainingTests =
             Expect.isLessThan (norms |> Array.map (fun n -> abs (n - 1.0)) |> Array.max) 1e-5 "unit decoder norms"
             Expect.equal (values (state.Stats.Dead 24L) |> Array.sum) 0.0 "resampled features count as just fired"
         }
+        test "state dicts of coder, optimiser and firing statistics resume training exactly" {
+            let cfg = { CoderConfig.transcoder "m" 0 6 16 with Activation = JumpReLU { InitialThreshold = 0.05; Bandwidth = 0.1 } }
+            let tc = { TrainConfig.Paper with Steps = 6; Loss = { LossConfig.Anthropic 1e-2 with PreActCoefficient = 1e-3 }; DeadAfterTokens = 16L }
+            let batch (i: int) =
+                use g = new torch.Generator(uint64 (1000 + i))
+                torch.randn([| 8L; 6L |], generator = g), torch.randn([| 8L; 6L |], generator = g)
+            torch.manual_seed 3L |> ignore
+            use c = Coder.create cfg dev
+            use state = CoderTraining.init tc c
+            for i in 0 .. 2 do let x, y = batch i in CoderTraining.step state x y |> ignore
+            let coderState = c.StateDict()
+            let optStep, optState = state.Optimizer.StateDict()
+            let since, counts, window, total = state.Stats.StateDict()
+            for i in 3 .. 5 do let x, y = batch i in CoderTraining.step state x y |> ignore
+            use c2 = Coder.create cfg dev
+            c2.LoadStateDict coderState
+            use state2 = CoderTraining.init tc c2
+            state2.Optimizer.LoadStateDict(optStep, optState)
+            state2.Stats.LoadStateDict(since, counts, window, total)
+            state2.Step <- 3
+            for i in 3 .. 5 do let x, y = batch i in CoderTraining.step state2 x y |> ignore
+            for (n, p), (_, p2) in List.zip c.NamedParameters c2.NamedParameters do
+                Expect.equal (values p2) (values p) (sprintf "parameter %s identical after resuming" n)
+            Expect.equal (values state2.Stats.TokensSinceFired) (values state.Stats.TokensSinceFired) "firing statistics identical"
+        }
         test "a NaN loss stops training with a clear error" {
             let cfg = CoderConfig.transcoder "m" 0 4 8
             let tc = { TrainConfig.Paper with Steps = 3; BiasInit = Normalisation.ZeroBias }

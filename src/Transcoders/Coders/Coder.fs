@@ -374,11 +374,9 @@ module Coder =
             let sd = c.StateDict() |> dict
             let out = Dictionary<string, torch.Tensor>()
             for KeyValue(n, t) in sd do out[n] <- t
-            // pre = (s·x − b)·W + b_enc = (x − b/s)·(s·W) + b_enc
+            // pre = (s·x − b)·W + b_enc = (x − b/s)·(s·W) + b_enc. An SAE's input bias is b_dec, also its output
+            // bias; its scales are equal (validated), so the b_dec/s_out below serves both roles.
             out["W_enc"] <- sd["W_enc"].mul(sIn.reshape(int64 nL, 1L, 1L))
-            if cfg.InputBias && cfg.Kind = Sae then
-                // the SAE's input bias is b_dec, which is also its output bias: s_in = s_out, so b_dec/s serves both
-                ()
             match c.BIn with
             | Some _ -> out["b_in"] <- sd["b_in"].div(sIn.reshape(int64 nL, 1L))
             | None -> ()
