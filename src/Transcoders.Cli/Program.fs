@@ -1,21 +1,30 @@
 module Transcoders.Cli.Program
 
+open System
 open Argu
 
-type Args =
-    | [<CliPrefix(CliPrefix.None)>] Version
+type Command =
+    | [<CliPrefix(CliPrefix.None)>] Corpus of ParseResults<CorpusCommand.Args>
+    | [<CliPrefix(CliPrefix.None)>] Inspect of ParseResults<InspectCommand.Args>
+    | [<CliPrefix(CliPrefix.None)>] Generate of ParseResults<GenerateCommand.Args>
     interface IArgParserTemplate with
         member this.Usage =
             match this with
-            | Version -> "print the version"
+            | Corpus _ -> "tokenize TinyStories into token shards and print corpus statistics"
+            | Inspect _ -> "print a checkpoint's configuration and parameter count"
+            | Generate _ -> "generate text with a checkpoint"
 
 [<EntryPoint>]
 let main argv =
-    let parser = ArgumentParser.Create<Args>(programName = "transcoders")
+    let parser = ArgumentParser.Create<Command>(programName = "transcoders", errorHandler = ProcessExiter())
+    let args = parser.ParseCommandLine argv
+    Transcoders.Tensors.Device.init ()
     try
-        let r = parser.ParseCommandLine argv
-        printfn "transcoders %s" (typeof<Args>.Assembly.GetName().Version.ToString())
-        0
-    with :? ArguParseException as e ->
-        eprintfn "%s" e.Message
-        2
+        match args.GetSubCommand() with
+        | Corpus a -> CorpusCommand.run a
+        | Inspect a -> InspectCommand.run a
+        | Generate a -> GenerateCommand.run a
+    with e when not (isNull e.Message) && Environment.GetEnvironmentVariable "TRANSCODERS_DEBUG" <> "1" ->
+        // Errors from the library name the file, field or shape at fault; a stack trace adds nothing for a user.
+        eprintfn "error: %s" e.Message
+        1

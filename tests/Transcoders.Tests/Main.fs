@@ -9,6 +9,12 @@ let all =
         ElfTests.tests
         TorchTests.tests
         SafetensorsTests.tests
+        TokenizerTests.tests
+        CorpusTests.tests
+        BatchesTests.tests
+        ModelTests.tests
+        ModelFileTests.tests
+        GenerationTests.tests
         CoderTests.tests
     ]
 
