@@ -16,6 +16,7 @@ let all =
         ModelFileTests.tests
         GenerationTests.tests
         ActivationTests.tests
+        CoderTests.tests
     ]
 
 [<EntryPoint>]

@@ -1,0 +1,131 @@
+/// Sparse activation functions: JumpReLU and its step function (custom autograd with a rectangle-kernel
+/// straight-through estimator for the threshold), TopK and BatchTopK.
+module Transcoders.Coders.Activations
+
+open System.Collections.Generic
+open TorchSharp
+open Transcoders.Coders.Scalars
+
+type Tensor = torch.Tensor
+
+/// Sums `g` over the dimensions where `shape` was broadcast, so that the result has exactly `shape`.
+let sumToShape (g: Tensor) (shape: int64[]) : Tensor =
+    let extra = int (g.dim()) - shape.Length
+    let mutable r = if extra > 0 then g.sum([| for i in 0 .. extra - 1 -> int64 i |], keepdim = false) else g.alias()
+    let dims = [| for i in 0 .. shape.Length - 1 do if shape[i] = 1L && r.shape[i] <> 1L then yield int64 i |]
+    if dims.Length > 0 then
+        let s = r.sum(dims, keepdim = true)
+        r.Dispose()
+        r <- s
+    r
+
+/// K(u) = 1 when |u| < ½, else 0 (the rectangle kernel), in `like`'s dtype.
+let rectangle (u: Tensor) : Tensor =
+    use lo = u.gt(sc -0.5)
+    use hi = u.lt(sc 0.5)
+    use both = lo.logical_and hi
+    both.to_type u.dtype
+
+let private bandwidthOf (ctx: torch.autograd.AutogradContext) = ctx.get_data "bandwidth" :?> float
+
+/// JumpReLU(z; θ) = z·H(z − θ). Backward: ∂/∂z = H(z − θ) (no estimator on z);
+/// ∂/∂θ = −(θ/ε)·K((z − θ)/ε), summed to θ's shape.
+type JumpReLUFunction() =
+    inherit torch.autograd.SingleTensorFunction<JumpReLUFunction>()
+    override _.Name = "JumpReLU"
+    override _.forward(ctx: torch.autograd.AutogradContext, vars: obj[]) : Tensor =
+        let z = vars[0] :?> Tensor
+        let theta = vars[1] :?> Tensor
+        ctx.save_for_backward(List<Tensor>([ z; theta ]))
+        ctx.save_data("bandwidth", vars[2])
+        use mask = z.gt theta
+        z.mul mask
+    override _.backward(ctx: torch.autograd.AutogradContext, gradOutput: Tensor) : List<Tensor> =
+        let eps = bandwidthOf ctx
+        let saved = ctx.get_saved_variables ()
+        use z = saved[0]
+        use theta = saved[1]
+        use mask = z.gt theta
+        let gz = gradOutput.mul mask
+        use diff = z.sub theta
+        use u = diff.div(sc eps)
+        use k = rectangle u
+        use scaled = theta.div(sc -eps)
+        use g1 = scaled.mul k
+        use g2 = g1.mul gradOutput
+        let gtheta = sumToShape g2 theta.shape
+        List<Tensor>([ gz; gtheta; null ])
+
+/// Step(z; θ) = H(z − θ), the count behind an L0 penalty. Backward: no gradient to z;
+/// ∂/∂θ = −(1/ε)·K((z − θ)/ε), summed to θ's shape.
+type StepFunction() =
+    inherit torch.autograd.SingleTensorFunction<StepFunction>()
+    override _.Name = "JumpReLUStep"
+    override _.forward(ctx: torch.autograd.AutogradContext, vars: obj[]) : Tensor =
+        let z = vars[0] :?> Tensor
+        let theta = vars[1] :?> Tensor
+        ctx.save_for_backward(List<Tensor>([ z; theta ]))
+        ctx.save_data("bandwidth", vars[2])
+        use mask = z.gt theta
+        mask.to_type z.dtype
+    override _.backward(ctx: torch.autograd.AutogradContext, gradOutput: Tensor) : List<Tensor> =
+        let eps = bandwidthOf ctx
+        let saved = ctx.get_saved_variables ()
+        use z = saved[0]
+        use theta = saved[1]
+        use diff = z.sub theta
+        use u = diff.div(sc eps)
+        use k = rectangle u
+        use g1 = k.mul(sc (-1.0 / eps))
+        use g2 = g1.mul gradOutput
+        let gtheta = sumToShape g2 theta.shape
+        List<Tensor>([ null; gtheta; null ])
+
+/// JumpReLU with a straight-through estimator for θ (θ broadcastable against z, e.g. [L, 1, d_sae]).
+let jumpReLU (z: Tensor) (theta: Tensor) (bandwidth: float) : Tensor =
+    torch.autograd.SingleTensorFunction<JumpReLUFunction>.apply(z, theta, box bandwidth)
+
+/// Heaviside step H(z − θ) with a straight-through estimator for θ: sum it over features for an L0 penalty.
+let step (z: Tensor) (theta: Tensor) (bandwidth: float) : Tensor =
+    torch.autograd.SingleTensorFunction<StepFunction>.apply(z, theta, box bandwidth)
+
+/// TopK over the last dimension: ReLU, then keep the k largest values of each row; others are zero.
+/// Gradients flow only through the kept entries.
+let topK (k: int) (pre: Tensor) : Tensor =
+    use r = pre.relu ()
+    let struct (values, indices) = r.topk(k, dim = -1, largest = true, sorted = false)
+    use values = values
+    use indices = indices
+    use z = torch.zeros_like r
+    z.scatter(-1L, indices, values)
+
+/// BatchTopK over a [..., B, F] tensor: ReLU, then for each leading index keep the round(k·B) largest of its
+/// B·F values (k per token on average). Returns the activations and, per leading index, the smallest positive
+/// kept value (NaN where none is positive), the natural JumpReLU threshold for inference.
+let batchTopK (k: float) (pre: Tensor) : Tensor * Tensor =
+    let shape = pre.shape
+    let nd = shape.Length
+    if nd < 2 then invalidArg "pre" (sprintf "batchTopK needs [..., batch, features], got shape %A" shape)
+    let b, f = shape[nd - 2], shape[nd - 1]
+    let lead = shape[.. nd - 3]
+    let groups = Array.fold (*) 1L lead
+    let keep = max 1L (min (b * f) (int64 (System.Math.Round(k * float b))))
+    use r = pre.relu ()
+    use flat = r.reshape(groups, b * f)
+    let struct (values, indices) = flat.topk(int keep, dim = -1, largest = true, sorted = false)
+    use values = values
+    use indices = indices
+    use z = torch.zeros_like flat
+    use scattered = z.scatter(-1L, indices, values)
+    let acts = scattered.reshape shape
+    let minKept =
+        use _ = torch.no_grad ()
+        use pos = values.gt(sc 0.0)
+        use inf = torch.full_like(values, sc System.Double.PositiveInfinity)
+        use masked = torch.where(pos, values, inf)
+        use m = masked.amin([| -1L |])
+        use isInf = m.isinf ()
+        use nan = torch.full_like(m, sc System.Double.NaN)
+        use chosen = torch.where(isInf, nan, m)
+        chosen.reshape(if lead.Length = 0 then [||] else lead)
+    acts, minKept
