@@ -286,9 +286,10 @@ let validate (config: TransformerConfig) (coders: Coder list) =
 
 // ---- the splice ----
 
-/// Runs the feature hooks of one site on acts [N, d_sae] seen as [lead..., d_sae].
-let private runFeatureHooks (site: FeatureSite) (fs: HookFn list) (lead: int64[]) (acts: Tensor) : Tensor =
-    if fs.IsEmpty then acts
+/// Runs the feature hooks of one site on acts [N, d_sae] seen as [lead..., d_sae]; also says whether they changed
+/// anything (a hook that returns the tensor it got, such as a cache, changes nothing).
+let private runFeatureHooks (site: FeatureSite) (fs: HookFn list) (lead: int64[]) (acts: Tensor) : Tensor * bool =
+    if fs.IsEmpty then acts, false
     else
         let shaped = acts.reshape(Array.append lead [| int64 site.DSae |])
         let out =
@@ -298,31 +299,43 @@ let private runFeatureHooks (site: FeatureSite) (fs: HookFn list) (lead: int64[]
                 if r.shape <> t.shape then
                     invalidOp (sprintf "the feature hook at '%s' returned shape %s, but the features there have shape %s" site.Name (Shape.show r.shape) (Shape.show t.shape))
                 r) shaped
-        out.reshape(-1L, int64 site.DSae)
+        if Object.ReferenceEquals(out, shaped) then acts, false else out.reshape(-1L, int64 site.DSae), true
 
-/// What one coder computed so far in the current pass.
+/// What one coder computed so far in the current pass: per layer index, the decoder contributions of the features
+/// as the feature hooks left them and, where the hooks changed them, of the features as the coder computed them.
 type private PassState(nL: int) =
     member val Contribs : Tensor[] = Array.zeroCreate nL
+    member val Unhooked : Tensor[] = Array.zeroCreate nL
     member val Inputs : Tensor[] = Array.zeroCreate nL
     member val Rows = -1L with get, set
     member s.Clear() =
         Array.fill s.Contribs 0 nL null
+        Array.fill s.Unhooked 0 nL null
         Array.fill s.Inputs 0 nL null
         s.Rows <- -1L
 
-/// Replaces y by the prediction, keeping y's value when error terms are on.
-let private splice (errors: ErrorTerms) (y: Tensor) (prediction: Tensor) : Tensor =
-    let p = prediction.reshape(y.shape)
-    let p = if p.dtype = y.dtype then p else p.to_type y.dtype
+/// The value written at an output hook whose original activation is y. `prediction` comes from the features as the
+/// hooks left them, `unhooked` (when the hooks changed some) from the features as the coder computed them. With error
+/// terms the error y − ŷ is taken against the unhooked prediction and held constant: the value is
+/// y + (prediction − unhooked) (exactly y when nothing was changed), the gradient that of `prediction`.
+let private splice (errors: ErrorTerms) (y: Tensor) (prediction: Tensor) (unhooked: Tensor option) : Tensor =
+    let shaped (p: Tensor) =
+        let p = p.reshape(y.shape)
+        if p.dtype = y.dtype then p else p.to_type y.dtype
+    let p = shaped prediction
     match errors with
     | WithoutErrorTerms -> p
-    // y + (ŷ − ŷ) has y's value bit for bit and ŷ's gradient
-    | WithErrorTerms -> y.detach().add(p.sub(p.detach()))
+    | WithErrorTerms ->
+        let reference = match unhooked with Some u -> (shaped u).detach() | None -> p.detach()
+        y.detach().add(p.sub(reference))
 
 /// The splice's hooks by role (see `SpliceHooks`). The hooks keep per-pass state (each coder's features between
 /// its input and output hooks), so a set of hooks serves one forward pass at a time (any number of passes in
 /// sequence: generation steps, batches), never two concurrent ones. Tensors they make belong to the run's
 /// dispose scope. The coders are borrowed, not copied: changes to their weights show in the next pass.
+/// With error terms and feature hooks that change features (ablation, steering), each output moves by the decoded
+/// change while the error is that of the coder on the activations this pass actually sees (free propagation, as
+/// circuit-tracer's iterative interventions; for errors frozen from another run, pin the output hooks instead).
 let plan (options: SpliceOptions) (coders: Coder list) : SpliceHooks =
     let sites = featureSites coders
     let siteNames = sites |> List.map (fun s -> s.Name)
@@ -349,9 +362,11 @@ let plan (options: SpliceOptions) (coders: Coder list) : SpliceHooks =
             let hook : HookFn = fun x ->
                 checkPerToken cfg.HookIn[0] cfg.DIn x
                 let xr = rows coder cfg.HookIn[0] cfg.DIn (x.reshape(-1L, int64 cfg.DIn))
-                let acts = runFeatureHooks site fs (lead x) (activate coder 0 None (preActivations coder 0 None xr))
-                let y = output coder 0 [| contributions coder 0 acts |] (Some xr)
-                splice options.Errors x y
+                let acts = activate coder 0 None (preActivations coder 0 None xr)
+                let hooked, changed = runFeatureHooks site fs (lead x) acts
+                let y = output coder 0 [| contributions coder 0 hooked |] (Some xr)
+                let unhooked = if changed then Some (output coder 0 [| contributions coder 0 acts |] (Some xr)) else None
+                splice options.Errors x y unhooked
             writers.Add((cfg.HookIn[0], hook))
         else
             let state = PassState(nL)
@@ -366,8 +381,10 @@ let plan (options: SpliceOptions) (coders: Coder list) : SpliceHooks =
                     if i > 0 && state.Rows <> xr.shape[0] then
                         invalidOp (sprintf "%s: the input '%s' of layer index %d was reached without the earlier layers' inputs in the same pass (or with another number of tokens)" (describe coder) cfg.HookIn[i] i)
                     state.Rows <- xr.shape[0]
-                    let acts = runFeatureHooks site fs (lead x) (activate coder i None (preActivations coder i None xr))
-                    state.Contribs[i] <- contributions coder i acts
+                    let acts = activate coder i None (preActivations coder i None xr)
+                    let hooked, changed = runFeatureHooks site fs (lead x) acts
+                    state.Contribs[i] <- contributions coder i hooked
+                    if changed && options.Errors = WithErrorTerms then state.Unhooked[i] <- contributions coder i acts
                     if coder.WSkip.IsSome then state.Inputs[i] <- xr
                     x
                 readers.Add((cfg.HookIn[i], read))
@@ -378,8 +395,13 @@ let plan (options: SpliceOptions) (coders: Coder list) : SpliceHooks =
                     for i in 0 .. j do
                         if isNull state.Contribs[i] || state.Rows <> n then
                             invalidOp (sprintf "%s: the output '%s' was reached before the input '%s' in the same pass; splice coders whose inputs come before their outputs" (describe coder) cfg.HookOut[j] cfg.HookIn[i])
-                    let pred = output coder j state.Contribs (Option.ofObj state.Inputs[j])
-                    let r = splice options.Errors y pred
+                    let input = Option.ofObj state.Inputs[j]
+                    let pred = output coder j state.Contribs input
+                    let unhooked =
+                        if Array.exists (isNull >> not) state.Unhooked[.. j] then
+                            Some (output coder j (Array.init nL (fun i -> if isNull state.Unhooked[i] then state.Contribs[i] else state.Unhooked[i])) input)
+                        else None
+                    let r = splice options.Errors y pred unhooked
                     if j = nL - 1 then state.Clear()
                     r
                 writers.Add((cfg.HookOut[j], write))
