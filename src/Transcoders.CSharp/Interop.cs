@@ -42,17 +42,17 @@ internal static class Interop
     }
 
     /// <summary>Token ids as an int64 tensor [pos] on <paramref name="device"/>.</summary>
-    public static torch.Tensor Tokens(IReadOnlyList<long> tokens, torch.Device device)
+    public static torch.Tensor Tokens(long[] tokens, torch.Device device)
     {
         ArgumentNullException.ThrowIfNull(tokens);
-        return torch.tensor(tokens as long[] ?? tokens.ToArray(), device: device);
+        return torch.tensor(tokens, device: device);
     }
 
     /// <summary>Token ids as an int64 tensor [pos] on <paramref name="device"/>.</summary>
-    public static torch.Tensor Tokens(IReadOnlyList<int> tokens, torch.Device device)
+    public static torch.Tensor Tokens(int[] tokens, torch.Device device)
     {
         ArgumentNullException.ThrowIfNull(tokens);
-        var ids = new long[tokens.Count];
+        var ids = new long[tokens.Length];
         for (var i = 0; i < ids.Length; i++) ids[i] = tokens[i];
         return torch.tensor(ids, device: device);
     }

@@ -157,7 +157,7 @@ public sealed class LanguageModel : IDisposable
 
     /// <summary>Logits [1, pos, vocab] of one sequence of token ids.</summary>
     /// <param name="tokens">Token ids.</param>
-    public torch.Tensor Logits(IReadOnlyList<long> tokens)
+    public torch.Tensor Logits(long[] tokens)
     {
         using var t = Interop.Tokens(tokens, Device);
         return Logits(t);
@@ -165,7 +165,7 @@ public sealed class LanguageModel : IDisposable
 
     /// <summary>Logits [1, pos, vocab] of one sequence of token ids.</summary>
     /// <param name="tokens">Token ids.</param>
-    public torch.Tensor Logits(IReadOnlyList<int> tokens)
+    public torch.Tensor Logits(int[] tokens)
     {
         using var t = Interop.Tokens(tokens, Device);
         return Logits(t);
@@ -180,7 +180,7 @@ public sealed class LanguageModel : IDisposable
     /// <summary>Logits and the activations at <paramref name="hookNames"/> for one sequence.</summary>
     /// <param name="tokens">Token ids.</param>
     /// <param name="hookNames">Hook points to cache (see <see cref="Hooks"/>).</param>
-    public ActivationCache RunWithCache(IReadOnlyList<int> tokens, IEnumerable<string> hookNames)
+    public ActivationCache RunWithCache(int[] tokens, IEnumerable<string> hookNames)
     {
         using var t = Interop.Tokens(tokens, Device);
         return RunWithCache(t, hookNames);
@@ -189,7 +189,7 @@ public sealed class LanguageModel : IDisposable
     /// <summary>Logits and the activations at <paramref name="hookNames"/> for one sequence.</summary>
     /// <param name="tokens">Token ids.</param>
     /// <param name="hookNames">Hook points to cache (see <see cref="Hooks"/>).</param>
-    public ActivationCache RunWithCache(IReadOnlyList<long> tokens, IEnumerable<string> hookNames)
+    public ActivationCache RunWithCache(long[] tokens, IEnumerable<string> hookNames)
     {
         using var t = Interop.Tokens(tokens, Device);
         return RunWithCache(t, hookNames);
@@ -207,7 +207,7 @@ public sealed class LanguageModel : IDisposable
     /// <summary>Logits of one sequence run with functions at hook points.</summary>
     /// <param name="tokens">Token ids.</param>
     /// <param name="hooks">Hook point → function (a dictionary, or pairs in order).</param>
-    public torch.Tensor RunWithHooks(IReadOnlyList<int> tokens, IEnumerable<KeyValuePair<string, Func<torch.Tensor, torch.Tensor>>> hooks)
+    public torch.Tensor RunWithHooks(int[] tokens, IEnumerable<KeyValuePair<string, Func<torch.Tensor, torch.Tensor>>> hooks)
     {
         using var t = Interop.Tokens(tokens, Device);
         return RunWithHooks(t, hooks);
@@ -216,7 +216,7 @@ public sealed class LanguageModel : IDisposable
     /// <summary>Logits of one sequence run with functions at hook points.</summary>
     /// <param name="tokens">Token ids.</param>
     /// <param name="hooks">Hook point → function (a dictionary, or pairs in order).</param>
-    public torch.Tensor RunWithHooks(IReadOnlyList<long> tokens, IEnumerable<KeyValuePair<string, Func<torch.Tensor, torch.Tensor>>> hooks)
+    public torch.Tensor RunWithHooks(long[] tokens, IEnumerable<KeyValuePair<string, Func<torch.Tensor, torch.Tensor>>> hooks)
     {
         using var t = Interop.Tokens(tokens, Device);
         return RunWithHooks(t, hooks);
@@ -231,7 +231,7 @@ public sealed class LanguageModel : IDisposable
     /// <summary>A forward pass of one sequence with caching, hooks and early stopping together.</summary>
     /// <param name="tokens">Token ids.</param>
     /// <param name="settings">What to cache, which hooks to run, where to stop.</param>
-    public ActivationCache Run(IReadOnlyList<int> tokens, RunSettings settings)
+    public ActivationCache Run(int[] tokens, RunSettings settings)
     {
         using var t = Interop.Tokens(tokens, Device);
         return Run(t, settings);

@@ -15,6 +15,7 @@ let all =
         ModelTests.tests
         ModelFileTests.tests
         GenerationTests.tests
+        FacadeTests.tests
     ]
 
 [<EntryPoint>]
