@@ -237,6 +237,7 @@ let modelTests =
             Expect.isTrue (identical cache.Logits expected.Logits.Value) "cache logits"
             Expect.sequenceEqual (Seq.sort cache.Keys) (Seq.sort expected.Cache.Keys) "cached names"
             Expect.equal cache.Count expected.Cache.Count "count"
+            Expect.sequenceEqual (cache |> Seq.map (fun kv -> kv.Key) |> Seq.sort) (Seq.sort expected.Cache.Keys) "enumerated names"
             for KeyValue(name, t) in expected.Cache do
                 Expect.isTrue (identical cache.[name] t) name
                 Expect.isTrue (cache.ContainsKey name) name
