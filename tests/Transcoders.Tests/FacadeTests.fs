@@ -59,8 +59,9 @@ let private exampleDll () =
     | Some p -> p
     | None -> failtestf "the C# example is not built (looked for %s); building tests/Transcoders.Tests builds it" (String.Join(" and ", candidates))
 
-/// Runs the example with `dotnet` from a neutral folder; returns (exit code, stdout, stderr).
-let private runExample () =
+/// Runs the example with `dotnet` from a neutral folder, with extra environment variables; returns
+/// (exit code, stdout, stderr).
+let private runExample (environment: (string * string) list) =
     let host =
         match Environment.GetEnvironmentVariable "DOTNET_HOST_PATH" with
         | null | "" -> "dotnet"
@@ -68,6 +69,7 @@ let private runExample () =
     let psi = ProcessStartInfo(host, UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true,
                                WorkingDirectory = Path.GetTempPath())
     psi.ArgumentList.Add(exampleDll ())
+    for name, value in environment do psi.Environment.[name] <- value
     use p = Process.Start psi
     let out = p.StandardOutput.ReadToEndAsync()
     let err = p.StandardError.ReadToEndAsync()
@@ -86,7 +88,7 @@ let exampleTests =
             Expect.equal g.Tokens.Length 21 "BOS and 20 new tokens"
             use tokens = torch.tensor(g.Tokens |> Array.map int64)
             use r = TransformerCore.runWithCache m [ HookNamesCore.residPre 0 ] tokens
-            let code, out, err = runExample ()
+            let code, out, err = runExample []
             Expect.equal code 0 (sprintf "exit code (stdout: %s; stderr: %s)" out err)
             let lines = out.Split('\n') |> Array.map (fun l -> l.TrimEnd '\r')
             let value (prefix: string) =
@@ -100,6 +102,12 @@ let exampleTests =
             let sentence = value "gpt2 text: "
             Expect.isNotEmpty sentence "a sentence"
             Expect.equal (value "gpt2 ids: ") (String.Join(" ", Gpt2Core.encode (Gpt2Core.get ()) sentence)) "GPT-2 ids of the sentence"
+
+        testCase "the example exits non-zero with the core's message when the model is missing" <| fun () ->
+            use empty = new TempDir()
+            let code, out, err = runExample [ "TRANSCODERS_DATA", empty.Path ]
+            Expect.notEqual code 0 (sprintf "exit code (stdout: %s)" out)
+            Expect.stringContains err (Path.Combine(empty.Path, "models", "stories260K", "stories260K.bin")) "names the missing file"
     ]
 
 // ---------------------------------------------------------------------------------------------- models
