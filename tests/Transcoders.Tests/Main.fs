@@ -7,6 +7,7 @@ let all =
     testList "Transcoders" [
         ElfTests.tests
         TorchTests.tests
+        SafetensorsTests.tests
         TrainingTests.tests
     ]
 

@@ -78,18 +78,7 @@ let private shapeJson (s: int64[]) =
     for d in s do a.Add(JsonValue.Create d)
     a
 
-let private torchDType (d: Safetensors.DType) =
-    match d with
-    | Safetensors.F64 -> torch.float64
-    | Safetensors.F32 -> torch.float32
-    | Safetensors.F16 -> torch.float16
-    | Safetensors.BF16 -> torch.bfloat16
-    | Safetensors.I64 -> torch.int64
-    | Safetensors.I32 -> torch.int32
-    | Safetensors.I16 -> torch.int16
-    | Safetensors.I8 -> torch.int8
-    | Safetensors.U8 -> torch.uint8
-    | Safetensors.Bool -> torch.ScalarType.Bool
+let private torchDType (d: Safetensors.DType) = d.ScalarType
 
 let private checkNames (what: string) (names: string seq) =
     let dups = names |> Seq.countBy id |> Seq.filter (fun (_, n) -> n > 1) |> Seq.map fst |> List.ofSeq
