@@ -370,6 +370,7 @@ let loopTests =
             let r: Metrics.Record =
                 { Step = step.Get; Loss = (if useNan then nan else loss.Get); Lr = 1e-3; GradNorm = abs loss.Get
                   Tokens = int64 tokens.Get * 1000L; TokensPerSecond = 123.5; ElapsedSeconds = 2.25
+                  Train = Map.ofList [ "l0", 12.5 ]
                   Eval = (if useNan then Map.empty else Map.ofList [ "kl", loss.Get ]) }
             let line = Metrics.toJsonLine r
             Expect.isFalse (line.Contains "\n") "one line"
@@ -378,6 +379,28 @@ let loopTests =
             Expect.equal (Double.IsNaN back.Loss) useNan "NaN written as null and read back as NaN"
             if not useNan then Expect.equal back.Loss r.Loss "loss exact"
             Expect.equal back.Eval r.Eval "eval"
+            Expect.equal back.Train r.Train "train"
+
+        test "hooks: AfterBackward edits gradients, AfterStep edits weights, TrainMetrics reach the log" {
+            use dir = new TempDir()
+            use prob = new TinyProblem(12L)
+            let ps = Map.ofList prob.Parameters
+            let bias0 = ps["fc1.bias"].detach().clone()
+            let seen = ResizeArray<int>()
+            let obj =
+                { prob.Objective with
+                    AfterBackward = fun i -> seen.Add i; ps["fc1.bias"].grad.zero_() |> ignore
+                    AfterStep = fun _ ->
+                        let w = ps["fc2.weight"]
+                        w.div_(w.norm(1, true)) |> ignore
+                    TrainMetrics = Some(fun () -> Map.ofList [ "calls", float seen.Count ]) }
+            let r = Trainer.run { config dir.Path 6 with CheckpointEvery = 0; LogEvery = 3 } obj
+            Expect.equal (List.ofSeq seen) [ 0 .. 5 ] "AfterBackward once per update, in order"
+            Expect.isTrue (bitEqual (ps["fc1.bias"].detach()) bias0) "a zero gradient and no decay: the bias never moved"
+            use norms = ps["fc2.weight"].detach().norm(1, false)
+            Expect.isTrue (torch.allclose(norms, torch.ones_like norms, 1e-5, 1e-6)) "rows renormalised after every update"
+            Expect.equal (Metrics.read r.MetricsLog |> List.map (fun x -> x.Train["calls"])) [ 3.0; 6.0 ] "train metrics logged"
+        }
 
         test "a cancelled run checkpoints where it stopped and resumes from there" {
             use dir = new TempDir()

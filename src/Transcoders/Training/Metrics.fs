@@ -10,7 +10,8 @@ open System.Text.Json
 /// One logged step. `Loss` and `GradNorm` are means over the steps since the previous record
 /// (the loss each update was computed with; the gradient norm before clipping), `Lr` the rate of the
 /// last of them. Written as `step`, `loss`, `lr`, `grad_norm`, `tokens`, `tokens_per_s`, `elapsed_s`,
-/// and `eval` (an object, present when evaluation ran at this step). Non-finite numbers are written as null.
+/// `train` (an object, when the objective reports metrics) and `eval` (an object, when evaluation ran
+/// at this step). Non-finite numbers are written as null.
 type Record =
     { /// Optimizer updates completed.
       Step: int
@@ -23,6 +24,9 @@ type Record =
       TokensPerSecond: float
       /// Wall-clock seconds since the start of the run (across resumes).
       ElapsedSeconds: float
+      /// The objective's own training metrics (logged as "train"), empty when it has none.
+      Train: Map<string, float>
+      /// Evaluation metrics (logged as "eval"), empty when evaluation did not run at this step.
       Eval: Map<string, float> }
 
 let private writeNumber (w: Utf8JsonWriter) (name: string) (v: float) =
@@ -41,10 +45,13 @@ let toJsonLine (r: Record) : string =
         w.WriteNumber("tokens", r.Tokens)
         writeNumber w "tokens_per_s" r.TokensPerSecond
         writeNumber w "elapsed_s" r.ElapsedSeconds
-        if not r.Eval.IsEmpty then
-            w.WriteStartObject "eval"
-            for KeyValue (k, v) in r.Eval do writeNumber w k v
-            w.WriteEndObject()
+        let group (name: string) (m: Map<string, float>) =
+            if not m.IsEmpty then
+                w.WriteStartObject name
+                for KeyValue (k, v) in m do writeNumber w k v
+                w.WriteEndObject()
+        group "train" r.Train
+        group "eval" r.Eval
         w.WriteEndObject()
     Encoding.UTF8.GetString(ms.ToArray())
 
@@ -60,6 +67,10 @@ let ofJsonLine (source: string) (line: string) : Record =
         | true, v -> v
         | _ -> failwithf "%s: metrics line without '%s': %s" source name line
     let num (v: JsonElement) = if v.ValueKind = JsonValueKind.Null then nan else v.GetDouble()
+    let group (name: string) =
+        match root.TryGetProperty name with
+        | true, e when e.ValueKind = JsonValueKind.Object -> e.EnumerateObject() |> Seq.map (fun p -> p.Name, num p.Value) |> Map.ofSeq
+        | _ -> Map.empty
     { Step = (prop "step").GetInt32()
       Loss = num (prop "loss")
       Lr = num (prop "lr")
@@ -67,10 +78,8 @@ let ofJsonLine (source: string) (line: string) : Record =
       Tokens = (prop "tokens").GetInt64()
       TokensPerSecond = num (prop "tokens_per_s")
       ElapsedSeconds = num (prop "elapsed_s")
-      Eval =
-        match root.TryGetProperty "eval" with
-        | true, e -> e.EnumerateObject() |> Seq.map (fun p -> p.Name, num p.Value) |> Map.ofSeq
-        | _ -> Map.empty }
+      Train = group "train"
+      Eval = group "eval" }
 
 /// Every record of a log file, in order.
 let read (path: string) : Record list =

@@ -47,9 +47,10 @@ let private fmtFloat (fmt: string) (v: float) = v.ToString(fmt, Globalization.Cu
 
 /// A record as one plain line: `step 100/1000  loss 3.2140  lr 6.00e-04  |g| 0.812  12,345 tok/s  0:01:23  eval: …`.
 let line (r: Metrics.Record) (total: int) =
-    let eval =
-        if r.Eval.IsEmpty then ""
-        else "  eval " + (r.Eval |> Seq.map (fun (KeyValue (k, v)) -> sprintf "%s %s" k (fmtFloat "G5" v)) |> String.concat ", ")
+    let group (name: string) (m: Map<string, float>) =
+        if m.IsEmpty then ""
+        else sprintf "  %s " name + (m |> Seq.map (fun (KeyValue (k, v)) -> sprintf "%s %s" k (fmtFloat "G5" v)) |> String.concat ", ")
+    let eval = group "train" r.Train + group "eval" r.Eval
     sprintf "step %d/%d  loss %s  lr %s  |g| %s  %s tok/s  %s%s" r.Step total (fmtFloat "F4" r.Loss) (fmtFloat "0.00e+00" r.Lr)
         (fmtFloat "G4" r.GradNorm) (fmtTokens r.TokensPerSecond) (TimeSpan.FromSeconds(r.ElapsedSeconds).ToString(@"h\:mm\:ss")) eval
 

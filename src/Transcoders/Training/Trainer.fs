@@ -137,6 +137,15 @@ type Objective =
       Evaluate: (unit -> Map<string, float>) option
       /// Which parameters get weight decay (default: ≥ 2-D ones).
       Decay: string -> Parameter -> bool
+      /// Called with the update index after backward and before clipping (e.g. remove the gradient
+      /// component parallel to a sparse coder's decoder directions). Runs inside the step's scope.
+      AfterBackward: int -> unit
+      /// Called with the update index after the optimizer update (e.g. renormalise decoder rows,
+      /// update dead-feature counters). Runs inside the step's scope, under no_grad.
+      AfterStep: int -> unit
+      /// Training-side metrics gathered by the caller (L0, reconstruction error, …), read whenever a
+      /// metrics record is written and logged under "train".
+      TrainMetrics: (unit -> Map<string, float>) option
       /// Saved with every checkpoint's model file (e.g. "model_config" → the model's JSON, to rebuild it).
       Metadata: Map<string, string> }
 
@@ -148,6 +157,9 @@ let objective (parameters: (string * Parameter) seq) (tokensPerStep: int64) (los
       TokensPerStep = tokensPerStep
       Evaluate = None
       Decay = Optim.decays
+      AfterBackward = ignore
+      AfterStep = ignore
+      TrainMetrics = None
       Metadata = Map.empty }
 
 /// The seed torch's generators get before update `step` of a run seeded with `seed` (SplitMix64 of both).
@@ -189,12 +201,16 @@ type Stepper(config: TrainConfig, objective: Objective) =
         if not loss.requires_grad then
             invalidOp (sprintf "the loss of step %d does not require a gradient (computed under no_grad, or from no parameter?)" step)
         loss.backward ()
+        objective.AfterBackward step
         let lossValue = loss.detach().cpu().to_type(torch.float64).item<float>()
         let norm =
             match config.ClipGradNorm with
             | Some c -> Optim.clipGradNorm parameters c
             | None -> Optim.gradNorm parameters
-        if Double.IsFinite lossValue && Double.IsFinite norm then optimizer.Step()
+        if Double.IsFinite lossValue && Double.IsFinite norm then
+            optimizer.Step()
+            use _ = torch.no_grad ()
+            objective.AfterStep step
         { Loss = lossValue; GradNorm = norm; Lr = lr }
 
     interface IDisposable with
@@ -307,6 +323,7 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
               Tokens = tokens
               TokensPerSecond = (if wSeconds > 0.0 then float wTokens / wSeconds else nan)
               ElapsedSeconds = elapsed ()
+              Train = (match objective.TrainMetrics with Some f -> f () | None -> Map.empty)
               Eval = eval }
         log.Write r
         wLoss <- 0.0; wGrad <- 0.0; wN <- 0; wSeconds <- 0.0; wTokens <- 0L
