@@ -1,5 +1,6 @@
 module Transcoders.Tests.Main
 
+open System
 open Expecto
 open Expecto.Impl
 
@@ -8,6 +9,9 @@ let all =
         ElfTests.tests
         TorchTests.tests
         SafetensorsTests.tests
+        ModelTests.tests
+        ModelFileTests.tests
+        GenerationTests.tests
         TrainingTests.tests
     ]
 
@@ -21,9 +25,14 @@ let main argv =
                 summary <- Some s
                 TestPrinters.defaultPrinter.summary config s }
     let code = runTestsWithCLIArgs [ Printer printer; No_Spinner ] argv all
-    match summary with
-    | Some s ->
-        // Expecto's own summary carries colour codes; CI reads this plain line, which must come last.
-        printfn "\n%d passed, %d failed, %d skipped" s.passed.Length (s.failed.Length + s.errored.Length) s.ignored.Length
-    | None -> printfn "\n0 passed, 0 failed, 0 skipped"
+    let passed, failed, skipped =
+        match summary with
+        | Some s -> s.passed.Length, s.failed.Length + s.errored.Length, s.ignored.Length
+        | None -> 0, 0, 0
+    // Expecto's own summary carries colour codes; CI reads this plain line, which must come last.
+    // Written as one string after Expecto's console output is flushed, so nothing interleaves with it.
+    Console.Out.Flush()
+    System.Threading.Thread.Sleep 50
+    Console.Out.Write(sprintf "\n%d passed, %d failed, %d skipped\n" passed failed skipped)
+    Console.Out.Flush()
     code

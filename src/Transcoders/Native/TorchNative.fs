@@ -6,6 +6,7 @@
 module Transcoders.Native.TorchNative
 
 open System.IO
+open System.Runtime.InteropServices
 
 let mutable private checkedOnce = false
 
@@ -29,3 +30,16 @@ let ensureLoadable () =
                 for f in Directory.EnumerateFiles(dir, "libLibTorchSharp.so", SearchOption.TopDirectoryOnly) do
                     try ElfVerneed.weaken f ElfVerneed.TorchSharpLibrary ElfVerneed.TorchSharpVersion |> ignore
                     with :? System.UnauthorizedAccessException | :? IOException -> ()
+        // Hosts without a deps.json (dotnet fsi) miss runtimes/linux-x64/native and fall back to copying the
+        // unpatched glue from the NuGet cache. Loading the patched copy first by full path makes TorchSharp's
+        // later load by name resolve to it (same soname).
+        if System.OperatingSystem.IsLinux() then
+            candidateFolders ()
+            |> List.map (fun d -> Path.Combine(d, "libLibTorchSharp.so"))
+            |> List.filter File.Exists
+            |> List.rev // runtimes/linux-x64/native first: the build's patched copy with libtorch beside it
+            |> List.tryPick (fun f ->
+                match NativeLibrary.TryLoad f with
+                | true, h -> Some h
+                | _ -> None)
+            |> ignore

@@ -1,0 +1,103 @@
+/// What the checkpoint readers share: the error they raise, validated access to JSON configuration
+/// fields, and copying named tensors into a model's parameters with every name and shape checked.
+namespace Transcoders.Models
+
+open System.Text.Json
+open TorchSharp
+
+/// A checkpoint that cannot be read, naming the file and what is wrong with it.
+exception CheckpointError of path: string * problem: string with
+    override this.Message = sprintf "%s: %s" this.path this.problem
+
+/// Typed, validated fields of one JSON object from a file; every error names the file and the field
+/// path (e.g. `config.positions.theta`).
+type JsonFields(path: string, element: JsonElement, prefix: string) =
+    do
+        if element.ValueKind <> JsonValueKind.Object then
+            raise (CheckpointError(path, sprintf "%s must be a JSON object, got %A" (if prefix = "" then "the document" else "'" + prefix + "'") element.ValueKind))
+
+    let full name = if prefix = "" then name else prefix + "." + name
+    let fail name problem = raise (CheckpointError(path, sprintf "field '%s' %s" (full name) problem))
+
+    let tryGet (name: string) =
+        match element.TryGetProperty name with
+        | true, v when v.ValueKind <> JsonValueKind.Null -> Some v
+        | _ -> None
+
+    let get name =
+        match tryGet name with
+        | Some v -> v
+        | None -> fail name "is missing"
+
+    let asInt name (v: JsonElement) =
+        match v.ValueKind, (if v.ValueKind = JsonValueKind.Number then v.TryGetInt32() else (false, 0)) with
+        | JsonValueKind.Number, (true, i) -> i
+        | _ -> fail name (sprintf "must be an integer, got %s" (v.GetRawText()))
+
+    let asFloat name (v: JsonElement) =
+        if v.ValueKind = JsonValueKind.Number then v.GetDouble() else fail name (sprintf "must be a number, got %s" (v.GetRawText()))
+
+    let asBool name (v: JsonElement) =
+        match v.ValueKind with
+        | JsonValueKind.True -> true
+        | JsonValueKind.False -> false
+        | _ -> fail name (sprintf "must be true or false, got %s" (v.GetRawText()))
+
+    let asString name (v: JsonElement) =
+        if v.ValueKind = JsonValueKind.String then v.GetString() else fail name (sprintf "must be a string, got %s" (v.GetRawText()))
+
+    /// Reads the whole file as one JSON object.
+    static member Read(path: string) : JsonFields =
+        if not (System.IO.File.Exists path) then raise (CheckpointError(path, "file not found"))
+        let doc =
+            try JsonDocument.Parse(System.IO.File.ReadAllBytes path)
+            with :? JsonException as e -> raise (CheckpointError(path, "not valid JSON: " + e.Message))
+        JsonFields(path, doc.RootElement.Clone(), "")
+
+    member _.Path = path
+    member _.Element = element
+    member _.Has(name: string) = (tryGet name).IsSome
+    member _.Fail(name: string, problem: string) : 'a = fail name problem
+    member _.Int(name) = get name |> asInt name
+    member _.IntOr(name, fallback: int) = tryGet name |> Option.map (asInt name) |> Option.defaultValue fallback
+    member _.IntOpt(name) = tryGet name |> Option.map (asInt name)
+    member _.Float(name) = get name |> asFloat name
+    member _.FloatOr(name, fallback: float) = tryGet name |> Option.map (asFloat name) |> Option.defaultValue fallback
+    member _.FloatOpt(name) = tryGet name |> Option.map (asFloat name)
+    member _.Bool(name) = get name |> asBool name
+    member _.BoolOr(name, fallback: bool) = tryGet name |> Option.map (asBool name) |> Option.defaultValue fallback
+    member _.String(name) = get name |> asString name
+    member _.StringOpt(name) = tryGet name |> Option.map (asString name)
+    member _.Object(name) = JsonFields(path, get name, full name)
+    member _.ObjectOpt(name) = tryGet name |> Option.map (fun v -> JsonFields(path, v, full name))
+    /// The raw element (cloned, independent of the document).
+    member _.RawOpt(name) = tryGet name |> Option.map (fun v -> v.Clone())
+    member _.StringArrayOpt(name) =
+        tryGet name |> Option.map (fun v ->
+            if v.ValueKind <> JsonValueKind.Array then fail name (sprintf "must be an array of strings, got %s" (v.GetRawText()))
+            [ for x in v.EnumerateArray() -> asString name x ])
+
+module internal CheckpointFile =
+
+    /// Copies `tensors` (name → tensor, any float dtype, any device) into the model's parameters of the
+    /// same names, converting to the parameter's dtype and device. Fails naming `path` when a name is
+    /// unknown, a parameter is left without a value, or a shape differs. Takes ownership of the tensors:
+    /// each is disposed once copied (so a lazy sequence holds one at a time).
+    let copyInto (path: string) (m: Transformer) (tensors: seq<string * torch.Tensor>) =
+        let parameters = Transformer.parameters m |> dict
+        let assigned = System.Collections.Generic.HashSet<string>()
+        use _ = torch.no_grad ()
+        for name, t in tensors do
+          use t = t
+          match parameters.TryGetValue name with
+          | false, _ -> raise (CheckpointError(path, sprintf "unexpected tensor '%s' %s: the model has no such parameter" name (Shape.show t.shape)))
+          | true, p ->
+              if p.shape <> t.shape then
+                  raise (CheckpointError(path, sprintf "tensor for '%s' has shape %s, the model expects %s" name (Shape.show t.shape) (Shape.show p.shape)))
+              if not (assigned.Add name) then raise (CheckpointError(path, sprintf "two tensors for parameter '%s'" name))
+              p.copy_(t) |> ignore
+        let missing = parameters.Keys |> Seq.filter (assigned.Contains >> not) |> List.ofSeq
+        if not missing.IsEmpty then
+            raise (CheckpointError(path, sprintf "no tensor for parameter(s) %s" (String.concat ", " missing)))
+        // a loaded model is for use (dropout off), as with Hugging Face's from_pretrained
+        m.eval ()

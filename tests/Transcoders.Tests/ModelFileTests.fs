@@ -1,0 +1,255 @@
+/// Model checkpoints: our format's round trip, Hugging Face shards and errors, llama2.c files (untied,
+/// corrupt), detection and inspection.
+module Transcoders.Tests.ModelFileTests
+
+open System
+open System.IO
+open System.Text.Json
+open System.Text.Json.Nodes
+open Expecto
+open TorchSharp
+open Transcoders.Files
+open Transcoders.Models
+open Transcoders.Tests.TestPaths
+open Transcoders.Tests.ModelTests
+
+let private json (text: string) = JsonDocument.Parse(text).RootElement.Clone()
+
+let private sameJson (a: JsonElement) (b: JsonElement) =
+    JsonNode.DeepEquals(JsonNode.Parse(a.GetRawText()), JsonNode.Parse(b.GetRawText()))
+
+/// Edits a JSON file in place.
+let private editJson (path: string) (edit: JsonObject -> unit) =
+    let node = JsonNode.Parse(File.ReadAllText path).AsObject()
+    edit node
+    File.WriteAllText(path, node.ToJsonString())
+
+let private copyFolder (source: string) (target: string) =
+    Directory.CreateDirectory target |> ignore
+    for f in Directory.GetFiles source do File.Copy(f, Path.Combine(target, Path.GetFileName f))
+
+let private throwsCheckpoint (f: unit -> 'a) (fragments: string list) =
+    let ex = Expect.throwsC (fun () -> f () |> ignore) id
+    Expect.isTrue (ex :? CheckpointError) (sprintf "a CheckpointError, got %s: %s" (ex.GetType().Name) ex.Message)
+    for fragment in fragments do Expect.stringContains ex.Message fragment fragment
+
+/// Writes a llama2.c legacy checkpoint of a Llama-like model of ours (from the format's description).
+let private writeLlama2c (path: string) (m: Transformer) =
+    let c = m.Config
+    let p name = m.get_parameter name :> torch.Tensor
+    use f = File.Create path
+    use w = new BinaryWriter(f)
+    for v in [ c.DModel; c.DMlp; c.NLayers; c.NHeads; c.NKvHeads; (if c.TiedUnembed then c.VocabSize else -c.VocabSize); c.NCtx ] do w.Write(v: int)
+    let floats (t: torch.Tensor) = for x in t.contiguous().data<float32>().ToArray() do w.Write(x: float32)
+    let layers name = for l in 0 .. c.NLayers - 1 do floats (p (sprintf "blocks.%d.%s" l name))
+    floats (p "embed.weight")
+    for name in [ "ln1.weight"; "attn.q.weight"; "attn.k.weight"; "attn.v.weight"; "attn.o.weight"; "ln2.weight"
+                  "mlp.fc_gate.weight"; "mlp.fc_out.weight"; "mlp.fc_in.weight" ] do layers name
+    floats (p "ln_final.weight")
+    let hd = TransformerConfig.dHead c
+    for _ in 1 .. 2 * c.NCtx * hd / 2 do w.Write(nanf) // the RoPE tables, which must be skipped
+    if not c.TiedUnembed then floats (p "unembed.weight")
+
+let ownFormatTests =
+    testList "own format" [
+        testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 12 } "save → load gives identical config, parameters, logits and metadata"
+        <| fun (seed: int) (kindIndex: uint8) ->
+            let c = randomConfig seed kinds.[int kindIndex % 3]
+            use m = randomModel seed c
+            use dir = new TempDir()
+            let meta =
+                { Checkpoint.Metadata.Tokenizer = Some (json """{"kind":"gpt2","files":["encoder.json","vocab.bpe"],"eot":50256}""")
+                  Checkpoint.Metadata.Training = Some (json (sprintf """{"steps":%d,"loss":1.25,"data":"tinystories"}""" (abs seed))) }
+            Checkpoint.save dir.Path meta m
+            let loaded, meta2 = Checkpoint.load dir.Path cpu
+            use loaded = loaded
+            Expect.equal loaded.Config c "config"
+            let a, b = Transformer.parameters m, Transformer.parameters loaded
+            Expect.sequenceEqual (List.map fst b) (List.map fst a) "parameter names"
+            for (name, x), (_, y) in List.zip a b do Expect.isTrue (identical x y) (sprintf "%s bit-identical" name)
+            use tokens = randomTokens seed c.VocabSize 2 (min c.NCtx 5)
+            use l1 = Transformer.forward m tokens
+            use l2 = Transformer.forward loaded tokens
+            Expect.isTrue (identical l1 l2) "identical logits"
+            Expect.isTrue (sameJson meta2.Tokenizer.Value meta.Tokenizer.Value) "tokenizer metadata"
+            Expect.isTrue (sameJson meta2.Training.Value meta.Training.Value) "training metadata"
+            Expect.isEmpty (Directory.GetFiles(dir.Path, "*.tmp")) "no temporary files left"
+
+        testCase "the saved files are what the docs say: safetensors under our names, a complete config.json" <| fun () ->
+            let c = randomConfig 3 LlamaLike
+            use m = randomModel 3 c
+            use dir = new TempDir()
+            Checkpoint.save dir.Path Checkpoint.Metadata.Empty m
+            use r = Safetensors.Reader.Open(Checkpoint.weightsPath dir.Path)
+            Expect.sequenceEqual (r.Entries |> List.map (fun e -> e.Name) |> Set.ofList) (Transformer.parameters m |> List.map fst |> Set.ofList) "tensor names"
+            Expect.equal (r.Metadata.TryFind "format") (Some Checkpoint.FormatName) "format in metadata"
+            use doc = JsonDocument.Parse(File.ReadAllText(Checkpoint.configPath dir.Path))
+            let config = doc.RootElement.GetProperty "config"
+            Expect.equal (doc.RootElement.GetProperty("format").GetString()) "transcoders.transformer" "format"
+            Expect.equal (config.GetProperty("normalization").GetString()) "rmsnorm" "normalization"
+            Expect.equal (config.GetProperty("positions").GetProperty("kind").GetString()) "rotary" "positions"
+            Expect.isFalse (doc.RootElement.TryGetProperty "tokenizer" |> fst) "no tokenizer when none was given"
+            // saving again over the same folder replaces it
+            Checkpoint.save dir.Path Checkpoint.Metadata.Empty m
+            Expect.isEmpty (Directory.GetFiles(dir.Path, "*.tmp")) "no temporary files left"
+
+        testCase "bad config.json files fail clearly, naming the field" <| fun () ->
+            let c = randomConfig 5 GptLike
+            use m = randomModel 5 c
+            use dir = new TempDir()
+            let fresh () =
+                Checkpoint.save dir.Path Checkpoint.Metadata.Empty m
+                Checkpoint.configPath dir.Path
+            let config (o: JsonObject) = o.["config"].AsObject()
+            editJson (fresh ()) (fun o -> (config o).Remove "n_heads" |> ignore)
+            throwsCheckpoint (fun () -> Checkpoint.load dir.Path cpu) [ "config.json"; "'config.n_heads' is missing" ]
+            editJson (fresh ()) (fun o -> (config o).["normalization"] <- JsonValue.Create "batchnorm")
+            throwsCheckpoint (fun () -> Checkpoint.load dir.Path cpu) [ "'config.normalization' is 'batchnorm'"; "'layernorm'" ]
+            editJson (fresh ()) (fun o -> (config o).["architecture"] <- JsonValue.Create "mamba")
+            throwsCheckpoint (fun () -> Checkpoint.load dir.Path cpu) [ "'mamba'" ]
+            editJson (fresh ()) (fun o -> (config o).["positions"].AsObject().["kind"] <- JsonValue.Create "alibi")
+            throwsCheckpoint (fun () -> Checkpoint.load dir.Path cpu) [ "'config.positions.kind' is 'alibi'" ]
+            editJson (fresh ()) (fun o -> (config o).["d_model"] <- JsonValue.Create 2.5)
+            throwsCheckpoint (fun () -> Checkpoint.load dir.Path cpu) [ "'config.d_model' must be an integer" ]
+            editJson (fresh ()) (fun o -> (config o).["n_kv_heads"] <- JsonValue.Create (c.NHeads + 1))
+            throwsCheckpoint (fun () -> Checkpoint.load dir.Path cpu) [ "invalid model configuration" ]
+            editJson (fresh ()) (fun o -> (config o).["d_mlp"] <- JsonValue.Create (c.DMlp + 1))
+            throwsCheckpoint (fun () -> Checkpoint.load dir.Path cpu) [ "model.safetensors"; "tensor for 'blocks.0.mlp."; sprintf "has shape [%d]" c.DMlp; sprintf "the model expects [%d]" (c.DMlp + 1) ]
+            editJson (fresh ()) (fun o -> o.["format_version"] <- JsonValue.Create 99)
+            throwsCheckpoint (fun () -> Checkpoint.load dir.Path cpu) [ "format_version 99" ]
+            editJson (fresh ()) (fun o -> o.Remove "format" |> ignore)
+            throwsCheckpoint (fun () -> Checkpoint.load dir.Path cpu) [ "no \"format\" field" ]
+            File.WriteAllText(fresh (), "{ not json")
+            throwsCheckpoint (fun () -> Checkpoint.load dir.Path cpu) [ "not valid JSON" ]
+            fresh () |> ignore
+            File.Delete(Checkpoint.weightsPath dir.Path)
+            throwsCheckpoint (fun () -> Checkpoint.load dir.Path cpu) [ "model.safetensors"; "not found" ]
+            throwsCheckpoint (fun () -> Checkpoint.load (fixture "hf-gpt2-tiny") cpu) [ "Hugging Face" ]
+
+        testCase "a weights file missing a parameter or holding an extra one is refused" <| fun () ->
+            let c = randomConfig 6 GptLike
+            use m = randomModel 6 c
+            use dir = new TempDir()
+            Checkpoint.save dir.Path Checkpoint.Metadata.Empty m
+            let all = Safetensors.load (Checkpoint.weightsPath dir.Path) cpu
+            Safetensors.save (Checkpoint.weightsPath dir.Path) Map.empty (all |> List.filter (fun (n, _) -> n <> "blocks.0.ln1.bias"))
+            throwsCheckpoint (fun () -> Checkpoint.load dir.Path cpu) [ "no tensor for parameter(s) blocks.0.ln1.bias" ]
+            use extra = torch.zeros(3L)
+            Safetensors.save (Checkpoint.weightsPath dir.Path) Map.empty (all @ [ "blocks.0.mystery", extra ])
+            throwsCheckpoint (fun () -> Checkpoint.load dir.Path cpu) [ "unexpected tensor 'blocks.0.mystery'" ]
+            for _, t in all do t.Dispose()
+    ]
+
+let huggingFaceTests =
+    testList "Hugging Face files" [
+        testCase "sharded weights (model.safetensors.index.json) load like a single file" <| fun () ->
+            use dir = new TempDir()
+            let source = fixture "hf-gpt2-tiny"
+            File.Copy(Path.Combine(source, "config.json"), dir.File "config.json")
+            let all = Safetensors.load (Path.Combine(source, "model.safetensors")) cpu
+            let first, second = all |> List.splitAt (all.Length / 2)
+            Safetensors.save (dir.File "model-00001-of-00002.safetensors") Map.empty first
+            Safetensors.save (dir.File "model-00002-of-00002.safetensors") Map.empty second
+            let index = JsonObject()
+            let map = JsonObject()
+            for n, _ in first do map.[n] <- JsonValue.Create "model-00001-of-00002.safetensors"
+            for n, _ in second do map.[n] <- JsonValue.Create "model-00002-of-00002.safetensors"
+            index.["metadata"] <- JsonObject()
+            index.["weight_map"] <- map
+            File.WriteAllText(dir.File "model.safetensors.index.json", index.ToJsonString())
+            for _, t in all do t.Dispose()
+            use a = HuggingFace.load source cpu
+            use b = HuggingFace.load dir.Path cpu
+            use tokens = randomTokens 1 512 1 10
+            use la = Transformer.forward a tokens
+            use lb = Transformer.forward b tokens
+            Expect.isTrue (identical la lb) "same logits"
+
+        testCase "unsupported architectures and options fail clearly" <| fun () ->
+            use dir = new TempDir()
+            copyFolder (fixture "hf-gpt2-tiny") dir.Path
+            let config = dir.File "config.json"
+            editJson config (fun o -> o.["architectures"] <- JsonArray(JsonValue.Create "BertForMaskedLM"))
+            throwsCheckpoint (fun () -> HuggingFace.load dir.Path cpu) [ "unsupported architecture 'BertForMaskedLM'"; "GPT2LMHeadModel" ]
+            throwsCheckpoint (fun () -> ModelFiles.inspect dir.Path) [ "BertForMaskedLM" ]
+            editJson config (fun o -> o.Remove "architectures" |> ignore; o.["model_type"] <- JsonValue.Create "bert")
+            throwsCheckpoint (fun () -> HuggingFace.load dir.Path cpu) [ "unsupported model_type 'bert'" ]
+            editJson config (fun o -> o.["model_type"] <- JsonValue.Create "gpt2"; o.["activation_function"] <- JsonValue.Create "quick_gelu")
+            throwsCheckpoint (fun () -> HuggingFace.load dir.Path cpu) [ "'activation_function' is 'quick_gelu'" ]
+            editJson config (fun o -> o.["activation_function"] <- JsonValue.Create "gelu_new"; o.["n_embd"] <- JsonValue.Create 66)
+            throwsCheckpoint (fun () -> HuggingFace.load dir.Path cpu) [ "d_model 66 is not divisible by n_heads 4" ]
+            editJson config (fun o -> o.["n_embd"] <- JsonValue.Create 64; o.["n_layer"] <- JsonValue.Create 3)
+            throwsCheckpoint (fun () -> HuggingFace.load dir.Path cpu) [ "'transformer.h.2.ln_1.weight' is missing" ]
+            editJson config (fun o -> o.["n_layer"] <- JsonValue.Create 1)
+            throwsCheckpoint (fun () -> HuggingFace.load dir.Path cpu) [ "unexpected tensors"; "transformer.h.1." ]
+            use llama = new TempDir()
+            copyFolder (fixture "hf-llama-tiny") llama.Path
+            editJson (llama.File "config.json") (fun o -> o.["rope_parameters"].AsObject().["rope_type"] <- JsonValue.Create "llama3")
+            throwsCheckpoint (fun () -> HuggingFace.load llama.Path cpu) [ "'rope_parameters.rope_type' is 'llama3'" ]
+            editJson (llama.File "config.json") (fun o -> o.["rope_parameters"].AsObject().["rope_type"] <- JsonValue.Create "default")
+            File.Delete(llama.File "model.safetensors")
+            throwsCheckpoint (fun () -> HuggingFace.load llama.Path cpu) [ "no model.safetensors" ]
+    ]
+
+let llama2cTests =
+    testList "llama2.c files" [
+        testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 8 } "a file written from the format description loads back to the same model (tied and untied)"
+        <| fun (seed: int) (tied: bool) ->
+            let c = { randomConfig seed LlamaLike with Positions = Rotary (Interleaved, 10000.0); NormEps = 1e-5; DHead = None; TiedUnembed = tied; InitRange = 0.02; Dropout = 0.0 }
+            let c = { c with DModel = c.NHeads * 4 }
+            use m = randomModel seed c
+            use dir = new TempDir()
+            writeLlama2c (dir.File "model.bin") m
+            use loaded = Llama2c.load (dir.File "model.bin") cpu
+            Expect.equal loaded.Config c "config"
+            for (name, x), (_, y) in List.zip (Transformer.parameters m) (Transformer.parameters loaded) do
+                Expect.isTrue (identical x y) name
+            Expect.equal (ModelFiles.detect (dir.File "model.bin")) ModelFiles.Llama2c "detected"
+
+        testCase "truncated, padded, garbage and versioned files fail clearly" <| fun () ->
+            use dir = new TempDir()
+            let bytes = File.ReadAllBytes stories260K
+            let write name (b: byte[]) =
+                let path = dir.File name
+                File.WriteAllBytes(path, b)
+                path
+            throwsCheckpoint (fun () -> Llama2c.load (write "truncated.bin" bytes.[.. bytes.Length - 5]) cpu) [ "truncated.bin"; "truncated"; "implies 1056540 bytes, the file has 1056536" ]
+            throwsCheckpoint (fun () -> Llama2c.load (write "padded.bin" (Array.append bytes [| 0uy; 0uy; 0uy; 0uy |])) cpu) [ "longer than its header says" ]
+            throwsCheckpoint (fun () -> Llama2c.load (write "tiny.bin" bytes.[.. 9]) cpu) [ "too short" ]
+            let garbage = Array.init 4096 (fun i -> byte (i * 37 + 11))
+            throwsCheckpoint (fun () -> Llama2c.load (write "garbage.bin" garbage) cpu) [ "garbage.bin" ]
+            let v1 = Array.copy bytes
+            BitConverter.GetBytes(0x616b3432).CopyTo(v1, 0)
+            BitConverter.GetBytes(1).CopyTo(v1, 4)
+            throwsCheckpoint (fun () -> Llama2c.load (write "v1.bin" v1) cpu) [ "version 1" ]
+            let zeroLayers = Array.copy bytes
+            BitConverter.GetBytes(0).CopyTo(zeroLayers, 8)
+            throwsCheckpoint (fun () -> Llama2c.load (write "zero.bin" zeroLayers) cpu) [ "n_layers = 0" ]
+            throwsCheckpoint (fun () -> Llama2c.load (dir.File "absent.bin") cpu) [ "not found" ]
+    ]
+
+let inspectionTests =
+    testList "detect and inspect" [
+        testCase "every kind is detected and described from its configuration alone" <| fun () ->
+            let check path kind =
+                let i = ModelFiles.inspect path
+                Expect.equal i.Kind kind (sprintf "%s kind" path)
+                let m, _ = ModelFiles.load path cpu
+                use m = m
+                Expect.equal i.Config m.Config "config"
+                Expect.equal i.ParameterCount (Transformer.parameterCount m) "parameter count"
+            check (fixture "hf-gpt2-tiny") (ModelFiles.HuggingFace "GPT2LMHeadModel")
+            check (fixture "hf-llama-tiny") (ModelFiles.HuggingFace "LlamaForCausalLM")
+            check stories260K ModelFiles.Llama2c
+            use dir = new TempDir()
+            use m = randomModel 1 (randomConfig 1 TinyLike)
+            Checkpoint.save dir.Path { Checkpoint.Metadata.Empty with Tokenizer = Some (json """{"kind":"llama2c"}""") } m
+            check dir.Path ModelFiles.Native
+            Expect.isSome (ModelFiles.inspect dir.Path).Tokenizer "metadata comes with the inspection"
+            throwsCheckpoint (fun () -> ModelFiles.detect (dir.File "nothing-here")) [ "no such file or folder" ]
+            use empty = new TempDir()
+            throwsCheckpoint (fun () -> ModelFiles.detect empty.Path) [ "config.json" ]
+    ]
+
+let tests =
+    testList "Model files" [ ownFormatTests; huggingFaceTests; llama2cTests; inspectionTests ]
