@@ -22,8 +22,10 @@ type Options =
       WarmupSteps: int
       Threads: int
       Device: string
-      /// One dispose scope per transformer block inside the step's scope (lower peak memory).
+      /// One dispose scope per transformer block inside the step's scope (lower peak memory; bench model only).
       BlockScope: bool
+      /// Train `Transcoders.Models.Transformer` (true) or the benchmark's own GPT (Gpt.fs).
+      Library: bool
       Python: string
       Script: string
       Seed: int64 }
@@ -36,6 +38,7 @@ type Options =
           Threads = 2
           Device = "cpu"
           BlockScope = true
+          Library = true
           Python = "/usr/bin/python3"
           Script = "bench/pytorch/lm_step.py"
           Seed = 0L }
@@ -47,13 +50,32 @@ type LmUnderTest =
       Loss: torch.Tensor -> torch.Tensor
       Dispose: unit -> unit }
 
-/// The model under test (today the benchmark's own GPT; see Gpt.fs).
-let model (cfg: GptConfig) (blockScope: bool) (device: torch.Device) : LmUnderTest =
+/// The benchmark's own GPT (Gpt.fs), written before the library's model existed.
+let benchModel (cfg: GptConfig) (blockScope: bool) (device: torch.Device) : LmUnderTest =
     let gpt = new Gpt(cfg, blockScope)
     gpt.``to``(device) |> ignore
     { Parameters = gpt.named_parameters () |> Seq.map (fun struct (n, p) -> n, p) |> List.ofSeq
       Loss = gpt.Loss
       Dispose = gpt.Dispose }
+
+/// The library's transformer (Transcoders.Models) in the same GPT-2 shape.
+let libraryModel (cfg: GptConfig) (device: torch.Device) : LmUnderTest =
+    let config =
+        { Transcoders.Models.TransformerConfig.gpt2 with
+            DModel = cfg.DModel; NLayers = cfg.Layers; NHeads = cfg.Heads; NKvHeads = cfg.Heads
+            DMlp = 4 * cfg.DModel; NCtx = cfg.Context; VocabSize = cfg.Vocab; Dropout = 0.0 }
+    let m = Transcoders.Models.Transformer.Create(config, device)
+    { Parameters = [ for struct (n, p) in m.named_parameters () -> n, p ]
+      Loss =
+        fun window ->
+            let t = window.shape[1] - 1L
+            let logits = m.forward (window.narrow(1L, 0L, t))
+            torch.nn.functional.cross_entropy(logits.reshape(-1L, int64 cfg.Vocab), window.narrow(1L, 1L, t).reshape(-1L))
+      Dispose = m.Dispose }
+
+/// The model under test.
+let model (o: Options) (device: torch.Device) : LmUnderTest =
+    if o.Library then libraryModel o.Model device else benchModel o.Model o.BlockScope device
 
 /// Training FLOPs per token (PaLM's count: 6·N for the matmul parameters incl. the tied LM head,
 /// plus 12·L·d·T for attention scores and values).
@@ -67,7 +89,7 @@ let private sync (device: torch.Device) =
 /// Our side: the library's training step on the model under test.
 type Ours(o: Options, device: torch.Device) =
     do torch.manual_seed o.Seed |> ignore
-    let lm = model o.Model o.BlockScope device
+    let lm = model o device
     let window (step: int) =
         use g = new torch.Generator(uint64 (o.Seed * 1_000_003L + int64 step))
         torch.randint(0L, int64 o.Model.Vocab, [| int64 o.Batch; int64 o.Model.Context + 1L |], generator = g).``to``(device)
@@ -164,7 +186,9 @@ let run (o: Options) =
     let c = o.Model
     printfn "LM training step: %d layers, d_model %d, %d heads, context %d, vocab %d, batch %d; AdamW, clip 1.0; %s, %d threads"
         c.Layers c.DModel c.Heads c.Context c.Vocab o.Batch (string device) o.Threads
-    printfn "block dispose scopes: %b; OMP_WAIT_POLICY=%s" o.BlockScope (Environment.GetEnvironmentVariable "OMP_WAIT_POLICY")
+    printfn "model: %s; OMP_WAIT_POLICY=%s"
+        (if o.Library then "Transcoders.Models.Transformer" else sprintf "the benchmark's GPT (block dispose scopes: %b)" o.BlockScope)
+        (Environment.GetEnvironmentVariable "OMP_WAIT_POLICY")
     use ours = new Ours(o, device)
     use theirs = new Theirs(o)
     printfn "PyTorch: %s" (theirs.Info.ToString())
@@ -185,7 +209,7 @@ let run (o: Options) =
             if r % 2 = 1 then let x = runOurs () in x, runTheirs ()
             else let y = runTheirs () in runOurs (), y
         tpsOurs.Add a; tpsTheirs.Add b; ratios.Add(a / b)
-        printfn "round %d: ours %8.0f tok/s (loss %.3f)   PyTorch %8.0f tok/s (loss %.3f)   ratio %.2f" r a la b lb (a / b)
+        printfn "round %d: ours %8.0f tok/s (loss %.5f)   PyTorch %8.0f tok/s (loss %.5f)   ratio %.2f" r a la b lb (a / b)
     measureMatmul ()
     let fpt = flopsPerToken c
     let mo, mt = median mmOurs, median mmTheirs

@@ -11,7 +11,9 @@ let usage =
 options:
   --rounds N          interleaved rounds (5)          --steps N     steps per round (5); for memory: total (2000)
   --warmup N          warmup steps per side (2)       --threads N   torch threads on both sides (2)
-  --device D          cpu | cuda | cuda:N (cpu)       --no-block-scope   one dispose scope per step only
+  --device D          cpu | cuda | cuda:N (cpu)
+  --model M           library (Transcoders.Models.Transformer, default) | bench (Gpt.fs, same architecture)
+  --no-block-scope    bench model: one dispose scope per step only (default: also one per block)
   --batch N  --layers N  --d-model N  --heads N  --context N  --vocab N
   --python PATH       (/usr/bin/python3)              --script PATH (bench/pytorch/lm_step.py)"""
 
@@ -29,6 +31,8 @@ let main argv =
         | "--threads" :: v :: rest -> parse { o with Threads = int v } steps rest
         | "--device" :: v :: rest -> parse { o with Device = v } steps rest
         | "--no-block-scope" :: rest -> parse { o with BlockScope = false } steps rest
+        | "--model" :: "library" :: rest -> parse { o with Library = true } steps rest
+        | "--model" :: "bench" :: rest -> parse { o with Library = false } steps rest
         | "--batch" :: v :: rest -> parse { o with Batch = int v } steps rest
         | "--layers" :: v :: rest -> parse { o with Model.Layers = int v } steps rest
         | "--d-model" :: v :: rest -> parse { o with Model.DModel = int v } steps rest

@@ -6,6 +6,9 @@ tied embedding, causal attention through F.scaled_dot_product_attention where th
 else the explicit masked softmax of PyTorch < 2.0), AdamW with weight decay on >= 2-D parameters only,
 gradient clipping to 1.0, one optimizer update per step on a [batch, context+1] window of random tokens.
 
+Needs an optimised BLAS under Debian's PyTorch: `apt-get install python3-torch libopenblas0` (without
+libopenblas0 the libblas.so.3 alternative is netlib's reference BLAS, ~30x slower matmuls).
+
 Standalone:  OMP_WAIT_POLICY=PASSIVE /usr/bin/python3 bench/pytorch/lm_step.py --steps 10
 Server mode (used by the F# benchmark to interleave rounds): --server, then JSON lines on stdin:
   {"cmd": "train", "steps": N}  -> {"seconds": [...per step...], "loss": L, "tokens_per_step": T}
