@@ -230,22 +230,26 @@ let run (o: Options) =
     printfn "FLOPs per token: %.1f M (6N + 12·L·d·T)" (fpt / 1e6)
 
 /// Resident memory after `steps` updates vs after `early` of them: it must not grow (within 10%).
-let memoryCheck (o: Options) (steps: int) (early: int) =
+/// Prints the working set every `every` steps (after a full GC, so only native memory and live objects count).
+let memoryCheck (o: Options) (steps: int) (early: int) (every: int) =
     let device = Transcoders.Tensors.Device.resolve (Transcoders.Tensors.Device.parse o.Device)
     torch.set_num_threads o.Threads
     use ours = new Ours(o, device)
-    printfn "memory check: %d steps of the LM config on %s; resident memory every %d steps" steps (string device) early
+    printfn "memory check: %d steps of the LM config (%s) on %s; resident memory every %d steps"
+        steps (if o.Library then "Transcoders.Models.Transformer" else "bench GPT") (string device) every
     let mutable atEarly = nan
     let sw = Stopwatch.StartNew()
     let mutable doneSteps = 0
     while doneSteps < steps do
-        let n = min early (steps - doneSteps)
+        let boundary = if doneSteps < early then min early every else every
+        let n = min boundary (steps - doneSteps)
         let _, loss = ours.Train n
         doneSteps <- doneSteps + n
         GC.Collect()
         let ws = workingSetMiB ()
         if doneSteps = early then atEarly <- ws
         printfn "step %5d  loss %.3f  working set %7.1f MiB  (%.0f s)" doneSteps loss ws sw.Elapsed.TotalSeconds
+        Console.Out.Flush()
     let atEnd = workingSetMiB ()
     let growth = atEnd / atEarly - 1.0
     printfn "working set after %d steps: %.1f MiB; after %d: %.1f MiB; growth %+.1f%% -> %s" early atEarly steps atEnd (100.0 * growth)

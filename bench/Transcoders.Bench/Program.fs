@@ -49,7 +49,7 @@ let main argv =
         0
     | "memory" :: rest ->
         let o, steps = parse LmBench.Options.Default None rest
-        LmBench.memoryCheck o (defaultArg steps 2000) 200
+        LmBench.memoryCheck o (defaultArg steps 2000) 200 100
     | _ ->
         eprintfn "%s" usage
         2
