@@ -380,5 +380,15 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
           Tokens = tokens
           ElapsedSeconds = elapsed () })
 
+/// A cancellation source that the first Ctrl+C cancels (the run then checkpoints and stops cleanly);
+/// a second Ctrl+C ends the process as usual.
+let cancelOnCtrlC () : CancellationTokenSource =
+    let cts = new CancellationTokenSource()
+    Console.CancelKeyPress.Add(fun e ->
+        if not cts.IsCancellationRequested then
+            e.Cancel <- true
+            cts.Cancel())
+    cts
+
 /// Trains `objective` as `config` says. See `TrainConfig`, `Objective` and `TrainResult`.
 let run (config: TrainConfig) (objective: Objective) : TrainResult = runCancellable CancellationToken.None config objective
