@@ -18,6 +18,7 @@ let all =
         ActivationTests.tests
         CoderTests.tests
         FacadeTests.tests
+        TrainingTests.tests
     ]
 
 [<EntryPoint>]

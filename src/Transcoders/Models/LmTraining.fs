@@ -49,7 +49,7 @@ let validationLoss (model: Transformer) (tokens: int[]) (batchSize: int) (ctx: i
                 use logits = model.forward b.Inputs
                 use loss =
                     torch.nn.functional.cross_entropy(logits.reshape(-1L, logits.shape.[2]), b.Targets.reshape(-1L))
-                sum <- sum + loss.item<float32> () |> float |> (*) (float n)
+                sum <- sum + float (loss.item<float32> ()) * float n
                 count <- count + n
                 sequences <- sequences + int b.Inputs.shape.[0]
     finally
