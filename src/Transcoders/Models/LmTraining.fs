@@ -65,8 +65,9 @@ let objective (model: Transformer) (train: int[]) (validation: int[]) (c: LmTrai
         use b = Batches.randomWindows train c.BatchSize c.Ctx c.Train.Seed (int64 step) model.Device
         let logits = model.forward b.Inputs
         torch.nn.functional.cross_entropy(logits.reshape(-1L, logits.shape.[2]), b.Targets.reshape(-1L))
+    // periodic evaluations use a quarter of the validation sequences; the final one uses all of them
     let evaluate () =
-        Map [ "val_loss", validationLoss model validation c.BatchSize c.Ctx c.ValidationSequences ]
+        Map [ "val_loss", validationLoss model validation c.BatchSize c.Ctx (max 1 (c.ValidationSequences / 4)) ]
     { Trainer.objective (Transformer.parameters model) (int64 (c.BatchSize * c.Ctx)) loss with
         Evaluate = (if validation.Length > c.Ctx && c.ValidationSequences > 0 then Some evaluate else None)
         Metadata = Map [ "model_config", System.Text.Encoding.UTF8.GetString(Checkpoint.configJson model.Config Checkpoint.Metadata.Empty) ] }
@@ -80,12 +81,12 @@ type LmTrainResult =
       ModelDir: string }
 
 /// Trains `model` in place and saves it, with its tokenizer and a summary of the run, to `<OutputDir>/model`.
-let train (model: Transformer) (tokenizer: Tokenizer) (train: int[]) (validation: int[]) (c: LmTrainConfig) : LmTrainResult =
+let trainCancellable (cancel: System.Threading.CancellationToken) (model: Transformer) (tokenizer: Tokenizer) (train: int[]) (validation: int[]) (c: LmTrainConfig) : LmTrainResult =
     match problems model.Config c with
     | [] -> ()
     | ps -> invalidArg "config" (sprintf "invalid language-model training config: %s" (String.concat "; " ps))
     model.train ()
-    let run = Trainer.run c.Train (objective model train validation c)
+    let run = Trainer.runCancellable cancel c.Train (objective model train validation c)
     let valLoss =
         if validation.Length > c.Ctx && c.ValidationSequences > 0 then
             Some(validationLoss model validation c.BatchSize c.Ctx c.ValidationSequences)
@@ -106,3 +107,21 @@ let train (model: Transformer) (tokenizer: Tokenizer) (train: int[]) (validation
     let dir = Path.Combine(c.Train.OutputDir, "model")
     Checkpoint.save dir meta model
     { Run = run; ValidationLoss = valLoss; ModelDir = dir }
+
+/// Trains `model` in place (see `trainCancellable`), to the last configured step.
+let train model tokenizer train validation c = trainCancellable System.Threading.CancellationToken.None model tokenizer train validation c
+
+/// Seconds one training step of this configuration takes on this machine (median of a few forward and
+/// backward passes, optimizer excluded), for sizing a run to a time budget. Gradients are cleared after.
+let probeStepSeconds (model: Transformer) (train: int[]) (c: LmTrainConfig) : float =
+    let times =
+        [| for i in 0..3 ->
+               use _scope = torch.NewDisposeScope()
+               let sw = System.Diagnostics.Stopwatch.StartNew()
+               use b = Batches.randomWindows train c.BatchSize c.Ctx (c.Train.Seed + 7919L) (int64 i) model.Device
+               let logits = model.forward b.Inputs
+               let loss = torch.nn.functional.cross_entropy(logits.reshape(-1L, logits.shape.[2]), b.Targets.reshape(-1L))
+               loss.backward ()
+               sw.Elapsed.TotalSeconds |]
+    model.zero_grad ()
+    (Array.sort times.[1..]).[1]
