@@ -57,7 +57,7 @@ let run (args: ParseResults<Args>) =
                 { config.Train with
                     Steps = steps
                     Schedule = Transcoders.Training.Schedule.WarmupCosine(2e-3, min 100 (steps / 10), steps, 0.1)
-                    EvalEvery = max 1 (steps / 4)
+                    EvalEvery = max 1 (steps / 2)
                     CheckpointEvery = 0 } }
     printfn "model: %d layers, d_model %d, %d heads, context %d, vocabulary %d (%s parameters); %d steps of %d × %d tokens"
         modelConfig.NLayers modelConfig.DModel modelConfig.NHeads modelConfig.NCtx modelConfig.VocabSize
@@ -73,13 +73,14 @@ let run (args: ParseResults<Args>) =
     printfn "model saved to %s" result.ModelDir
 
     section "3. A story from the trained model (temperature 0.8, top-k 40)"
+    // stories are separated by [BEGIN] in the shards, so a story ends where the model starts the next one
+    let boundaries = [ Tokenizer.bos prepared.Tokenizer; Tokenizer.eos prepared.Tokenizer ] |> List.choose id |> Set.ofList
     let story =
         Generation.generate model
             { Generation.GenerateOptions.Greedy with
-                MaxNewTokens = 120; Temperature = 0.8; TopK = Some 40; Seed = Some seed
-                StopTokens = Tokenizer.eos prepared.Tokenizer |> Option.toList |> Set.ofList }
+                MaxNewTokens = 200; Temperature = 0.8; TopK = Some 40; Seed = Some seed; StopTokens = boundaries }
             (Tokenizer.bos prepared.Tokenizer |> Option.toArray)
-    printfn "%s" (Tokenizer.decode prepared.Tokenizer story.Tokens)
+    printfn "%s" (Tokenizer.decode prepared.Tokenizer (story.NewTokens |> Array.filter (fun t -> not (boundaries.Contains t))))
 
     section "4. llama2.c's pretrained stories260K (greedy, with a KV cache)"
     let path = Paths.data "models/stories260K/stories260K.bin"
