@@ -4,15 +4,19 @@ open System
 open Argu
 
 type Command =
+    | [<CliPrefix(CliPrefix.None)>] Quickstart of ParseResults<QuickstartCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Corpus of ParseResults<CorpusCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Inspect of ParseResults<InspectCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Generate of ParseResults<GenerateCommand.Args>
+    | [<CliPrefix(CliPrefix.None)>] Train_Lm of ParseResults<TrainLmCommand.Args>
     interface IArgParserTemplate with
         member this.Usage =
             match this with
+            | Quickstart _ -> "the main job on the shipped data: corpus, train a small GPT for a few minutes, generate"
             | Corpus _ -> "tokenize TinyStories into token shards and print corpus statistics"
             | Inspect _ -> "print a checkpoint's configuration and parameter count"
             | Generate _ -> "generate text with a checkpoint"
+            | Train_Lm _ -> "train a GPT on TinyStories (checkpoints, exact resume, metrics.jsonl)"
 
 [<EntryPoint>]
 let main argv =
@@ -21,9 +25,11 @@ let main argv =
     Transcoders.Tensors.Device.init ()
     try
         match args.GetSubCommand() with
+        | Quickstart a -> QuickstartCommand.run a
         | Corpus a -> CorpusCommand.run a
         | Inspect a -> InspectCommand.run a
         | Generate a -> GenerateCommand.run a
+        | Train_Lm a -> TrainLmCommand.run a
     with e when not (isNull e.Message) && Environment.GetEnvironmentVariable "TRANSCODERS_DEBUG" <> "1" ->
         // Errors from the library name the file, field or shape at fault; a stack trace adds nothing for a user.
         eprintfn "error: %s" e.Message

@@ -18,6 +18,8 @@ let all =
         ActivationTests.tests
         CoderTests.tests
         SpliceTests.tests
+        FacadeTests.tests
+        TrainingTests.tests
     ]
 
 [<EntryPoint>]
