@@ -24,15 +24,17 @@ let private values (t: Tensor) : float[] =
     use c = t.detach().cpu().to_type(torch.float64).contiguous()
     c.data<float>().ToArray()
 
-/// Fills every parameter of a coder from a private generator: N(0, 0.4), thresholds θ = exp(N(−1.5, 0.3)).
+/// A coder with every parameter drawn from a private generator (torch's global one is left alone): N(0, 0.4),
+/// thresholds θ = exp(N(−1.5, 0.3)); a BatchTopK coder gets no threshold yet.
 let randomCoder (seed: int) (cfg: CoderConfig) : Coder =
-    let c = Coder.create cfg cpu
     use g = new torch.Generator(uint64 (int64 seed + 5000000L), cpu)
     use _ = torch.no_grad ()
-    for n, p in c.NamedParameters do
-        use noise = torch.randn(p.shape, generator = g)
-        (if n = "log_threshold" then p.copy_(noise * 0.3 - 1.5) else p.copy_(noise * 0.4)) |> ignore
-    c
+    use scope = torch.NewDisposeScope()
+    Coder.ofTensors cfg cpu
+        [ for n, shape in Coder.ParameterShapes cfg do
+              if n <> "batchtopk_threshold" then
+                  let noise = torch.randn(shape, generator = g)
+                  yield n, (if n = "log_threshold" then noise * 0.3 - 1.5 else noise * 0.4) ]
 
 /// A coder config of `kind` over `layers` of a model with this configuration: random width, activation (ReLU,
 /// JumpReLU, TopK), input bias and activation scales (so that every term of the splice is exercised).
@@ -111,10 +113,9 @@ let exactTranscoder (m: Transformer) (layer: int) : Coder =
 
 /// A transcoder whose every parameter is zero: it predicts 0 (the zero ablation).
 let zeroTranscoder (c: TransformerConfig) (layer: int) : Coder =
-    let coder = Coder.create { CoderConfig.transcoder "zero" layer c.DModel 5 with InputBias = false } cpu
-    use _ = torch.no_grad ()
-    for _, p in coder.NamedParameters do p.zero_() |> ignore
-    coder
+    let cfg = { CoderConfig.transcoder "zero" layer c.DModel 5 with InputBias = false }
+    use scope = torch.NewDisposeScope()
+    Coder.ofTensors cfg cpu [ for n, shape in Coder.ParameterShapes cfg -> n, torch.zeros(shape) ]
 
 let private kindOf (i: uint8) = kinds[int i % 3]
 
@@ -621,4 +622,6 @@ let storiesTests =
             finally disposeAll zero
     ]
 
-let tests = testList "Splicing" [ spliceTests; replacementTests; evalTests; featureTests; storiesTests ]
+/// Sequenced: the random models (`Transformer.create`) draw from torch's global generator, which tests that replay
+/// global-generator streams bit for bit (training resume) must have to themselves.
+let tests = testSequenced <| testList "Splicing" [ spliceTests; replacementTests; evalTests; featureTests; storiesTests ]
