@@ -489,4 +489,5 @@ let checkpointTests =
 /// The trainer seeds torch's global generator before every update (dropout draws from it), so these
 /// tests run one at a time and in the group of other tests that use the global generator.
 let tests =
-    testSequencedGroup "torch global RNG" <| testList "Training" [ scheduleTests; optimTests; loopTests; checkpointTests ]
+    // fully sequenced (run alone, after the parallel tests): exact resume replays torch's global generator
+    testSequenced <| testList "Training" [ scheduleTests; optimTests; loopTests; checkpointTests ]
