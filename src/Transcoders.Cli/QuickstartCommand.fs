@@ -49,7 +49,7 @@ let run (args: ParseResults<Args>) =
     Device.seed seed
     use model = Transformer.create modelConfig device
     // Size the run to the budget: steps from a timed probe, so the cosine schedule ends near the budget.
-    let stepSeconds = LmTraining.probeStepSeconds model train config * 1.25
+    let stepSeconds = LmTraining.probeStepSeconds model train config * 1.1
     let steps = int (budget.TotalSeconds / stepSeconds) |> max 20
     let config =
         { config with
@@ -78,7 +78,7 @@ let run (args: ParseResults<Args>) =
     let story =
         Generation.generate model
             { Generation.GenerateOptions.Greedy with
-                MaxNewTokens = 200; Temperature = 0.8; TopK = Some 40; Seed = Some seed; StopTokens = boundaries }
+                MaxNewTokens = modelConfig.NCtx - 1; Temperature = 0.8; TopK = Some 40; Seed = Some seed; StopTokens = boundaries }
             (Tokenizer.bos prepared.Tokenizer |> Option.toArray)
     printfn "%s" (Tokenizer.decode prepared.Tokenizer (story.NewTokens |> Array.filter (fun t -> not (boundaries.Contains t))))
 
