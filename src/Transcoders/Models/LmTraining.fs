@@ -110,18 +110,3 @@ let trainCancellable (cancel: System.Threading.CancellationToken) (model: Transf
 
 /// Trains `model` in place (see `trainCancellable`), to the last configured step.
 let train model tokenizer train validation c = trainCancellable System.Threading.CancellationToken.None model tokenizer train validation c
-
-/// Seconds one training step of this configuration takes on this machine (median of a few forward and
-/// backward passes, optimizer excluded), for sizing a run to a time budget. Gradients are cleared after.
-let probeStepSeconds (model: Transformer) (train: int[]) (c: LmTrainConfig) : float =
-    let times =
-        [| for i in 0..3 ->
-               use _scope = torch.NewDisposeScope()
-               let sw = System.Diagnostics.Stopwatch.StartNew()
-               use b = Batches.randomWindows train c.BatchSize c.Ctx (c.Train.Seed + 7919L) (int64 i) model.Device
-               let logits = model.forward b.Inputs
-               let loss = torch.nn.functional.cross_entropy(logits.reshape(-1L, logits.shape.[2]), b.Targets.reshape(-1L))
-               loss.backward ()
-               sw.Elapsed.TotalSeconds |]
-    model.zero_grad ()
-    (Array.sort times.[1..]).[1]
