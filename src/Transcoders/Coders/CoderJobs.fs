@@ -116,6 +116,7 @@ type MetricsRow =
       CeAblated: float
       CeRecovered: float
       KlToClean: float
+      KlRecovered: float
       Top1Agreement: float }
 
 /// Metrics tables (CSV for plots, markdown for reading).
@@ -153,7 +154,8 @@ module MetricsTable =
           CosineSimilarity = m (fun e -> e.CosineSimilarity); DeadFraction = m (fun e -> e.DeadFraction)
           DenseFraction = m (fun e -> e.DenseFraction)
           CeClean = s (fun e -> e.CeClean); CeSpliced = s (fun e -> e.CeSpliced); CeAblated = s (fun e -> e.CeAblated)
-          CeRecovered = s (fun e -> e.CeRecovered); KlToClean = s (fun e -> e.KlToClean); Top1Agreement = s (fun e -> e.Top1Agreement) }
+          CeRecovered = s (fun e -> e.CeRecovered); KlToClean = s (fun e -> e.KlToClean)
+          KlRecovered = s (fun e -> e.KlRecovered); Top1Agreement = s (fun e -> e.Top1Agreement) }
 
     let private columns : (string * (MetricsRow -> string)) list =
         [ "name", (fun r -> r.Name); "kind", (fun r -> r.Kind); "layers", (fun r -> r.Layers)
@@ -163,7 +165,7 @@ module MetricsTable =
           "mse", (fun r -> inv r.Mse); "nmse", (fun r -> inv r.NormalizedMse); "cosine", (fun r -> inv r.CosineSimilarity)
           "dead_fraction", (fun r -> inv r.DeadFraction); "dense_fraction", (fun r -> inv r.DenseFraction)
           "ce_clean", (fun r -> inv r.CeClean); "ce_spliced", (fun r -> inv r.CeSpliced); "ce_ablated", (fun r -> inv r.CeAblated)
-          "ce_recovered", (fun r -> inv r.CeRecovered); "kl", (fun r -> inv r.KlToClean); "top1_agreement", (fun r -> inv r.Top1Agreement) ]
+          "ce_recovered", (fun r -> inv r.CeRecovered); "kl", (fun r -> inv r.KlToClean); "kl_recovered", (fun r -> inv r.KlRecovered); "top1_agreement", (fun r -> inv r.Top1Agreement) ]
 
     /// CSV text with a header line (numbers in invariant culture, empty where not computed).
     let csv (rows: MetricsRow list) =
@@ -471,22 +473,21 @@ module CoderJobs =
                         use _ = torch.NewDisposeScope()
                         name, Some(CoderEval.evaluate c batches) ]
                 finally Rows.dispose rows
-        let validation = if eval.SplicedRows > 0 then ModelText.validationRows text store.Ctx eval.SplicedRows else [||]
-        let spliced (cs: Coder list) =
-            if validation.Length = 0 then None
-            else Some(SplicedEval.evaluate model cs (ModelText.tokenBatches model.Device eval.SplicedBatch validation))
-        let results =
-            [ for (name, m), (_, c) in List.zip metrics coders ->
-                onProgress (Evaluating name)
-                name, m, spliced [ c ] ]
         let transcoders =
             coders |> List.map snd |> List.filter (fun c -> c.Config.Kind = Transcoder || c.Config.Kind = SkipTranscoder)
-        let joint =
+        let jointWanted =
             let outs = transcoders |> List.collect (fun c -> List.ofArray c.Config.HookOut)
-            if eval.Joint && transcoders.Length > 1 && List.distinct outs = outs then
-                onProgress (Evaluating "every transcoder at once")
-                spliced transcoders
-            else None
+            eval.Joint && transcoders.Length > 1 && List.distinct outs = outs
+        let spliced =
+            if eval.SplicedRows <= 0 then None
+            else
+                onProgress (Evaluating(sprintf "%d coder(s) spliced into the model" coders.Length))
+                let validation = ModelText.validationRows text store.Ctx eval.SplicedRows
+                let sets = [ for _, c in coders -> [ c ] ] @ (if jointWanted then [ transcoders ] else [])
+                Some(SplicedEval.evaluateMany model sets (ModelText.tokenBatches model.Device eval.SplicedBatch validation))
+        let results =
+            [ for i, ((name, m), _) in List.indexed (List.zip metrics coders) -> name, m, spliced |> Option.map (fun s -> s[i]) ]
+        let joint = if jointWanted then spliced |> Option.map List.last else None
         results, joint
 
     let private evalJson (r: CoderResult) =
@@ -522,7 +523,12 @@ module CoderJobs =
             m["ce_spliced"] <- s.CeSpliced
             m["ce_ablated"] <- s.CeAblated
             m["ce_recovered"] <- s.CeRecovered
+            m["ce_delta"] <- s.CeDelta
             m["kl_to_clean"] <- s.KlToClean
+            m["kl_ablated"] <- s.KlAblated
+            m["kl_recovered"] <- s.KlRecovered
+            m["top1_agreement_ablated"] <- s.Top1AgreementAblated
+            m["logit_cosine"] <- s.LogitCosine
             m["top1_agreement"] <- s.Top1Agreement
             o["spliced"] <- m
         | None -> ()
