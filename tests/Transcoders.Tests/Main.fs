@@ -18,6 +18,7 @@ let all =
         ActivationTests.tests
         CoderTests.tests
         SpliceTests.tests
+        CoderJobTests.tests
     ]
 
 [<EntryPoint>]

@@ -171,6 +171,7 @@ type ActivationStore(model: Transformer, tokens: int[], bos: int option, spec: A
             (let documents = match bos with Some b -> Batches.splitDocuments b tokens | None -> [| tokens |]
              Batches.PackedRows(documents, config.Ctx, config.TextSeed))
     let device = model.Device
+    let mutable passesRun = 0L
 
     /// The hook -> row width of a model's activations (one tiny pass): [b, p, ...] gives the product of the trailing dims.
     static member Widths(model: Transformer, hooks: string list) : Map<string, int64> =
@@ -187,6 +188,8 @@ type ActivationStore(model: Transformer, tokens: int[], bos: int option, spec: A
     /// Where each pass stops (None: the whole model runs).
     member _.StopAtLayer = runOptions.StopAtLayer
     member _.BosFilter = bosFilter
+    /// Model passes this store has run so far.
+    member _.PassesRun = passesRun
 
     /// Token ids [PassRows, Ctx] (int64, on the model's device) of pass `pass`.
     member _.TokenRows(pass: int64) : torch.Tensor =
@@ -207,6 +210,7 @@ type ActivationStore(model: Transformer, tokens: int[], bos: int option, spec: A
         use scope = torch.NewDisposeScope()
         let rows = s.TokenRows pass
         let r = Transformer.run model runOptions rows
+        passesRun <- passesRun + 1L
         r.Residual |> Option.iter (fun t -> t.Dispose())
         r.Logits |> Option.iter (fun t -> t.Dispose())
         let acts = r.Cache |> Map.map (fun _ t -> t.MoveToOuterDisposeScope())
