@@ -9,6 +9,9 @@ type Command =
     | [<CliPrefix(CliPrefix.None)>] Inspect of ParseResults<InspectCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Generate of ParseResults<GenerateCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Train_Lm of ParseResults<TrainLmCommand.Args>
+    | [<CliPrefix(CliPrefix.None)>] Train_Coder of ParseResults<TrainCoderCommand.Args>
+    | [<CliPrefix(CliPrefix.None)>] Eval_Coder of ParseResults<EvalCoderCommand.Args>
+    | [<CliPrefix(CliPrefix.None)>] Sweep of ParseResults<SweepCommand.Args>
     interface IArgParserTemplate with
         member this.Usage =
             match this with
@@ -17,6 +20,9 @@ type Command =
             | Inspect _ -> "print a checkpoint's configuration and parameter count"
             | Generate _ -> "generate text with a checkpoint"
             | Train_Lm _ -> "train a GPT on TinyStories (checkpoints, exact resume, metrics.jsonl)"
+            | Train_Coder _ -> "train transcoders / SAEs on a model's activations, save and evaluate them"
+            | Eval_Coder _ -> "evaluate saved coders on a model (L0, FVU, spliced CE, KL)"
+            | Sweep _ -> "sweep coder kind, layer, width and sparsity; write the L0-vs-CE comparison"
 
 [<EntryPoint>]
 let main argv =
@@ -30,6 +36,9 @@ let main argv =
         | Inspect a -> InspectCommand.run a
         | Generate a -> GenerateCommand.run a
         | Train_Lm a -> TrainLmCommand.run a
+        | Train_Coder a -> TrainCoderCommand.run a
+        | Eval_Coder a -> EvalCoderCommand.run a
+        | Sweep a -> SweepCommand.run a
     with e when not (isNull e.Message) && Environment.GetEnvironmentVariable "TRANSCODERS_DEBUG" <> "1" ->
         // Errors from the library name the file, field or shape at fault; a stack trace adds nothing for a user.
         eprintfn "error: %s" e.Message

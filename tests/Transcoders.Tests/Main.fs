@@ -20,6 +20,7 @@ let all =
         SpliceTests.tests
         FacadeTests.tests
         TrainingTests.tests
+        CoderJobTests.tests
     ]
 
 [<EntryPoint>]

@@ -1,0 +1,78 @@
+/// `eval-coder MODEL --coders DIR...`: evaluates saved coders on a model (held-out L0, FVU, MSE, dead features;
+/// spliced CE, CE recovered, KL, top-1 agreement) and prints a table.
+module Transcoders.Cli.EvalCoderCommand
+
+open System
+open System.Diagnostics
+open System.IO
+open Argu
+open Transcoders.Coders
+open Transcoders.Tensors
+
+type Args =
+    | [<MainCommand; ExactlyOnce>] Model of path: string
+    | [<Mandatory>] Coders of folders: string list
+    | Validation_Tokens of int
+    | Tokens of folder: string
+    | Ctx of int
+    | Batch of int
+    | No_Joint
+    | Out of folder: string
+    | Device of string
+    | Threads of int
+    interface IArgParserTemplate with
+        member this.Usage =
+            match this with
+            | Model _ -> "the model the coders belong to"
+            | Coders _ -> "coder folders (or name.safetensors / name.json paths) saved by train-coder or CoderFile.save"
+            | Validation_Tokens _ -> "validation tokens to evaluate on (default 16384): as held-out activation rows and as spliced text"
+            | Tokens _ -> "token shards (a folder with train/ and validation/; default: TinyStories in the model's tokenizer)"
+            | Ctx _ -> "tokens per text row (default 128, at most the model's context)"
+            | Batch _ -> "rows per model pass in the spliced evaluation (default 16)"
+            | No_Joint -> "do not also splice every transcoder at once"
+            | Out _ -> "also write metrics.csv and metrics.md here"
+            | Device _ -> "cpu, cuda, cuda:N or auto (default auto)"
+            | Threads _ -> "torch CPU threads (default: all cores)"
+
+let run (args: ParseResults<Args>) =
+    let sw = Stopwatch.StartNew()
+    let modelPath = args.GetResult Model
+    let device = Device.resolve (Device.parse (args.GetResult(Device, "auto")))
+    Device.setThreads (args.GetResult(Threads, 0))
+    let model, text = TrainCoderCommand.loadModelAndText modelPath (args.TryGetResult Tokens) device
+    use _m = model
+    let paths = args.GetResult Coders
+    let coders =
+        [ for p in paths ->
+            let name = if Directory.Exists p then Path.GetFileName(Path.GetFullPath(p).TrimEnd(Path.DirectorySeparatorChar)) else Path.GetFileNameWithoutExtension p
+            name, CoderFile.load p device ]
+    try
+        let jobs = [ for n, c in coders -> { Name = n; Coder = c.Config; Train = TrainConfig.Paper } ]
+        let problems = [ for j in jobs do for p in CoderJobs.problems model j do if not (p.StartsWith "Steps" || p.StartsWith "BatchSize") then yield sprintf "coder '%s': %s" j.Name p ]
+        if not problems.IsEmpty then failwithf "the coders do not fit the model:\n  %s" (String.Join("\n  ", problems))
+        let tokens = args.GetResult(Validation_Tokens, 16384)
+        let store = TrainCoderCommand.storeConfig model (args.TryGetResult Ctx) 4096 None 0L device
+        let eval =
+            { ActivationRows = int64 tokens
+              SplicedRows = max 1 (tokens / store.Ctx)
+              SplicedBatch = args.GetResult(Batch, 16)
+              Joint = not (args.Contains No_Joint) }
+        let evaluated, joint = CoderJobs.evaluate model text store eval (TrainCoderCommand.printProgress sw) coders
+        let results =
+            [ for (name, metrics, spliced), (_, c) in List.zip evaluated coders ->
+                { Name = name; Path = ""; Config = c.Config; Train = None; LastLog = None; Metrics = metrics; Spliced = spliced } ]
+        let rows = results |> List.map MetricsTable.row
+        printfn ""
+        printf "%s" (MetricsTable.markdown rows)
+        match joint with
+        | Some j -> printfn "\nevery transcoder spliced at once: CE %.4f (clean %.4f, ablated %.4f), CE recovered %.3f, KL %.4f" j.CeSpliced j.CeClean j.CeAblated j.CeRecovered j.KlToClean
+        | None -> ()
+        match args.TryGetResult Out with
+        | Some out ->
+            CoderJobs.writeMetrics out results joint
+            printfn "metrics written to %s" out
+        | None -> ()
+        printfn "(%s)" (Output.seconds sw.Elapsed)
+        0
+    finally
+        for _, c in coders do (c :> IDisposable).Dispose()

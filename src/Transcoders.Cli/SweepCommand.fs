@@ -1,0 +1,100 @@
+/// `sweep MODEL`: trains coders over kinds × layers × widths × sparsity levels from one activation stream and writes
+/// the comparison (the transcoder paper's SAE-versus-transcoder frontier) as markdown and CSV.
+module Transcoders.Cli.SweepCommand
+
+open System
+open System.Diagnostics
+open System.IO
+open Argu
+open Transcoders.Activations
+open Transcoders.Coders
+open Transcoders.Tensors
+
+type Args =
+    | [<MainCommand; ExactlyOnce>] Model of path: string
+    | Kinds of kinds: string list
+    | Layers of layers: int list
+    | Ks of ks: int list
+    | L1s of lambdas: float list
+    | Widths of widths: int list
+    | Steps of int
+    | Batch of int
+    | Out of folder: string
+    | Max_Concurrent of int
+    | Device of string
+    | Seed of int64
+    | Threads of int
+    | Cache_Activations of folder: string
+    | Tokens of folder: string
+    | Ctx of int
+    | Buffer_Rows of int64
+    | Checkpoint_Every of int
+    | No_Resume
+    | Eval_Rows of int64
+    | Spliced_Rows of int
+    interface IArgParserTemplate with
+        member this.Usage =
+            match this with
+            | Model _ -> "the model (our folder, a Hugging Face folder or a llama2.c .bin)"
+            | Kinds _ -> "coder kinds: transcoder, skip-transcoder, sae (on hook_mlp_out), sae:<hook suffix> (default transcoder sae)"
+            | Layers _ -> "layers (default: the middle layer)"
+            | Ks _ -> "TopK levels k (default 4 8 16 32 unless --l1s is given)"
+            | L1s _ -> "ReLU + L1 levels λ"
+            | Widths _ -> "features per coder (default 16 × d_model)"
+            | Steps _ -> "training steps per coder (default 600)"
+            | Batch _ -> "tokens per training batch (default 1024)"
+            | Out _ -> "output folder (default sweeps/<model>)"
+            | Max_Concurrent _ -> "coders trained at once from one stream (default: all)"
+            | Device _ -> "cpu, cuda, cuda:N or auto (default auto)"
+            | Seed _ -> "seed (default 42)"
+            | Threads _ -> "torch CPU threads (default: all cores)"
+            | Cache_Activations _ -> "cache the model's activations in this folder (written once, reused)"
+            | Tokens _ -> "token shards (a folder with train/ and validation/; default: TinyStories in the model's tokenizer)"
+            | Ctx _ -> "tokens per text row (default 128)"
+            | Buffer_Rows _ -> "shuffle buffer rows (default 64 batches)"
+            | Checkpoint_Every _ -> "steps between checkpoints (default 500; 0: only at the end)"
+            | No_Resume -> "start over even if the output folder holds a checkpoint"
+            | Eval_Rows _ -> "held-out activation rows per coder (default 32768)"
+            | Spliced_Rows _ -> "validation rows spliced for CE/KL (default 128)"
+
+let run (args: ParseResults<Args>) =
+    let sw = Stopwatch.StartNew()
+    let modelPath = args.GetResult Model
+    let device = Device.resolve (Device.parse (args.GetResult(Device, "auto")))
+    Device.setThreads (args.GetResult(Threads, 0))
+    let model, text = TrainCoderCommand.loadModelAndText modelPath (args.TryGetResult Tokens) device
+    use _m = model
+    let c = model.Config
+    let name = TrainCoderCommand.modelName modelPath
+    let steps = args.GetResult(Steps, 600)
+    let batch = args.GetResult(Batch, 1024)
+    let seed = args.GetResult(Seed, 42L)
+    let levels =
+        [ yield! args.GetResult(Ks, (if args.Contains L1s then [] else [ 4; 8; 16; 32 ])) |> List.map TopKLevel
+          yield! args.GetResult(L1s, []) |> List.map L1Level ]
+    let out = args.GetResult(Out, Path.Combine("sweeps", name))
+    let config =
+        { Model = name
+          Kinds = args.GetResult(Kinds, [ "transcoder"; "sae" ]) |> List.map SweepKind.Parse
+          Layers = args.GetResult(Layers, [ c.NLayers / 2 ])
+          Widths = args.GetResult(Widths, [ 16 * c.DModel ])
+          Levels = levels
+          Train =
+            fun coder level ->
+                let lambda = match level with L1Level l -> l | TopKLevel _ -> 0.0
+                { CoderDefaults.forCoder coder lambda steps batch with Seed = seed }
+          MaxConcurrent = args.GetResult(Max_Concurrent, 0)
+          Run =
+            { JobsConfig.Default out with
+                Store = TrainCoderCommand.storeConfig model (args.TryGetResult Ctx) batch (args.TryGetResult Buffer_Rows) seed device
+                Cache = args.TryGetResult Cache_Activations |> Option.map (fun d -> { Dir = d; Settings = CacheConfig.Default })
+                CheckpointEvery = args.GetResult(Checkpoint_Every, 500)
+                Resume = not (args.Contains No_Resume)
+                Eval = { JobEval.Default with ActivationRows = args.GetResult(Eval_Rows, 32768L); SplicedRows = args.GetResult(Spliced_Rows, 128) } } }
+    printfn "%s: %d layers, d_model %d; text %s" name c.NLayers c.DModel text.Name
+    let result = Sweep.run model text config (TrainCoderCommand.printProgress sw)
+    printfn ""
+    printf "%s" (File.ReadAllText(Path.Combine(out, "sweep.md")))
+    printfn ""
+    printfn "%d points in %s; sweep.md, sweep.csv and frontier.csv in %s" result.Points.Length (Output.seconds sw.Elapsed) out
+    0

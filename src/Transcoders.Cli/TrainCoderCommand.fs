@@ -1,0 +1,171 @@
+/// `train-coder MODEL`: trains transcoders and/or SAEs on a model's activations (all from one stream), saves them,
+/// and prints their evaluation (L0, FVU, spliced CE).
+module Transcoders.Cli.TrainCoderCommand
+
+open System
+open System.Diagnostics
+open System.IO
+open Argu
+open TorchSharp
+open Transcoders.Activations
+open Transcoders.Coders
+open Transcoders.Models
+open Transcoders.Tensors
+
+type Args =
+    | [<MainCommand; ExactlyOnce>] Model of path: string
+    | Layers of layers: int list
+    | Kind of kinds: string list
+    | Activation of string
+    | K of int
+    | L1 of lambda: float
+    | Width of int
+    | Expansion of int
+    | Steps of int
+    | Batch of int
+    | Lr of float
+    | Out of folder: string
+    | Device of string
+    | Seed of int64
+    | Threads of int
+    | Cache_Activations of folder: string
+    | Tokens of folder: string
+    | Ctx of int
+    | Buffer_Rows of int64
+    | Checkpoint_Every of int
+    | No_Resume
+    | Eval_Rows of int64
+    | Spliced_Rows of int
+    interface IArgParserTemplate with
+        member this.Usage =
+            match this with
+            | Model _ -> "the model: our folder, a Hugging Face folder or a llama2.c .bin (e.g. data/models/stories260K/stories260K.bin)"
+            | Layers _ -> "layers to train coders at (default: every layer)"
+            | Kind _ -> "transcoder, skip-transcoder, sae (on hook_mlp_out) or sae:<hook suffix>, e.g. sae:hook_resid_post (default transcoder)"
+            | Activation _ -> "topk (default), batchtopk, relu (L1 penalty) or jumprelu"
+            | K _ -> "features kept per token for topk/batchtopk (default d_model/4)"
+            | L1 _ -> "sparsity coefficient λ for relu/jumprelu (default 1.0, on activations normalised to E‖x‖ = √d)"
+            | Width _ -> "features per coder, d_sae (default: expansion × d_model)"
+            | Expansion _ -> "d_sae / d_model when --width is not given (default 16)"
+            | Steps _ -> "training steps (default 600)"
+            | Batch _ -> "tokens per training batch (default 1024)"
+            | Lr _ -> "Adam learning rate (default: 8e-4·√(16384/d_sae), at most 4e-3)"
+            | Out _ -> "output folder (default coders/<model>-<kind>)"
+            | Device _ -> "cpu, cuda, cuda:N or auto (default auto)"
+            | Seed _ -> "seed of initialisation, text order and shuffling (default 42)"
+            | Threads _ -> "torch CPU threads (default: all cores)"
+            | Cache_Activations _ -> "cache the model's activations in this folder (written once, reused by later runs)"
+            | Tokens _ -> "token shards (a folder with train/ and validation/; default: TinyStories tokenized with the model's tokenizer)"
+            | Ctx _ -> "tokens per text row (default 128, at most the model's context)"
+            | Buffer_Rows _ -> "shuffle buffer rows (default 64 batches)"
+            | Checkpoint_Every _ -> "steps between checkpoints (default 500; 0: only at the end)"
+            | No_Resume -> "start over even if the output folder holds a checkpoint"
+            | Eval_Rows _ -> "held-out activation rows for L0/FVU (default 32768)"
+            | Spliced_Rows _ -> "validation rows spliced for CE/KL (default 128)"
+
+/// The name a model goes by in coder configs: the file name without extension, or the folder's name.
+let modelName (path: string) =
+    let full = Path.GetFullPath(path).TrimEnd(Path.DirectorySeparatorChar)
+    if File.Exists full then Path.GetFileNameWithoutExtension full else Path.GetFileName full
+
+/// Loads the model (in eval mode) and its text: the given token shards, or TinyStories in the model's tokenizer.
+let loadModelAndText (modelPath: string) (tokens: string option) (device: torch.Device) =
+    let model, _ = ModelFiles.load modelPath device
+    model.eval ()
+    let text =
+        match tokens with
+        | Some folder -> ModelText.ofShards folder
+        | None -> ModelText.forModel modelPath
+    model, text
+
+/// The store settings from the common options.
+let storeConfig (model: Transformer) (ctx: int option) (batch: int) (bufferRows: int64 option) (seed: int64) (device: torch.Device) =
+    let ctx = defaultArg ctx (min 128 model.Config.NCtx)
+    let rows = defaultArg bufferRows (64L * int64 batch)
+    let rows = max (int64 batch) (rows / int64 batch * int64 batch)
+    { StoreConfig.Default with
+        Ctx = ctx
+        PassRows = max 1 (min 32 (batch / ctx))
+        TextSeed = seed
+        Buffer = { ShuffleBufferConfig.Default with Rows = rows; BatchSize = int64 batch; Seed = seed; ServeDevice = device } }
+
+/// Prints progress lines: phases, and every logged step's L0 / FVU / dead fraction per coder.
+let printProgress (sw: Stopwatch) =
+    let mutable lastPrint = TimeSpan.Zero
+    fun (p: JobsProgress) ->
+        match p with
+        | Preparing what -> printfn "[%6.1fs] %s" sw.Elapsed.TotalSeconds what
+        | Evaluating what -> printfn "[%6.1fs] evaluating %s" sw.Elapsed.TotalSeconds what
+        | Checkpointed(step, _) -> printfn "[%6.1fs] checkpoint at step %d" sw.Elapsed.TotalSeconds step
+        | Trained(step, steps, tokens, logs) ->
+            if not logs.IsEmpty && (sw.Elapsed - lastPrint > TimeSpan.FromSeconds 5.0 || step = steps) then
+                lastPrint <- sw.Elapsed
+                let parts = logs |> List.map (fun (n, l) -> sprintf "%s L0 %.1f FVU %.3f dead %.2f" n l.L0 l.Fvu l.DeadFraction)
+                printfn "[%6.1fs] step %d/%d (%s tokens) %s" sw.Elapsed.TotalSeconds step steps (Output.count tokens) (String.Join(" | ", parts))
+
+/// The activation from its name and the k / λ options.
+let activationOf (name: string) (k: int) =
+    match name.Trim().ToLowerInvariant() with
+    | "topk" -> TopK k
+    | "batchtopk" -> BatchTopK(float k)
+    | "relu" -> ReLU
+    | "jumprelu" -> JumpReLU JumpReLUSpec.Default
+    | a -> failwithf "unknown activation '%s': expected topk, batchtopk, relu or jumprelu" a
+
+/// Prints a results table and where the files are.
+let printResults (out: string) (result: JobsResult) =
+    printfn ""
+    printf "%s" (IO.File.ReadAllText(Path.Combine(out, "metrics.md")))
+    printfn ""
+    printfn "training %s, evaluation %s%s; coders, logs and metrics in %s" (Output.seconds (TimeSpan.FromSeconds result.TrainSeconds))
+        (Output.seconds (TimeSpan.FromSeconds result.EvalSeconds))
+        (match result.ResumedFrom with Some s -> sprintf " (resumed from step %d)" s | None -> "") out
+
+let run (args: ParseResults<Args>) =
+    let sw = Stopwatch.StartNew()
+    let modelPath = args.GetResult Model
+    let device = Device.resolve (Device.parse (args.GetResult(Device, "auto")))
+    Device.setThreads (args.GetResult(Threads, 0))
+    let model, text = loadModelAndText modelPath (args.TryGetResult Tokens) device
+    use _m = model
+    let c = model.Config
+    let name = modelName modelPath
+    let layers = args.GetResult(Layers, [ 0 .. c.NLayers - 1 ])
+    let kinds = args.GetResult(Kind, [ "transcoder" ]) |> List.map SweepKind.Parse
+    let width = args.GetResult(Width, args.GetResult(Expansion, 16) * c.DModel)
+    let k = args.GetResult(K, max 1 (c.DModel / 4))
+    let activation = activationOf (args.GetResult(Activation, "topk")) k
+    let lambda = args.GetResult(L1, 1.0)
+    let steps = args.GetResult(Steps, 600)
+    let batch = args.GetResult(Batch, 1024)
+    let seed = args.GetResult(Seed, 42L)
+    let out = args.GetResult(Out, Path.Combine("coders", sprintf "%s-%s" name (String.Join("-", kinds |> List.map (fun k -> k.Name.Replace(":", "-"))))))
+    let level = match activation with ReLU | JumpReLU _ -> L1Level lambda | _ -> TopKLevel k
+    let jobs =
+        [ for kind in kinds do
+              for layer in layers do
+                  if layer < 0 || layer >= c.NLayers then failwithf "layer %d is outside the model's layers 0..%d" layer (c.NLayers - 1)
+                  let dIn =
+                      match kind with
+                      | SaeOn suffix ->
+                          let hook = sprintf "blocks.%d.%s" layer suffix
+                          HookNames.resolve c hook |> ignore
+                          int (ActivationStore.Widths(model, [ hook ])[hook])
+                      | _ -> c.DModel
+                  let coder = { Sweep.coderConfig name dIn kind layer width level with Activation = activation }
+                  let train = CoderDefaults.forCoder coder lambda steps batch
+                  let train = { train with Seed = seed; Lr = args.GetResult(Lr, train.Lr) }
+                  let jobName = sprintf "%s-L%d" (kind.Name.Replace(":", "-").Replace(".", "-")) layer
+                  yield { Name = jobName; Coder = coder; Train = train } ]
+    let config =
+        { JobsConfig.Default out with
+            Store = storeConfig model (args.TryGetResult Ctx) batch (args.TryGetResult Buffer_Rows) seed device
+            Cache = args.TryGetResult Cache_Activations |> Option.map (fun d -> { Dir = d; Settings = CacheConfig.Default })
+            CheckpointEvery = args.GetResult(Checkpoint_Every, 500)
+            Resume = not (args.Contains No_Resume)
+            Eval = { JobEval.Default with ActivationRows = args.GetResult(Eval_Rows, 32768L); SplicedRows = args.GetResult(Spliced_Rows, 128) } }
+    printfn "%s: %d layers, d_model %d; text %s (%s train tokens)" name c.NLayers c.DModel text.Name (Output.count (int64 text.Train.Length))
+    printfn "training %d coder(s) of width %d, %A, %d steps × %d tokens on %O" jobs.Length width activation steps batch device
+    let result = CoderJobs.run model text jobs config (printProgress sw)
+    printResults out result
+    0
