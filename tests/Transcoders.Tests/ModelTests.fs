@@ -231,7 +231,8 @@ let hookTests =
             use hooked = Transformer.runWithHooks m [ "*", id ] tokens
             Expect.isLessThan (relDiff hooked plain) 1e-4 "identity hooks (explicit attention and norms)"
             use ablated = Transformer.runWithHooks m [ "blocks.*.hook_mlp_out", torch.zeros_like ] tokens
-            Expect.isGreaterThan (maxDiff plain ablated) 1e-4 "zero-ablated MLPs change the logits"
+            // small random weights can make the MLPs' effect tiny (~1e-5) but never zero; an ignored hook gives exactly 0
+            Expect.isGreaterThan (maxDiff plain ablated) 1e-7 "zero-ablated MLPs change the logits"
 
         testCase "a hook's replacement flows downstream, hooks at one point run in order, the cache keeps the hooked value" <| fun () ->
             let c = randomConfig 11 GptLike
