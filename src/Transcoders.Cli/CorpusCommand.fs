@@ -20,55 +20,14 @@ type Args =
             | Full_Gpt2 -> "use GPT-2's full 50,257-token vocabulary instead of a compact one"
             | Out _ -> "output folder (default: <cache>/corpus/tinystories-<vocab>)"
 
-/// What `prepare` made: the tokenizer and both splits' metadata.
-type Prepared =
-    { Tokenizer: Tokenizer
-      Folder: string
-      Train: TokenShards.Meta
-      Validation: TokenShards.Meta }
-
-/// Builds the tokenizer (a compact vocabulary counted on the training files, or full GPT-2) and writes the
-/// shards; reuses shards already in `folder` when they were made from the same files with the same tokenizer.
-let prepare (files: string list) (vocabSize: int option) (folder: string) : Prepared =
-    let validation = files |> List.filter (fun f -> Path.GetFileName f = Corpus.shippedValidationFile)
-    let trainFiles = files |> List.except validation
-    let gpt2 = Gpt2Tokenizer.get ()
-    let tokenizer =
-        match vocabSize with
-        | Some k -> Tokenizer.compact (Corpus.buildCompactVocab gpt2 k trainFiles)
-        | None -> Tokenizer.gpt2 ()
-    let existing =
-        try
-            let t = TokenShards.readMeta (Path.Combine(folder, "train"))
-            let v = TokenShards.readMeta (Path.Combine(folder, "validation"))
-            let same = t.TokenizerJson = (Tokenizer.toJson tokenizer).ToJsonString() && t.Sources = TokenShards.sourcesOf files
-            if same then Some(t, v) else None
-        with _ -> None
-    let train, valid =
-        match existing with
-        | Some pair -> pair
-        | None ->
-            let options =
-                { TokenShards.PrepareOptions.Default with
-                    Split = if validation.IsEmpty then Corpus.HeldOut(0.05, 42L) else Corpus.ByFile [ Corpus.shippedValidationFile ] }
-            TokenShards.prepare tokenizer files options folder
-    { Tokenizer = tokenizer; Folder = folder; Train = train; Validation = valid }
-
-let defaultFolder (vocabSize: int option) =
-    Path.Combine(Paths.cacheDir (), "corpus", (match vocabSize with Some k -> sprintf "tinystories-compact%d" k | None -> "tinystories-gpt2"))
-
-let run (args: ParseResults<Args>) =
-    let files = args.GetResult(Files, Corpus.shippedFiles ())
-    let vocabSize = if args.Contains Full_Gpt2 then None else Some(args.GetResult(Vocab_Size, 4096))
-    let folder = args.GetResult(Out, defaultFolder vocabSize)
-    let sw = Stopwatch.StartNew()
-    let p = prepare files vocabSize folder
-    let stats = Corpus.stats (Tokenizer.gpt2 ()) (files |> List.filter (fun f -> Path.GetFileName f <> Corpus.shippedValidationFile))
+/// Prints what a prepared corpus holds.
+let printSummary (files: string list) (p: TinyStories.Prepared) (elapsed: System.TimeSpan) =
+    let stats = Corpus.stats (Tokenizer.gpt2 ()) (TinyStories.trainingFiles files)
     let coverage =
         match p.Tokenizer with
-        | Compact(v, _) -> CompactVocab.coverage v (TokenShards.readTokens (Path.Combine(folder, "train")))
+        | Compact(v, _) -> CompactVocab.coverage v (TokenShards.readTokens (Path.Combine(p.Folder, "train")))
         | _ -> 1.0
-    printfn "TinyStories corpus → %s (%s)" folder (Output.seconds sw.Elapsed)
+    printfn "TinyStories corpus → %s (%s)" p.Folder (Output.seconds elapsed)
     Output.table [
         "files", string files.Length
         "training stories", Output.count stats.Stories
@@ -78,4 +37,12 @@ let run (args: ParseResults<Args>) =
         "train shards", sprintf "%s tokens, %s documents" (Output.count p.Train.Tokens) (Output.count p.Train.Documents)
         "validation shards", sprintf "%s tokens, %s documents" (Output.count p.Validation.Tokens) (Output.count p.Validation.Documents)
         "vocabulary coverage (train)", Output.percent coverage ]
+
+let run (args: ParseResults<Args>) =
+    let files = args.GetResult(Files, Corpus.shippedFiles ())
+    let vocabSize = if args.Contains Full_Gpt2 then None else Some(args.GetResult(Vocab_Size, 4096))
+    let folder = args.GetResult(Out, TinyStories.defaultFolder vocabSize)
+    let sw = Stopwatch.StartNew()
+    let p = TinyStories.prepare files vocabSize folder
+    printSummary files p sw.Elapsed
     0

@@ -4,18 +4,22 @@ open System
 open Argu
 
 type Command =
+    | [<CliPrefix(CliPrefix.None)>] Quickstart of ParseResults<QuickstartCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Corpus of ParseResults<CorpusCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Inspect of ParseResults<InspectCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Generate of ParseResults<GenerateCommand.Args>
+    | [<CliPrefix(CliPrefix.None)>] Train_Lm of ParseResults<TrainLmCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Train_Coder of ParseResults<TrainCoderCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Eval_Coder of ParseResults<EvalCoderCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Sweep of ParseResults<SweepCommand.Args>
     interface IArgParserTemplate with
         member this.Usage =
             match this with
+            | Quickstart _ -> "the main job on the shipped data: corpus, train a small GPT for a few minutes, generate"
             | Corpus _ -> "tokenize TinyStories into token shards and print corpus statistics"
             | Inspect _ -> "print a checkpoint's configuration and parameter count"
             | Generate _ -> "generate text with a checkpoint"
+            | Train_Lm _ -> "train a GPT on TinyStories (checkpoints, exact resume, metrics.jsonl)"
             | Train_Coder _ -> "train transcoders / SAEs on a model's activations, save and evaluate them"
             | Eval_Coder _ -> "evaluate saved coders on a model (L0, FVU, spliced CE, KL)"
             | Sweep _ -> "sweep coder kind, layer, width and sparsity; write the L0-vs-CE comparison"
@@ -27,9 +31,11 @@ let main argv =
     Transcoders.Tensors.Device.init ()
     try
         match args.GetSubCommand() with
+        | Quickstart a -> QuickstartCommand.run a
         | Corpus a -> CorpusCommand.run a
         | Inspect a -> InspectCommand.run a
         | Generate a -> GenerateCommand.run a
+        | Train_Lm a -> TrainLmCommand.run a
         | Train_Coder a -> TrainCoderCommand.run a
         | Eval_Coder a -> EvalCoderCommand.run a
         | Sweep a -> SweepCommand.run a

@@ -19,6 +19,8 @@ let all =
         CoderTests.tests
         SpliceTests.tests
         CoderJobTests.tests
+        FacadeTests.tests
+        TrainingTests.tests
     ]
 
 [<EntryPoint>]

@@ -24,15 +24,17 @@ let private values (t: Tensor) : float[] =
     use c = t.detach().cpu().to_type(torch.float64).contiguous()
     c.data<float>().ToArray()
 
-/// Fills every parameter of a coder from a private generator: N(0, 0.4), thresholds θ = exp(N(−1.5, 0.3)).
+/// A coder with every parameter drawn from a private generator (torch's global one is left alone): N(0, 0.4),
+/// thresholds θ = exp(N(−1.5, 0.3)); a BatchTopK coder gets no threshold yet.
 let randomCoder (seed: int) (cfg: CoderConfig) : Coder =
-    let c = Coder.create cfg cpu
     use g = new torch.Generator(uint64 (int64 seed + 5000000L), cpu)
     use _ = torch.no_grad ()
-    for n, p in c.NamedParameters do
-        use noise = torch.randn(p.shape, generator = g)
-        (if n = "log_threshold" then p.copy_(noise * 0.3 - 1.5) else p.copy_(noise * 0.4)) |> ignore
-    c
+    use scope = torch.NewDisposeScope()
+    Coder.ofTensors cfg cpu
+        [ for n, shape in Coder.ParameterShapes cfg do
+              if n <> "batchtopk_threshold" then
+                  let noise = torch.randn(shape, generator = g)
+                  yield n, (if n = "log_threshold" then noise * 0.3 - 1.5 else noise * 0.4) ]
 
 /// A coder config of `kind` over `layers` of a model with this configuration: random width, activation (ReLU,
 /// JumpReLU, TopK), input bias and activation scales (so that every term of the splice is exercised).
@@ -59,7 +61,7 @@ let coderConfig (rng: Random) (c: TransformerConfig) (kind: CoderKind) (layers: 
 let coderSetup (seed: int) (c: TransformerConfig) (setup: int) : Coder list =
     let rng = Random(seed * 7 + setup)
     let subset =
-        let s = [| for l in 0 .. c.NLayers - 1 do if rng.Next 2 = 0 then yield l |]
+        let s = [| for l in 0 .. c.NLayers - 1 do if rng.Next 3 > 0 then yield l |]
         if s.Length = 0 then [| rng.Next c.NLayers |] else s
     let make i kind layers = randomCoder (seed * 31 + i) (coderConfig rng c kind layers)
     match setup % 4 with
@@ -111,12 +113,15 @@ let exactTranscoder (m: Transformer) (layer: int) : Coder =
 
 /// A transcoder whose every parameter is zero: it predicts 0 (the zero ablation).
 let zeroTranscoder (c: TransformerConfig) (layer: int) : Coder =
-    let coder = Coder.create { CoderConfig.transcoder "zero" layer c.DModel 5 with InputBias = false } cpu
-    use _ = torch.no_grad ()
-    for _, p in coder.NamedParameters do p.zero_() |> ignore
-    coder
+    let cfg = { CoderConfig.transcoder "zero" layer c.DModel 5 with InputBias = false }
+    use scope = torch.NewDisposeScope()
+    Coder.ofTensors cfg cpu [ for n, shape in Coder.ParameterShapes cfg -> n, torch.zeros(shape) ]
 
 let private kindOf (i: uint8) = kinds[int i % 3]
+
+/// A small random configuration (ModelTests.randomConfig) with 1 to 4 layers, so that cross-layer decoders reach
+/// across up to four layers.
+let spliceConfig (seed: int) (kind: Kind) = { randomConfig seed kind with NLayers = 1 + (seed &&& 0x7fffffff) % 4 }
 
 let private throwsWith (f: unit -> 'a) (parts: string list) (what: string) =
     let e = Expect.throwsC (fun () -> f () |> ignore) id
@@ -128,7 +133,7 @@ let spliceTests =
         testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 40 } "spliced logits = the slow fixed point of Coder.Forward (transcoders, skip, CLT, SAE)"
         <| fun (seed: int) (kindIndex: uint8) (setup: uint8) ->
             use scope = torch.NewDisposeScope()
-            let c = randomConfig seed (kindOf kindIndex)
+            let c = spliceConfig seed (kindOf kindIndex)
             use m = randomModel seed c
             let coders = coderSetup seed c (int setup)
             try
@@ -136,14 +141,18 @@ let spliceTests =
                 let spliced = Transformer.runWithHooks m (Splicing.hooks coders WithoutErrorTerms) tokens
                 let reference = referenceLogits m coders tokens
                 Expect.isLessThan (relDiff spliced reference) 1e-4 "spliced = reference"
-                let plain = Transformer.forward m tokens
-                Expect.isGreaterThan (maxDiff spliced plain) 1e-3 "without error terms the logits change"
+                // the outputs are the coders' (random coders are far from the MLPs), not the model's
+                let outputs = Splicing.outputHooks coders
+                use original = Transformer.runWithCache m outputs tokens
+                use replaced = Transformer.run m { RunOptions.Default with Hooks = Splicing.hooks coders WithoutErrorTerms; Cache = set outputs } tokens
+                for h in outputs do
+                    Expect.isGreaterThan (maxDiff replaced[h] original[h]) 1e-3 (h + " is replaced")
             finally disposeAll coders
 
         testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 40 } "with error terms the spliced model reproduces the original logits"
         <| fun (seed: int) (kindIndex: uint8) (setup: uint8) ->
             use scope = torch.NewDisposeScope()
-            let c = randomConfig seed (kindOf kindIndex)
+            let c = spliceConfig seed (kindOf kindIndex)
             use m = randomModel seed c
             let coders = coderSetup seed c (int setup)
             try
@@ -285,7 +294,7 @@ let replacementTests =
         testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 20 } "the cache holds the features: Coder.Encode of the cached inputs; outputs are the spliced values"
         <| fun (seed: int) (kindIndex: uint8) (setup: uint8) ->
             use scope = torch.NewDisposeScope()
-            let c = randomConfig seed (kindOf kindIndex)
+            let c = spliceConfig seed (kindOf kindIndex)
             use m = randomModel seed c
             let coders = coderSetup seed c (int setup)
             try
@@ -304,11 +313,11 @@ let replacementTests =
                         let acts = coder.Encode x
                         let pred = coder.Forward x
                         for i in 0 .. cfg.NLayers - 1 do
-                            Expect.isLessThan (relDiff r[featureHookName coder i] (acts.select(2, int64 i))) 1e-5 "CLT features"
-                            Expect.isLessThan (relDiff r[cfg.HookOut[i]] (pred.select(2, int64 i))) 1e-5 "CLT outputs"
+                            Expect.isLessThan (relDiff r[featureHookName coder i] (acts.select(2, int64 i))) 1e-4 "CLT features"
+                            Expect.isLessThan (relDiff r[cfg.HookOut[i]] (pred.select(2, int64 i))) 1e-4 "CLT outputs"
                     elif cfg.Kind <> Sae then
-                        Expect.isLessThan (relDiff r[featureHookName coder 0] (coder.Encode r[cfg.HookIn[0]])) 1e-5 "transcoder features"
-                        Expect.isLessThan (relDiff r[cfg.HookOut[0]] (coder.Forward r[cfg.HookIn[0]])) 1e-5 "transcoder output"
+                        Expect.isLessThan (relDiff r[featureHookName coder 0] (coder.Encode r[cfg.HookIn[0]])) 1e-4 "transcoder features"
+                        Expect.isLessThan (relDiff r[cfg.HookOut[0]] (coder.Forward r[cfg.HookIn[0]])) 1e-4 "transcoder output"
                     else
                         // the cache keeps the SAE's reconstruction, whose input the run does not keep: check its shape
                         Expect.sequenceEqual r[featureHookName coder 0].shape [| 2L; int64 (min c.NCtx 5); int64 cfg.DSae |] "SAE features"
@@ -338,7 +347,7 @@ let replacementTests =
         testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 12 } "generation: error terms give the original's tokens; the KV cache changes nothing; = a slow argmax loop"
         <| fun (seed: int) (kindIndex: uint8) (setup: uint8) ->
             use scope = torch.NewDisposeScope()
-            let c = randomConfig seed (kindOf kindIndex)
+            let c = spliceConfig seed (kindOf kindIndex)
             use m = randomModel seed c
             let coders = coderSetup seed c (int setup)
             try
@@ -442,7 +451,7 @@ let evalTests =
         testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 15 } "metrics = a per-position log-softmax loop over clean, spliced and zero-ablated logits"
         <| fun (seed: int) (kindIndex: uint8) (setup: uint8) ->
             use scope = torch.NewDisposeScope()
-            let c = randomConfig seed (kindOf kindIndex)
+            let c = spliceConfig seed (kindOf kindIndex)
             use m = randomModel seed c
             let coders = coderSetup seed c (int setup)
             try
@@ -473,7 +482,11 @@ let evalTests =
                 close "CE clean" r.CeClean (ceC / predictions)
                 close "CE spliced" r.CeSpliced (ceS / predictions)
                 close "CE ablated" r.CeAblated (ceA / predictions)
-                close "CE recovered" r.CeRecovered ((ceA - ceS) / (ceA - ceC))
+                // a ratio whose rounding error grows without bound as ablation matters less (CE_ablated − CE_clean → 0):
+                // its definition on the result's own CEs, and the slow value where the gap is not tiny
+                Expect.floatClose { absolute = 1e-12; relative = 1e-9 } (r.CeRecovered * (r.CeAblated - r.CeClean)) (r.CeAblated - r.CeSpliced) "CE recovered's definition"
+                let gap = (ceA - ceC) / predictions
+                if abs gap > 1e-2 then close "CE recovered" r.CeRecovered ((ceA - ceS) / (ceA - ceC))
                 close "KL" r.KlToClean (klS / positions)
                 close "KL ablated" r.KlAblated (klA / positions)
                 close "top-1" r.Top1Agreement (float agS / positions)
@@ -494,7 +507,8 @@ let evalTests =
                 let batches = [ randomTokens seed c.VocabSize 4 (min c.NCtx 8) ]
                 match SplicedEval.evaluateMany m [ exact; zero ] batches with
                 | [ e; z ] ->
-                    Expect.floatClose { absolute = 1e-4; relative = 1e-4 } e.CeRecovered 1.0 "exact: all recovered"
+                    // (the ratio is only well defined where ablating the MLPs matters)
+                    if e.CeAblated - e.CeClean > 1e-3 then Expect.floatClose { absolute = 1e-3; relative = 1e-3 } e.CeRecovered 1.0 "exact: all recovered"
                     Expect.floatClose { absolute = 1e-6; relative = 1e-5 } e.CeSpliced e.CeClean "exact: CE unchanged"
                     Expect.isLessThan e.KlToClean 1e-6 "exact: KL 0"
                     Expect.equal e.Top1Agreement 1.0 "exact: same argmax"
@@ -536,7 +550,7 @@ let featureTests =
         testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 15 } "M{l}N{f} = column f of M{l} = Coder.Encode of the layer's MLP input in the original model"
         <| fun (seed: int) (kindIndex: uint8) (setup: uint8) ->
             use scope = torch.NewDisposeScope()
-            let c = randomConfig seed (kindOf kindIndex)
+            let c = spliceConfig seed (kindOf kindIndex)
             use m = randomModel seed c
             let coders = coderSetup seed c (int setup % 3)
             try
@@ -552,13 +566,13 @@ let featureTests =
                         let l = cfg.Layers[i]
                         let expected = if cfg.Kind = CrossLayerTranscoder then encoded.select(2, int64 i) else encoded
                         let layer = lm.[sprintf "M%d" l] tokens
-                        Expect.isLessThan (relDiff layer expected) 1e-5 (sprintf "M%d" l)
+                        Expect.isLessThan (relDiff layer expected) 1e-4 (sprintf "M%d" l)
                         let f = (seed &&& 0x7fffffff) % cfg.DSae
                         let one = lm.[sprintf "M%dN%d" l f] tokens
                         Expect.sequenceEqual one.shape [| 2L; int64 (min c.NCtx 5) |] "one feature: [batch, pos]"
-                        Expect.isLessThan (relDiff one (expected.select(2, int64 f))) 1e-5 (sprintf "M%dN%d" l f)
+                        Expect.isLessThan (relDiff one (expected.select(2, int64 f))) 1e-4 (sprintf "M%dN%d" l f)
                         let cols = lm.Columns(sprintf "M%d" l, [| f; 0 |], tokens)
-                        Expect.isLessThan (relDiff cols (expected.index_select(2L, torch.tensor([| int64 f; 0L |])))) 1e-5 "columns"
+                        Expect.isLessThan (relDiff cols (expected.index_select(2L, torch.tensor([| int64 f; 0L |])))) 1e-4 "columns"
             finally disposeAll coders
 
         testCase "SAE tags, and errors naming the layers, features and coders available" <| fun () ->
@@ -608,4 +622,6 @@ let storiesTests =
             finally disposeAll zero
     ]
 
-let tests = testList "Splicing" [ spliceTests; replacementTests; evalTests; featureTests; storiesTests ]
+/// Sequenced: the random models (`Transformer.create`) draw from torch's global generator, which tests that replay
+/// global-generator streams bit for bit (training resume) must have to themselves.
+let tests = testSequenced <| testList "Splicing" [ spliceTests; replacementTests; evalTests; featureTests; storiesTests ]

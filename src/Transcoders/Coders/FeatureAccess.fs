@@ -131,6 +131,7 @@ let activationsOf (model: Transformer) (coder: Coder) (layerIndex: int) (feature
     let hook = cfg.HookIn[layerIndex]
     use _ = torch.no_grad ()
     use scope = torch.NewDisposeScope()
+    let tokens = if tokens.device_type = model.Device.``type`` then tokens else tokens.``to``(model.Device)
     let r =
         Transformer.run model { RunOptions.Default with Cache = set [ hook ]; StopAtLayer = stopAfter model.Config hook } tokens
     use _ = r

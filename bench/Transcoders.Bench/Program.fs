@@ -1,0 +1,55 @@
+/// `dotnet run --project bench/Transcoders.Bench -c Release -- lm [options]` (run from the repository root).
+module Transcoders.Bench.Program
+
+open System
+open Transcoders.Bench
+
+let usage =
+    """usage: Transcoders.Bench <lm | memory> [options]
+  lm       LM training tokens/s, ours vs PyTorch (bench/pytorch/lm_step.py), interleaved rounds
+  memory   resident memory after N steps vs after the first 200 (must stay within 10%)
+options:
+  --rounds N          interleaved rounds (5)          --steps N     steps per round (5); for memory: total (2000)
+  --warmup N          warmup steps per side (2)       --threads N   torch threads on both sides (2)
+  --device D          cpu | cuda | cuda:N (cpu)
+  --model M           library (Transcoders.Models.Transformer, default) | bench (Gpt.fs, same architecture)
+  --no-block-scope    bench model: one dispose scope per step only (default: also one per block)
+  --batch N  --layers N  --d-model N  --heads N  --context N  --vocab N
+  --python PATH       (/usr/bin/python3)              --script PATH (bench/pytorch/lm_step.py)"""
+
+[<EntryPoint>]
+let main argv =
+    // before libtorch loads: OpenMP threads sleep instead of spinning between parallel regions (both sides)
+    Stats.setNativeEnvDefault "OMP_WAIT_POLICY" "PASSIVE"
+    Transcoders.Tensors.Device.init ()
+    let rec parse (o: LmBench.Options) steps args =
+        match args with
+        | [] -> o, steps
+        | "--rounds" :: v :: rest -> parse { o with Rounds = int v } steps rest
+        | "--steps" :: v :: rest -> parse { o with StepsPerRound = int v } (Some(int v)) rest
+        | "--warmup" :: v :: rest -> parse { o with WarmupSteps = int v } steps rest
+        | "--threads" :: v :: rest -> parse { o with Threads = int v } steps rest
+        | "--device" :: v :: rest -> parse { o with Device = v } steps rest
+        | "--no-block-scope" :: rest -> parse { o with BlockScope = false } steps rest
+        | "--model" :: "library" :: rest -> parse { o with Library = true } steps rest
+        | "--model" :: "bench" :: rest -> parse { o with Library = false } steps rest
+        | "--batch" :: v :: rest -> parse { o with Batch = int v } steps rest
+        | "--layers" :: v :: rest -> parse { o with Model.Layers = int v } steps rest
+        | "--d-model" :: v :: rest -> parse { o with Model.DModel = int v } steps rest
+        | "--heads" :: v :: rest -> parse { o with Model.Heads = int v } steps rest
+        | "--context" :: v :: rest -> parse { o with Model.Context = int v } steps rest
+        | "--vocab" :: v :: rest -> parse { o with Model.Vocab = int v } steps rest
+        | "--python" :: v :: rest -> parse { o with Python = v } steps rest
+        | "--script" :: v :: rest -> parse { o with Script = v } steps rest
+        | a :: _ -> failwithf "unknown argument '%s'\n%s" a usage
+    match List.ofArray argv with
+    | "lm" :: rest ->
+        let o, _ = parse LmBench.Options.Default None rest
+        LmBench.run o
+        0
+    | "memory" :: rest ->
+        let o, steps = parse LmBench.Options.Default None rest
+        LmBench.memoryCheck o (defaultArg steps 2000) 200 100
+    | _ ->
+        eprintfn "%s" usage
+        2

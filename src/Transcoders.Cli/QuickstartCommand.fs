@@ -1,0 +1,93 @@
+/// `quickstart`: the main job on the shipped data. Tokenizes TinyStories, trains a small GPT on the CPU for a
+/// few minutes, prints its validation loss and a generated story, then generates with llama2.c's stories260K.
+module Transcoders.Cli.QuickstartCommand
+
+open System
+open System.Diagnostics
+open System.IO
+open System.Threading
+open Argu
+open Transcoders.Files
+open Transcoders.Models
+open Transcoders.Tensors
+open Transcoders.Text
+
+type Args =
+    | Minutes of float
+    | Out of folder: string
+    | Device of string
+    | Seed of int64
+    interface IArgParserTemplate with
+        member this.Usage =
+            match this with
+            | Minutes _ -> "training time budget in minutes (default 3)"
+            | Out _ -> "output folder (default runs/quickstart)"
+            | Device _ -> "cpu, cuda, cuda:N or auto (default auto)"
+            | Seed _ -> "seed (default 0)"
+
+let private section (title: string) = printfn "\n== %s" title
+
+let run (args: ParseResults<Args>) =
+    let total = Stopwatch.StartNew()
+    let device = Device.resolve (Device.parse (args.GetResult(Device, "auto")))
+    let seed = args.GetResult(Seed, 0L)
+    let budget = TimeSpan.FromMinutes(args.GetResult(Minutes, 3.0))
+    let out = args.GetResult(Out, Path.Combine("runs", "quickstart"))
+    if Directory.Exists(Path.Combine(out, "checkpoints")) then Directory.Delete(Path.Combine(out, "checkpoints"), true)
+
+    section "1. Corpus: the shipped TinyStories, a compact 4,096-token vocabulary"
+    let sw = Stopwatch.StartNew()
+    let files = Corpus.shippedFiles ()
+    let prepared = TinyStories.prepare files (Some 4096) (TinyStories.defaultFolder (Some 4096))
+    CorpusCommand.printSummary files prepared sw.Elapsed
+    let train, validation = TinyStories.tokens prepared
+
+    section (sprintf "2. Training a GPT on the %O for %.1f minutes" device budget.TotalMinutes)
+    let parser = ArgumentParser.Create<TrainLmCommand.Args>()
+    let trainArgs = parser.Parse [| "--out"; out; "--seed"; string seed |]
+    let modelConfig, config = TrainLmCommand.settings trainArgs (Tokenizer.vocabSize prepared.Tokenizer)
+    Device.seed seed
+    use model = Transformer.create modelConfig device
+    // Size the run to the budget: steps from a timed probe, so the cosine schedule ends near the budget.
+    let stepSeconds = LmTraining.probeStepSeconds model train config * 1.25
+    let steps = int (budget.TotalSeconds / stepSeconds) |> max 20
+    let config =
+        { config with
+            Train =
+                { config.Train with
+                    Steps = steps
+                    Schedule = Transcoders.Training.Schedule.WarmupCosine(2e-3, min 100 (steps / 10), steps, 0.1)
+                    EvalEvery = max 1 (steps / 2)
+                    CheckpointEvery = 0 } }
+    printfn "model: %d layers, d_model %d, %d heads, context %d, vocabulary %d (%s parameters); %d steps of %d × %d tokens"
+        modelConfig.NLayers modelConfig.DModel modelConfig.NHeads modelConfig.NCtx modelConfig.VocabSize
+        (Output.count (Transformer.parameterCount model)) steps config.BatchSize config.Ctx
+    // the budget is also enforced: the run stops (with a checkpoint) if the machine is slower than probed
+    use cancel = new CancellationTokenSource(budget + TimeSpan.FromSeconds 30.0)
+    let result = LmTraining.trainCancellable cancel.Token model prepared.Tokenizer train validation config
+    printfn "trained %d steps, %s tokens in %.0f s (%.0f tokens/s)" result.Run.FinalStep (Output.count result.Run.Tokens)
+        result.Run.ElapsedSeconds (float result.Run.Tokens / max 1e-9 result.Run.ElapsedSeconds)
+    match result.ValidationLoss with
+    | Some v -> printfn "validation loss: %.4f nats/token (perplexity %.1f) on the TinyStories V1 validation head" v (exp v)
+    | None -> ()
+    printfn "model saved to %s" result.ModelDir
+
+    section "3. A story from the trained model (temperature 0.8, top-k 40)"
+    // stories are separated by [BEGIN] in the shards, so a story ends where the model starts the next one
+    let boundaries = [ Tokenizer.bos prepared.Tokenizer; Tokenizer.eos prepared.Tokenizer ] |> List.choose id |> Set.ofList
+    let story =
+        Generation.generate model
+            { Generation.GenerateOptions.Greedy with
+                MaxNewTokens = 200; Temperature = 0.8; TopK = Some 40; Seed = Some seed; StopTokens = boundaries }
+            (Tokenizer.bos prepared.Tokenizer |> Option.toArray)
+    printfn "%s" (Tokenizer.decode prepared.Tokenizer (story.NewTokens |> Array.filter (fun t -> not (boundaries.Contains t))))
+
+    section "4. llama2.c's pretrained stories260K (greedy, with a KV cache)"
+    let path = Paths.data "models/stories260K/stories260K.bin"
+    let tok = ModelTokenizer.find path
+    let small, _ = ModelFiles.load path device
+    use _small = small
+    let g = Generation.generate small { Generation.GenerateOptions.Greedy with MaxNewTokens = 100 } [| Llama2cTokenizer.Bos |]
+    printfn "%s" (Tokenizer.decode tok g.Tokens)
+    printfn "\nquickstart finished in %s" (Output.seconds total.Elapsed)
+    0

@@ -1,0 +1,394 @@
+/// The generic training loop: AdamW steps of a loss closure over named parameters, with a schedule,
+/// gradient clipping, periodic evaluation, a JSONL metrics log, progress display, atomic checkpoints
+/// and exact resume. Used by the language-model trainer and the sparse-coder trainer alike.
+module Transcoders.Training.Trainer
+
+open System
+open System.Diagnostics
+open System.IO
+open System.Text.Json
+open System.Text.Json.Nodes
+open System.Threading
+open TorchSharp
+open TorchSharp.Modules
+open Transcoders.Files
+open Transcoders.Training.Schedule
+
+/// Where a run starts.
+type Resume =
+    /// At step 0. An output folder that already holds checkpoints is an error (nothing is overwritten).
+    | Fresh
+    /// From the checkpoint `checkpoints/latest` points to, or at step 0 when there is none.
+    | Latest
+    /// From this checkpoint folder.
+    | From of checkpoint: string
+
+/// A training run's settings. Steps count optimizer updates.
+type TrainConfig =
+    { /// Total optimizer updates.
+      Steps: int
+      Schedule: Schedule
+      Optimizer: Optim.AdamWConfig
+      /// Clip gradients to this global L2 norm (None: no clipping; the norm is still measured and logged).
+      ClipGradNorm: float option
+      /// Write a metrics record every this many updates.
+      LogEvery: int
+      /// Run the evaluation every this many updates and at the end (0: never).
+      EvalEvery: int
+      /// Checkpoint every this many updates (0: only at the end). The end is always checkpointed.
+      CheckpointEvery: int
+      /// Keep only the newest this many checkpoints (0: keep all).
+      KeepCheckpoints: int
+      /// Folder for checkpoints/, metrics.jsonl and config.json.
+      OutputDir: string
+      /// Torch's generators are seeded from (Seed, step) before every update, so anything random inside
+      /// the loss (dropout, sampled batches) is a pure function of the step and resumes exactly.
+      Seed: int64
+      Resume: Resume
+      Progress: Progress.Mode
+      /// Shown in the progress display.
+      Name: string }
+    static member Default =
+        { Steps = 1000
+          Schedule = WarmupCosine(3e-4, 100, 1000, 0.1)
+          Optimizer = Optim.AdamWConfig.Default
+          ClipGradNorm = Some 1.0
+          LogEvery = 10
+          EvalEvery = 0
+          CheckpointEvery = 500
+          KeepCheckpoints = 3
+          OutputDir = "runs/train"
+          Seed = 0L
+          Resume = Latest
+          Progress = Progress.Auto
+          Name = "train" }
+
+/// Problems with a configuration, as readable messages (empty when valid).
+let problems (c: TrainConfig) : string list =
+    [ if c.Steps <= 0 then sprintf "Steps must be > 0, got %d" c.Steps
+      if c.LogEvery <= 0 then sprintf "LogEvery must be > 0, got %d" c.LogEvery
+      if c.EvalEvery < 0 then sprintf "EvalEvery must be >= 0, got %d" c.EvalEvery
+      if c.CheckpointEvery < 0 then sprintf "CheckpointEvery must be >= 0, got %d" c.CheckpointEvery
+      if c.KeepCheckpoints < 0 then sprintf "KeepCheckpoints must be >= 0, got %d" c.KeepCheckpoints
+      match c.ClipGradNorm with
+      | Some v when not (v > 0.0 && Double.IsFinite v) -> sprintf "ClipGradNorm must be finite and > 0, got %g" v
+      | _ -> ()
+      if String.IsNullOrWhiteSpace c.OutputDir then "OutputDir must be set"
+      yield! Schedule.problems c.Schedule |> List.map (fun p -> "Schedule: " + p)
+      yield! Optim.problems c.Optimizer |> List.map (fun p -> "Optimizer: " + p) ]
+
+/// Raises ArgumentException listing every problem.
+let validate (c: TrainConfig) =
+    match problems c with
+    | [] -> ()
+    | ps -> invalidArg "config" (sprintf "invalid TrainConfig: %s" (String.concat "; " ps))
+
+/// The configuration as JSON (saved in config.json and in every checkpoint).
+let configToJson (c: TrainConfig) : JsonObject =
+    let o = JsonObject()
+    o["steps"] <- JsonValue.Create c.Steps
+    o["schedule"] <- Schedule.toJson c.Schedule
+    o["optimizer"] <- Optim.toJson c.Optimizer
+    o["clip_grad_norm"] <- (match c.ClipGradNorm with Some v -> JsonValue.Create v :> JsonNode | None -> null)
+    o["log_every"] <- JsonValue.Create c.LogEvery
+    o["eval_every"] <- JsonValue.Create c.EvalEvery
+    o["checkpoint_every"] <- JsonValue.Create c.CheckpointEvery
+    o["keep_checkpoints"] <- JsonValue.Create c.KeepCheckpoints
+    o["output_dir"] <- JsonValue.Create c.OutputDir
+    o["seed"] <- JsonValue.Create c.Seed
+    o["name"] <- JsonValue.Create c.Name
+    o
+
+/// Reads `configToJson`'s output (Resume = Latest, Progress = Auto), naming a missing field.
+let configOfJson (node: JsonNode) : TrainConfig =
+    let field (k: string) =
+        match node[k] with
+        | null -> failwithf "TrainConfig JSON: missing field '%s'" k
+        | v -> v
+    let c =
+        { Steps = (field "steps").GetValue<int>()
+          Schedule = Schedule.ofJson (field "schedule")
+          Optimizer = Optim.ofJson (field "optimizer")
+          ClipGradNorm = (match node["clip_grad_norm"] with null -> None | v -> Some(v.GetValue<float>()))
+          LogEvery = (field "log_every").GetValue<int>()
+          EvalEvery = (field "eval_every").GetValue<int>()
+          CheckpointEvery = (field "checkpoint_every").GetValue<int>()
+          KeepCheckpoints = (field "keep_checkpoints").GetValue<int>()
+          OutputDir = (field "output_dir").GetValue<string>()
+          Seed = (field "seed").GetValue<int64>()
+          Resume = Latest
+          Progress = Progress.Auto
+          Name = (match node["name"] with null -> "train" | v -> v.GetValue<string>()) }
+    validate c
+    c
+
+/// What is trained: named parameters and the loss of each step.
+type Objective =
+    { /// The trainable parameters, by name (names are the checkpoint's tensor names).
+      Parameters: (string * Parameter) list
+      /// Non-trainable state to checkpoint and restore with the model (running statistics, counters).
+      Buffers: (string * torch.Tensor) list
+      /// The scalar loss of the `i`-th update (0-based), with its autograd graph. It runs inside the
+      /// step's dispose scope. Batches should be a pure function of (seed, i) for exact resume.
+      Loss: int -> torch.Tensor
+      /// Tokens (or examples) per update, for throughput (0 if not meaningful).
+      TokensPerStep: int64
+      /// Evaluation metrics (runs under no_grad in its own dispose scope; switch dropout off inside).
+      Evaluate: (unit -> Map<string, float>) option
+      /// Which parameters get weight decay (default: ≥ 2-D ones).
+      Decay: string -> Parameter -> bool
+      /// Called with the update index after backward and before clipping (e.g. remove the gradient
+      /// component parallel to a sparse coder's decoder directions). Runs inside the step's scope.
+      AfterBackward: int -> unit
+      /// Called with the update index after the optimizer update (e.g. renormalise decoder rows,
+      /// update dead-feature counters). Runs inside the step's scope, under no_grad.
+      AfterStep: int -> unit
+      /// Training-side metrics gathered by the caller (L0, reconstruction error, …), read whenever a
+      /// metrics record is written and logged under "train".
+      TrainMetrics: (unit -> Map<string, float>) option
+      /// Saved with every checkpoint's model file (e.g. "model_config" → the model's JSON, to rebuild it).
+      Metadata: Map<string, string> }
+
+/// An objective with no buffers, evaluation or metadata, and the default weight-decay rule.
+let objective (parameters: (string * Parameter) seq) (tokensPerStep: int64) (loss: int -> torch.Tensor) =
+    { Parameters = List.ofSeq parameters
+      Buffers = []
+      Loss = loss
+      TokensPerStep = tokensPerStep
+      Evaluate = None
+      Decay = Optim.decays
+      AfterBackward = ignore
+      AfterStep = ignore
+      TrainMetrics = None
+      Metadata = Map.empty }
+
+/// The seed torch's generators get before update `step` of a run seeded with `seed` (SplitMix64 of both).
+let stepSeed (seed: int64) (step: int) : int64 =
+    let mutable z = uint64 seed + 0x9E3779B97F4A7C15UL * (uint64 step + 1UL)
+    z <- (z ^^^ (z >>> 30)) * 0xBF58476D1CE4E5B9UL
+    z <- (z ^^^ (z >>> 27)) * 0x94D049BB133111EBUL
+    z <- z ^^^ (z >>> 31)
+    int64 (z >>> 1)
+
+/// What one update measured. Non-finite `Loss` or `GradNorm` means the update was NOT applied.
+type StepStats = { Loss: float; GradNorm: float; Lr: float }
+
+/// Applies single updates: owns the AdamW optimizer over the objective's parameters.
+type Stepper(config: TrainConfig, objective: Objective) =
+    do
+        validate config
+        if objective.Parameters.IsEmpty then invalidArg "objective" "the objective has no parameters"
+    let optimizer = new Optim.AdamW(objective.Parameters, config.Optimizer, objective.Decay)
+    let parameters = objective.Parameters |> List.map snd |> Array.ofList
+    let cuda = torch.cuda.is_available ()
+
+    member _.Optimizer = optimizer
+
+    /// The `step`-th update (0-based): seed, set the learning rate, zero the gradients, loss, backward,
+    /// clip, and apply AdamW unless the loss or gradient norm is not finite. Every temporary is disposed.
+    member _.Update(step: int) : StepStats =
+        use scope = torch.NewDisposeScope()
+        let seed = stepSeed config.Seed step
+        torch.manual_seed seed |> ignore
+        if cuda then torch.cuda.manual_seed_all seed
+        let lr = Schedule.lrAt config.Schedule step
+        optimizer.SetLearningRate lr
+        optimizer.ZeroGrad()
+        let loss = objective.Loss step
+        if isNull loss then invalidOp (sprintf "the loss of step %d is null" step)
+        if loss.numel () <> 1L then
+            invalidOp (sprintf "the loss of step %d must be a scalar, got shape [%s]" step (loss.shape |> Array.map string |> String.concat ", "))
+        if not loss.requires_grad then
+            invalidOp (sprintf "the loss of step %d does not require a gradient (computed under no_grad, or from no parameter?)" step)
+        loss.backward ()
+        objective.AfterBackward step
+        let lossValue = loss.detach().cpu().to_type(torch.float64).item<float>()
+        let norm =
+            match config.ClipGradNorm with
+            | Some c -> Optim.clipGradNorm parameters c
+            | None -> Optim.gradNorm parameters
+        if Double.IsFinite lossValue && Double.IsFinite norm then
+            optimizer.Step()
+            use _ = torch.no_grad ()
+            objective.AfterStep step
+        { Loss = lossValue; GradNorm = norm; Lr = lr }
+
+    interface IDisposable with
+        member _.Dispose() = (optimizer :> IDisposable).Dispose()
+
+/// How a run ended.
+type Outcome =
+    /// All configured steps done.
+    | Completed
+    /// The loss or gradient norm was NaN/Inf at update `step` (0-based); that update was not applied
+    /// and nothing was checkpointed after the last good checkpoint.
+    | Diverged of step: int * message: string
+    /// Stopped on request after `step` updates (checkpointed there).
+    | Cancelled of step: int
+
+/// What a run did.
+type TrainResult =
+    { Outcome: Outcome
+      /// Updates already done when the run started (0, or the resumed checkpoint's step).
+      StartStep: int
+      /// Updates done when it ended.
+      FinalStep: int
+      /// The loss of every update this run applied, in order (update StartStep first).
+      Losses: float[]
+      /// The newest checkpoint folder, if any.
+      LastCheckpoint: string option
+      MetricsLog: string
+      Tokens: int64
+      ElapsedSeconds: float }
+
+/// The checkpoints folder of a run's output folder.
+let checkpointsDir (outputDir: string) = Path.Combine(outputDir, "checkpoints")
+
+/// The metrics log of a run's output folder.
+let metricsPath (outputDir: string) = Path.Combine(outputDir, "metrics.jsonl")
+
+/// The fields that decide the trajectory must match between a checkpoint and the resumed run.
+let private checkCompatible (dir: string) (saved: JsonObject) (current: TrainConfig) =
+    let now = configToJson current
+    let differs =
+        [ for k in [ "schedule"; "optimizer"; "clip_grad_norm"; "seed" ] do
+              let a = match saved[k] with null -> "null" | v -> v.ToJsonString()
+              let b = match now[k] with null -> "null" | v -> v.ToJsonString()
+              if a <> b then sprintf "%s: checkpoint %s, now %s" k a b ]
+    if not differs.IsEmpty then
+        invalidOp (
+            sprintf "cannot resume from %s exactly: the configuration differs (%s). Use the same settings, or start a fresh run in another folder."
+                dir (String.concat "; " differs))
+
+/// Trains `objective` as `config` says, stopping early when `cancel` is signalled (after
+/// checkpointing the current step). See `TrainConfig` and `Objective`.
+let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective: Objective) : TrainResult =
+    validate config
+    let root = checkpointsDir config.OutputDir
+    let logPath = metricsPath config.OutputDir
+    Directory.CreateDirectory config.OutputDir |> ignore
+    use stepper = new Stepper(config, objective)
+    let optimizer = stepper.Optimizer
+    let paramTensors = objective.Parameters |> List.map (fun (n, p) -> n, p :> torch.Tensor)
+    let resumeDir =
+        match config.Resume with
+        | Fresh ->
+            match Checkpointing.list root with
+            | [] -> None
+            | cks ->
+                invalidOp (
+                    sprintf "%s already holds checkpoints (newest: %s); resume with Resume = Latest, or choose another OutputDir"
+                        root (snd (List.last cks)))
+        | Latest -> Checkpointing.tryLatest root
+        | From d -> Some d
+    let start, tokens0, elapsed0 =
+        match resumeDir with
+        | Some d ->
+            let info = Checkpointing.readInfo d
+            checkCompatible d info.Config config
+            if info.Step > config.Steps then
+                invalidOp (sprintf "%s is at step %d, beyond this run's Steps (%d)" d info.Step config.Steps)
+            Checkpointing.load d paramTensors objective.Buffers optimizer |> ignore
+            info.Step, info.Tokens, info.ElapsedSeconds
+        | None -> 0, 0L, 0.0
+    match resumeDir with
+    | Some _ -> Metrics.truncateAfter logPath start
+    | None -> if File.Exists logPath then File.Delete logPath
+    AtomicFile.writeAllText (Path.Combine(config.OutputDir, "config.json"))
+        ((configToJson config).ToJsonString(JsonSerializerOptions(WriteIndented = true)))
+    use log = new Metrics.Log(logPath)
+    let losses = ResizeArray<float>()
+    let clock = Stopwatch.StartNew()
+    let elapsed () = elapsed0 + clock.Elapsed.TotalSeconds
+    let mutable step = start
+    let mutable tokens = tokens0
+    let mutable lastCheckpoint = resumeDir
+    let mutable checkpointedAt = if resumeDir.IsSome then start else -1
+    let mutable outcome = None
+    // the window since the last metrics record
+    let mutable wLoss, wGrad, wN, wSeconds, wTokens, wLr = 0.0, 0.0, 0, 0.0, 0L, 0.0
+    let evaluate () =
+        match objective.Evaluate with
+        | None -> Map.empty
+        | Some f ->
+            use _ = torch.no_grad ()
+            use scope = torch.NewDisposeScope()
+            f ()
+    let record (eval: Map<string, float>) =
+        let r: Metrics.Record =
+            { Step = step
+              Loss = (if wN > 0 then wLoss / float wN else nan)
+              Lr = wLr
+              GradNorm = (if wN > 0 then wGrad / float wN else nan)
+              Tokens = tokens
+              TokensPerSecond = (if wSeconds > 0.0 then float wTokens / wSeconds else nan)
+              ElapsedSeconds = elapsed ()
+              Train = (match objective.TrainMetrics with Some f -> f () | None -> Map.empty)
+              Eval = eval }
+        log.Write r
+        wLoss <- 0.0; wGrad <- 0.0; wN <- 0; wSeconds <- 0.0; wTokens <- 0L
+        r
+    let checkpoint () =
+        let info: Checkpointing.Info =
+            { Step = step; Tokens = tokens; ElapsedSeconds = elapsed (); Config = configToJson config; Metadata = objective.Metadata }
+        let dir = Checkpointing.save root info paramTensors objective.Buffers optimizer
+        Checkpointing.prune root config.KeepCheckpoints
+        lastCheckpoint <- Some dir
+        checkpointedAt <- step
+    Progress.run config.Progress config.Name start config.Steps (fun reporter ->
+        match resumeDir with
+        | Some d -> reporter.Message(sprintf "resuming from %s (step %d of %d)" d start config.Steps)
+        | None -> ()
+        while outcome.IsNone && step < config.Steps do
+            if cancel.IsCancellationRequested then
+                if checkpointedAt <> step then checkpoint ()
+                reporter.Message(sprintf "stopped on request after step %d; checkpoint %s" step (defaultArg lastCheckpoint "-"))
+                outcome <- Some(Cancelled step)
+            else
+                let sw = Stopwatch.StartNew()
+                let s = stepper.Update step
+                sw.Stop()
+                if not (Double.IsFinite s.Loss && Double.IsFinite s.GradNorm) then
+                    if wN > 0 then record Map.empty |> ignore
+                    let message =
+                        sprintf "training stopped at update %d: the loss is %g and the gradient norm %g (not finite); the update was not applied. Last good checkpoint: %s"
+                            step s.Loss s.GradNorm (match lastCheckpoint with Some d -> d | None -> "none")
+                    reporter.Message message
+                    outcome <- Some(Diverged(step, message))
+                else
+                    losses.Add s.Loss
+                    step <- step + 1
+                    tokens <- tokens + objective.TokensPerStep
+                    wLoss <- wLoss + s.Loss; wGrad <- wGrad + s.GradNorm; wN <- wN + 1; wLr <- s.Lr
+                    wSeconds <- wSeconds + sw.Elapsed.TotalSeconds; wTokens <- wTokens + objective.TokensPerStep
+                    reporter.Update
+                        { Step = step; Total = config.Steps; Loss = s.Loss; Lr = s.Lr
+                          TokensPerSecond = (if wSeconds > 0.0 then float wTokens / wSeconds else nan) }
+                    let evalNow = config.EvalEvery > 0 && objective.Evaluate.IsSome && (step % config.EvalEvery = 0 || step = config.Steps)
+                    if evalNow || step % config.LogEvery = 0 || step = config.Steps then
+                        let r = record (if evalNow then evaluate () else Map.empty)
+                        reporter.Logged(r, config.Steps)
+                    if (config.CheckpointEvery > 0 && step % config.CheckpointEvery = 0) || step = config.Steps then
+                        checkpoint ()
+        if outcome.IsNone then outcome <- Some Completed
+        { Outcome = outcome.Value
+          StartStep = start
+          FinalStep = step
+          Losses = losses.ToArray()
+          LastCheckpoint = lastCheckpoint
+          MetricsLog = logPath
+          Tokens = tokens
+          ElapsedSeconds = elapsed () })
+
+/// A cancellation source that the first Ctrl+C cancels (the run then checkpoints and stops cleanly);
+/// a second Ctrl+C ends the process as usual.
+let cancelOnCtrlC () : CancellationTokenSource =
+    let cts = new CancellationTokenSource()
+    Console.CancelKeyPress.Add(fun e ->
+        if not cts.IsCancellationRequested then
+            e.Cancel <- true
+            cts.Cancel())
+    cts
+
+/// Trains `objective` as `config` says. See `TrainConfig`, `Objective` and `TrainResult`.
+let run (config: TrainConfig) (objective: Objective) : TrainResult = runCancellable CancellationToken.None config objective
