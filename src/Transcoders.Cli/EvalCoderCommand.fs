@@ -47,8 +47,11 @@ let run (args: ParseResults<Args>) =
             let name = if Directory.Exists p then Path.GetFileName(Path.GetFullPath(p).TrimEnd(Path.DirectorySeparatorChar)) else Path.GetFileNameWithoutExtension p
             name, CoderFile.load p device ]
     try
-        let jobs = [ for n, c in coders -> { Name = n; Coder = c.Config; Train = TrainConfig.Paper } ]
-        let problems = [ for j in jobs do for p in CoderJobs.problems model j do if not (p.StartsWith "Steps" || p.StartsWith "BatchSize") then yield sprintf "coder '%s': %s" j.Name p ]
+        // The paper's training settings are valid, so only the coder's fit to the model is checked.
+        let problems =
+            [ for n, c in coders do
+                  for p in CoderJobs.problems model { Name = n; Coder = c.Config; Train = TrainConfig.Paper } do
+                      yield sprintf "coder '%s': %s" n p ]
         if not problems.IsEmpty then failwithf "the coders do not fit the model:\n  %s" (String.Join("\n  ", problems))
         let tokens = args.GetResult(Validation_Tokens, 16384)
         let store = TrainCoderCommand.storeConfig model (args.TryGetResult Ctx) 4096 None 0L device

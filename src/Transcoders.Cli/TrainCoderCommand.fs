@@ -100,8 +100,16 @@ let printProgress (sw: Stopwatch) =
         | Trained(step, steps, tokens, logs) ->
             if not logs.IsEmpty && (sw.Elapsed - lastPrint > TimeSpan.FromSeconds 5.0 || step = steps) then
                 lastPrint <- sw.Elapsed
-                let parts = logs |> List.map (fun (n, l) -> sprintf "%s L0 %.1f FVU %.3f dead %.2f" n l.L0 l.Fvu l.DeadFraction)
-                printfn "[%6.1fs] step %d/%d (%s tokens) %s" sw.Elapsed.TotalSeconds step steps (Output.count tokens) (String.Join(" | ", parts))
+                let detail =
+                    if logs.Length <= 4 then
+                        String.Join(" | ", logs |> List.map (fun (n, l) -> sprintf "%s L0 %.1f FVU %.3f dead %.2f" n l.L0 l.Fvu l.DeadFraction))
+                    else
+                        let range (f: StepLog -> float) (fmt: Printf.StringFormat<float -> float -> string>) =
+                            let vs = logs |> List.map (snd >> f)
+                            sprintf fmt (List.min vs) (List.max vs)
+                        sprintf "%d coders: L0 %s, FVU %s, dead %s" logs.Length (range (fun l -> l.L0) "%.1f–%.1f")
+                            (range (fun l -> l.Fvu) "%.3f–%.3f") (range (fun l -> l.DeadFraction) "%.2f–%.2f")
+                printfn "[%6.1fs] step %d/%d (%s tokens) %s" sw.Elapsed.TotalSeconds step steps (Output.count tokens) detail
 
 /// The activation from its name and the k / λ options.
 let activationOf (name: string) (k: int) =

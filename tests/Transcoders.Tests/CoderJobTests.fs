@@ -233,7 +233,7 @@ let private runTests =
 
 let private misfitTests =
     testList "coders that do not fit" [
-        test "wrong width, unknown hook, hook at another layer, mismatched batch size" {
+        test "wrong width, unknown hook, hook at another layer, mismatched batch size, text of another tokenizer" {
             let m = model.Force()
             let t = text.Force()
             use dir = new TempDir()
@@ -248,6 +248,10 @@ let private misfitTests =
                 run [ { ok with Name = "mixed"; Coder = { ok.Coder with HookOut = [| CoderConfig.mlpOutHook 2 |] } } ])
             expectJobError [ "coder 'tc1'"; "BatchSize 32" ] (fun () -> run [ { ok with Train = { ok.Train with BatchSize = 32 } } ])
             expectJobError [ "'tc1' is used 2 times" ] (fun () -> run [ ok; ok ])
+            try
+                CoderJobs.run m { t with VocabSize = 4096 } [ ok ] config ignore |> ignore
+                failtest "expected an error about the text's vocabulary"
+            with :? ArgumentException as e -> Expect.stringContains e.Message "tokenize it with the model's tokenizer" "text in another vocabulary"
             Expect.isFalse (Directory.Exists(Path.Combine(dir.Path, "tc1"))) "nothing ran"
         }
     ]

@@ -18,9 +18,9 @@ let all =
         ActivationTests.tests
         CoderTests.tests
         SpliceTests.tests
+        CoderJobTests.tests
         FacadeTests.tests
         TrainingTests.tests
-        CoderJobTests.tests
     ]
 
 [<EntryPoint>]

@@ -46,7 +46,6 @@ module ModelText =
                 t.TokenizerJson = (Tokenizer.toJson tokenizer).ToJsonString relaxed && t.Sources = TokenShards.sourcesOf files
             with _ -> false
         if not reusable then
-            if Directory.Exists folder then Directory.Delete(folder, true)
             let hasValidation = files |> List.exists (fun f -> Path.GetFileName f = Corpus.shippedValidationFile)
             let options =
                 { TokenShards.PrepareOptions.Default with

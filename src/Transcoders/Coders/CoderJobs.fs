@@ -11,7 +11,8 @@ open Transcoders.Activations
 open Transcoders.Files
 open Transcoders.Models
 
-/// One coder to train: its name (the folder it is saved in), its configuration and how it is trained.
+/// One coder to train: its name (the folder it is saved in), its configuration and how it is trained. (`Train.LogPath`
+/// is not used: each coder logs to `<Out>/<name>/log.jsonl`.)
 type CoderJob =
     { Name: string
       Coder: CoderConfig
@@ -218,11 +219,13 @@ module CoderDefaults =
                      PreActCoefficient = 0.0; PreActDeadOnly = true; Auxiliary = GhostGrads } }
 
     /// The recommended training settings for a coder configuration: `topK` for TopK/BatchTopK coders, `relu` with
-    /// λ = `lambda` otherwise.
+    /// λ = `lambda` for ReLU coders, and for JumpReLU coders `relu`'s optimiser with Anthropic's loss (MSE +
+    /// λ·tanh(4·‖W_dec‖·a) + 3e-6 pre-activation loss).
     let forCoder (c: CoderConfig) (lambda: float) (steps: int) (batch: int) : TrainConfig =
         match c.Activation with
         | TopK _ | BatchTopK _ -> topK c.DIn c.DSae steps batch
-        | ReLU | JumpReLU _ -> relu lambda c.DIn c.DSae steps batch
+        | ReLU -> relu lambda c.DIn c.DSae steps batch
+        | JumpReLU _ -> { relu lambda c.DIn c.DSae steps batch with Loss = LossConfig.Anthropic lambda }
 
 /// Training coders on a model end to end: one activation stream feeds every coder (each with its own optimiser),
 /// metrics are logged as JSONL, checkpoints resume exactly, coders are saved with `CoderFile.save` and evaluated on
@@ -576,7 +579,7 @@ module CoderJobs =
                     let a = saved.Split('\n')
                     let b = description.Split('\n')
                     let i = Seq.zip a b |> Seq.tryFindIndex (fun (x, y) -> x <> y) |> Option.defaultValue (min a.Length b.Length)
-                    fail "%s holds a checkpoint of another run (run.json differs at line %d: '%s' here, '%s' now): use another output folder, or resume = false to start over"
+                    fail "%s holds a checkpoint of another run (run.json differs at line %d: '%s' here, '%s' now): use another output folder, or start over (JobsConfig.Resume = false; --no-resume on the command line)"
                         config.Out (i + 1) (if i < a.Length then a[i].Trim() else "") (if i < b.Length then b[i].Trim() else "")
                 Some(step, folder)
             | Some _ ->
@@ -605,19 +608,32 @@ module CoderJobs =
                             (if j.Train.BiasInit <> Normalisation.ZeroBias then j.Train.BiasInitBatches else 0))
                     |> List.max
                 onProgress (Preparing(sprintf "filling the shuffle buffer (%d rows)" config.Store.Buffer.Rows))
-                let prefetched =
-                    Array.init needed (fun _ ->
+                let prefetched = Collections.Generic.List<Batch>()
+                let created = Collections.Generic.List<CoderJob * TrainState>()
+                try
+                    for _ in 1 .. needed do
                         match buffer.Next() with
-                        | Some b -> b |> Map.map (fun _ t -> t.DetachFromDisposeScope())
-                        | None -> fail "the activation source ended before the first batches")
-                let states =
-                    jobs
-                    |> List.map (fun j ->
+                        | Some b -> prefetched.Add(b |> Map.map (fun _ t -> t.DetachFromDisposeScope()))
+                        | None -> fail "the activation source ended before the first batches"
+                    for j in jobs do
                         onProgress (Preparing(sprintf "initialising coder '%s'" j.Name))
                         Transcoders.Tensors.Device.seed j.Train.Seed
                         let coder = Coder.create j.Coder device
-                        CoderTraining.prepare j.Train coder (fun i -> pair j.Coder prefetched[i])
-                        j, CoderTraining.init j.Train coder)
+                        try
+                            CoderTraining.prepare j.Train coder (fun i -> pair j.Coder prefetched[i])
+                            created.Add((j, CoderTraining.init j.Train coder))
+                        with _ ->
+                            (coder :> IDisposable).Dispose()
+                            reraise ()
+                with _ ->
+                    for _, st in created do
+                        (st :> IDisposable).Dispose()
+                        (st.Coder :> IDisposable).Dispose()
+                    for b in prefetched do Batch.dispose b
+                    (buffer :> IDisposable).Dispose()
+                    reraise ()
+                let states = List.ofSeq created
+                let prefetched = prefetched.ToArray()
                 for j in jobs do
                     Directory.CreateDirectory(Path.Combine(config.Out, j.Name)) |> ignore
                     AtomicFile.writeAllText (logPath j) ""
