@@ -18,6 +18,7 @@ let all =
         ActivationTests.tests
         CoderTests.tests
         CoderKernelTests.tests
+        ConcurrencyTests.tests
         SpliceTests.tests
         CircuitGraphTests.tests
         CircuitPathTests.tests

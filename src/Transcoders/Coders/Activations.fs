@@ -30,28 +30,37 @@ let private bandwidthOf (ctx: torch.autograd.AutogradContext) = ctx.get_data "ba
 
 /// Tensors a custom autograd `backward` hands to the engine. On CUDA the engine calls `backward` on its device thread,
 /// where no dispose scope exists, so neither these gradients nor the incoming gradient wrapper would be freed before
-/// the .NET finaliser runs (gigabytes per step at large widths). `backward` queues them here; they are released once
-/// the engine is done with them: by `releaseBackward` after `backward()` returns, and at the next custom forward.
+/// the .NET finaliser runs (gigabytes per step at large widths). `backward` queues them here, and they are disposed
+/// once the engine has taken its own references (it copies each returned handle as soon as `backward` returns).
+///
+/// The queue is per thread: only the thread that ran a `backward` disposes what that `backward` queued, at a point
+/// where that call has certainly returned: its next custom `backward`, its next custom forward, or `release` after
+/// `backward()` (the CPU engine runs `backward` on the calling thread). A process-wide queue let one thread's forward
+/// dispose the gradients another thread's `backward` had just returned, before the engine copied them: wrong
+/// gradients or a crash when two coders train on two threads (the flaky parallel test suite of issue 9).
 module BackwardTensors =
-    let private pending = System.Collections.Concurrent.ConcurrentQueue<Tensor>()
+    let private pending = new System.Threading.ThreadLocal<Queue<Tensor>>(fun () -> Queue<Tensor>())
 
-    /// Detaches `t` from any dispose scope and queues it for `release` (null passes through).
+    /// Disposes every tensor queued by this thread's earlier `backward` calls. Safe at any time on any thread: it
+    /// never touches what another thread queued, and this thread's earlier `backward` calls have all returned.
+    let release () =
+        let q = pending.Value
+        while q.Count > 0 do
+            q.Dequeue().Dispose()
+
+    /// Detaches `t` from any dispose scope and queues it for this thread's next `release` (null passes through).
     let keep (t: Tensor) : Tensor =
         if not (isNull t) then
             t.DetachFromDisposeScope() |> ignore
-            pending.Enqueue t
+            pending.Value.Enqueue t
         t
 
-    /// The gradients of a `backward`, queued (see `keep`), with the incoming gradient queued too.
+    /// The gradients of a `backward`, queued (see `keep`) with the incoming gradient, after releasing what this
+    /// thread's previous `backward` calls queued (so a long backward pass on the CUDA engine thread stays bounded).
     let result (gradOutput: Tensor) (grads: Tensor list) : List<Tensor> =
+        release ()
         keep gradOutput |> ignore
         List<Tensor>(grads |> List.map keep)
-
-    /// Disposes every queued tensor. Call when no backward pass is running (after `backward()` returns).
-    let release () =
-        let mutable t = null
-        while pending.TryDequeue(&t) do
-            t.Dispose()
 
 /// JumpReLU(z; θ) = z·H(z − θ). Backward: ∂/∂z = H(z − θ) (no estimator on z);
 /// ∂/∂θ = −(θ/ε)·K((z − θ)/ε), summed to θ's shape.

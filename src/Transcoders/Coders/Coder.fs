@@ -416,7 +416,8 @@ module Coder =
             | _ -> invalidArg "tensors" (sprintf "tensor '%s' is missing (shape %A expected)" n shape)
         new Coder(config, own, device)
 
-    /// A freshly initialised coder (uses torch's global generator: seed it first for reproducible runs).
+    /// A freshly initialised coder (`Device.seed` first for reproducible runs: draws come from the seeded flow's
+    /// generator, `Rng`).
     /// Decoder vectors: random directions of unit norm (over the concatenation of a feature's decoders);
     /// encoder: the decoder's transpose for an SAE (tied init), else Kaiming-uniform U(±√(6/d_sae)) as in the
     /// transcoder paper; biases and W_skip zero; JumpReLU log θ = log θ₀.
@@ -427,7 +428,7 @@ module Coder =
         use _ = torch.no_grad ()
         let t = Dictionary<string, torch.Tensor>()
         let decs =
-            [| for l in 0L .. nL - 1L -> torch.randn([| dSae; nL - l; dOut |], dtype = torch.float32, device = device) |]
+            [| for l in 0L .. nL - 1L -> torch.randn([| dSae; nL - l; dOut |], dtype = torch.float32, device = device, generator = Transcoders.Tensors.Rng.generator device) |]
         for l in 0 .. int nL - 1 do
             let w = decs[l]
             use n = w.pow(sc 2.0).sum([| 1L; 2L |], keepdim = true).sqrt()
@@ -439,7 +440,7 @@ module Coder =
                 d0.t().unsqueeze(0).contiguous()
             else
                 let bound = sqrt (6.0 / float dSae)
-                torch.empty([| nL; dIn; dSae |], dtype = torch.float32, device = device).uniform_(-bound, bound)
+                torch.empty([| nL; dIn; dSae |], dtype = torch.float32, device = device).uniform_(-bound, bound, Transcoders.Tensors.Rng.generator device)
         t["b_enc"] <- torch.zeros([| nL; dSae |], dtype = torch.float32, device = device)
         t["b_dec"] <- torch.zeros([| nL; dOut |], dtype = torch.float32, device = device)
         match config.Activation with

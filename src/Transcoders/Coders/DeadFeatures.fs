@@ -134,7 +134,7 @@ module DeadFeatures =
                     let loss = perTokenLayer.narrow(0, int64 l, int64 (nL - l)).sum([| 0L |]) // [B]
                     let probs = loss.square()
                     let probs = if probs.sum().item<float32> () > 0.0f then probs else torch.ones_like loss
-                    let tok = torch.multinomial(probs, n, replacement = true) // [n]
+                    let tok = torch.multinomial(probs, n, replacement = true, generator = Transcoders.Tensors.Rng.generator probs.device) // [n]
                     let alive = deadL.logical_not ()
                     let nAlive = alive.sum().item<int64> ()
                     let meanAlive (norms: torch.Tensor) =

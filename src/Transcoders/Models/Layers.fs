@@ -11,12 +11,18 @@ module internal Init =
     /// N(0, std) weights and zero biases for a linear map, in place.
     let linear (std: float) (l: TorchSharp.Modules.Linear) =
         use _ = torch.no_grad ()
-        torch.nn.init.normal_(l.weight, 0.0, std) |> ignore
+        torch.nn.init.normal_(l.weight, 0.0, std, Transcoders.Tensors.Rng.generator l.weight.device) |> ignore
         if not (isNull l.bias) then l.bias.zero_() |> ignore
 
-    /// Dropout with probability p in training mode; the identity otherwise (and when p = 0).
+    /// Dropout with probability p in training mode (inverted: kept values scaled by 1/(1−p)); the identity otherwise
+    /// (and when p = 0). The mask is drawn from the seeded flow's generator (`Rng`), not torch's global one.
     let dropout (training: bool) (p: float) (x: torch.Tensor) =
-        if training && p > 0.0 then F.dropout(x, p, true) else x
+        if training && p > 0.0 then
+            use u = torch.rand(x.shape, dtype = x.dtype, device = x.device, generator = Transcoders.Tensors.Rng.generator x.device)
+            use keep = u.ge(Scalar.op_Implicit p)
+            use kept = x.mul keep
+            kept.div(Scalar.op_Implicit (1.0 - p))
+        else x
 
     let activation (a: Activation) : torch.Tensor -> torch.Tensor =
         match a with
@@ -109,7 +115,8 @@ type Attention(c: TransformerConfig, layer: int) as this =
             torch.arange(keys, device = device).unsqueeze(0).le((torch.arange(p, device = device) + past).unsqueeze(1))
         let z =
             let dropout = if this.training then c.Dropout else 0.0
-            if hp.Wants names.Scores || hp.Wants names.Pattern then
+            // dropout on the pattern needs the explicit softmax (scaled_dot_product_attention draws from the global generator)
+            if hp.Wants names.Scores || hp.Wants names.Pattern || dropout > 0.0 then
                 let scores = qt.matmul(kAll.transpose(-2, -1)) / sqrt (float e)
                 let scores = if p > 1L then scores.masked_fill(allowed().logical_not(), System.Double.NegativeInfinity) else scores
                 let scores = hp.Point(names.Scores, scores)

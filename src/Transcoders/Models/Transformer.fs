@@ -9,7 +9,7 @@ type Unembed(c: TransformerConfig) as this =
     do
         if not c.TiedUnembed then
             let w = torch.empty(int64 c.VocabSize, int64 c.DModel)
-            (use _ = torch.no_grad () in torch.nn.init.normal_(w, 0.0, c.InitRange) |> ignore)
+            (use _ = torch.no_grad () in torch.nn.init.normal_(w, 0.0, c.InitRange, Transcoders.Tensors.Rng.generator w.device) |> ignore)
             this.register_parameter("weight", torch.nn.Parameter(w, true))
         if c.Biases.Unembed then this.register_parameter("bias", torch.nn.Parameter(torch.zeros(int64 c.VocabSize), true))
 
@@ -36,8 +36,8 @@ type Transformer private (config: TransformerConfig) as this =
     let unembed = new Unembed(c)
     do
         (use _ = torch.no_grad ()
-         torch.nn.init.normal_(embed.weight, 0.0, c.InitRange) |> ignore
-         if not (isNull posEmbed) then torch.nn.init.normal_(posEmbed.weight, 0.0, c.InitRange) |> ignore)
+         torch.nn.init.normal_(embed.weight, 0.0, c.InitRange, Transcoders.Tensors.Rng.generator embed.weight.device) |> ignore
+         if not (isNull posEmbed) then torch.nn.init.normal_(posEmbed.weight, 0.0, c.InitRange, Transcoders.Tensors.Rng.generator posEmbed.weight.device) |> ignore)
         this.register_module("embed", embed)
         if not (isNull posEmbed) then this.register_module("pos_embed", posEmbed)
         this.register_module("blocks", blocks)
@@ -51,8 +51,8 @@ type Transformer private (config: TransformerConfig) as this =
         | Learned -> ()
 
     /// Builds a model with freshly initialised weights (GPT-2's scheme: N(0, InitRange), output
-    /// projections N(0, InitRange/√(2L)), zero biases, unit norm weights) on `device`. The global torch
-    /// seed (`Device.seed`) makes it reproducible. The model owns its parameters (outside any dispose scope).
+    /// projections N(0, InitRange/√(2L)), zero biases, unit norm weights) on `device`. `Device.seed` makes it
+    /// reproducible (draws come from the seeded flow's generator, `Rng`). The model owns its parameters (outside any dispose scope).
     /// It starts in training mode, as PyTorch modules do (only dropout cares); loaders return eval mode.
     static member Create(config: TransformerConfig, device: torch.Device) : Transformer =
         let config = TransformerConfig.validate config

@@ -36,11 +36,11 @@ let resolve (choice: DeviceChoice) : torch.Device =
             failwith "CUDA was requested but is not available: install the TorchSharp-cuda-linux backend (README, GPU) or use --device cpu"
         torch.device ("cuda:" + string i)
 
-/// Seeds torch's generators (CPU and CUDA) so runs are reproducible on the CPU.
+/// Seeds torch's generators (CPU and CUDA) and the calling flow's own (`Rng`), so runs are reproducible on the CPU
+/// even when other runs in the same process draw at the same time.
 let seed (s: int64) =
     init ()
-    torch.manual_seed s |> ignore
-    if torch.cuda.is_available () then torch.cuda.manual_seed_all s
+    Rng.seed s
 
 /// Sets torch's intra-op thread count (0 leaves the default, the core count).
 let setThreads (n: int) =

@@ -180,7 +180,6 @@ type Stepper(config: TrainConfig, objective: Objective) =
         if objective.Parameters.IsEmpty then invalidArg "objective" "the objective has no parameters"
     let optimizer = new Optim.AdamW(objective.Parameters, config.Optimizer, objective.Decay)
     let parameters = objective.Parameters |> List.map snd |> Array.ofList
-    let cuda = torch.cuda.is_available ()
 
     member _.Optimizer = optimizer
 
@@ -189,8 +188,7 @@ type Stepper(config: TrainConfig, objective: Objective) =
     member _.Update(step: int) : StepStats =
         use scope = torch.NewDisposeScope()
         let seed = stepSeed config.Seed step
-        torch.manual_seed seed |> ignore
-        if cuda then torch.cuda.manual_seed_all seed
+        Transcoders.Tensors.Rng.seed seed
         let lr = Schedule.lrAt config.Schedule step
         optimizer.SetLearningRate lr
         optimizer.ZeroGrad()
