@@ -459,14 +459,15 @@ let deadFeatureTests =
             use c = Coder.create (CoderConfig.transcoder "m" 0 d dSae) dev
             randomise c 9L
             DecoderConstraint.renormalise c
-            use opt = new CoderAdam(c.NamedParameters, 0.9, 0.999, 1e-8)
+            use opt = CoderOptimizer.create c.NamedParameters 0.9 0.999 1e-8
             use stats = new FiringStats(1, dSae, dev)
             // fill the moments
             let x = torch.randn([| 1L; 64L; int64 d |])
             let y = torch.randn([| 1L; 64L; int64 d |])
             let p = c.PassNormalised x
             (Losses.mse p.Prediction y).backward()
-            opt.Step 1e-3
+            opt.SetLearningRate 1e-3
+            opt.Step()
             use dead = torch.zeros([| 1L; int64 dSae |], dtype = torch.ScalarType.Bool)
             dead[0, 2] <- torch.tensor(true)
             dead[0, 7] <- torch.tensor(true)
@@ -769,13 +770,13 @@ let trainingTests =
             use state = CoderTraining.init tc c
             for i in 0 .. 2 do let x, y = batch i in CoderTraining.step state x y |> ignore
             let coderState = c.StateDict()
-            let optStep, optState = state.Optimizer.StateDict()
+            let optState = state.Optimizer.StateTensors() |> List.map (fun (n, t) -> n, t.clone()) |> Map.ofList
             let since, counts, window, total = state.Stats.StateDict()
             for i in 3 .. 5 do let x, y = batch i in CoderTraining.step state x y |> ignore
             use c2 = Coder.create cfg dev
             c2.LoadStateDict coderState
             use state2 = CoderTraining.init tc c2
-            state2.Optimizer.LoadStateDict(optStep, optState)
+            state2.Optimizer.LoadState optState.TryFind
             state2.Stats.LoadStateDict(since, counts, window, total)
             state2.Step <- 3
             for i in 3 .. 5 do let x, y = batch i in CoderTraining.step state2 x y |> ignore

@@ -18,7 +18,9 @@ open Transcoders.Training.Schedule
 type Resume =
     /// At step 0. An output folder that already holds checkpoints is an error (nothing is overwritten).
     | Fresh
-    /// From the checkpoint `checkpoints/latest` points to, or at step 0 when there is none.
+    /// From the newest intact checkpoint (every file matching its manifest), skipping damaged or incomplete newer
+    /// ones (`TrainResult.Skipped` says which and why), or at step 0 when there is none. Checkpoint folders of
+    /// which none is intact are an error.
     | Latest
     /// From this checkpoint folder.
     | From of checkpoint: string
@@ -219,7 +221,8 @@ type Outcome =
     /// All configured steps done.
     | Completed
     /// The loss or gradient norm was NaN/Inf at update `step` (0-based); that update was not applied
-    /// and nothing was checkpointed after the last good checkpoint.
+    /// and nothing was checkpointed after the last good checkpoint (`TrainResult.LastCheckpoint`, the one to use;
+    /// the message names it). The parameters in memory are those of the last update applied: not a result.
     | Diverged of step: int * message: string
     /// Stopped on request after `step` updates (checkpointed there).
     | Cancelled of step: int
@@ -233,8 +236,11 @@ type TrainResult =
       FinalStep: int
       /// The loss of every update this run applied, in order (update StartStep first).
       Losses: float[]
-      /// The newest checkpoint folder, if any.
+      /// The newest checkpoint folder, if any. After `Diverged`, the checkpoint to use.
       LastCheckpoint: string option
+      /// Newer checkpoints passed over when resuming (folder, why: a file missing, truncated or not matching its
+      /// checksum), newest first.
+      Skipped: (string * string) list
       MetricsLog: string
       Tokens: int64
       ElapsedSeconds: float }
@@ -258,6 +264,37 @@ let private checkCompatible (dir: string) (saved: JsonObject) (current: TrainCon
             sprintf "cannot resume from %s exactly: the configuration differs (%s). Use the same settings, or start a fresh run in another folder."
                 dir (String.concat "; " differs))
 
+/// The sums behind the next metrics record: the updates since the previous record. Part of the resumable state
+/// (saved in trainer.json's "state"), so a resumed run's next record averages the same updates as an
+/// uninterrupted run's.
+type private Window =
+    { mutable Loss: float
+      mutable Grad: float
+      mutable N: int
+      mutable Lr: float
+      mutable Seconds: float
+      mutable Tokens: int64 }
+    member w.Clear() =
+        w.Loss <- 0.0; w.Grad <- 0.0; w.N <- 0; w.Seconds <- 0.0; w.Tokens <- 0L
+    member w.ToJson() =
+        let o = JsonObject()
+        o["loss_sum"] <- JsonNumbers.node w.Loss
+        o["grad_norm_sum"] <- JsonNumbers.node w.Grad
+        o["updates"] <- JsonValue.Create w.N
+        o["lr"] <- JsonNumbers.node w.Lr
+        o["seconds"] <- JsonNumbers.node w.Seconds
+        o["tokens"] <- JsonValue.Create w.Tokens
+        o
+    static member Empty() = { Loss = 0.0; Grad = 0.0; N = 0; Lr = 0.0; Seconds = 0.0; Tokens = 0L }
+    static member OfJson(source: string, node: JsonNode) =
+        match node with
+        | :? JsonObject as o ->
+            let get (k: string) = match o[k] with null -> failwithf "%s: the metrics window lacks '%s'" source k | v -> v
+            { Loss = JsonNumbers.ofNode (get "loss_sum"); Grad = JsonNumbers.ofNode (get "grad_norm_sum")
+              N = (get "updates").GetValue<int>(); Lr = JsonNumbers.ofNode (get "lr")
+              Seconds = JsonNumbers.ofNode (get "seconds"); Tokens = (get "tokens").GetValue<int64>() }
+        | _ -> Window.Empty() // a checkpoint written right after a record, by an older version
+
 /// Trains `objective` as `config` says, stopping early when `cancel` is signalled (after
 /// checkpointing the current step). See `TrainConfig` and `Objective`.
 let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective: Objective) : TrainResult =
@@ -268,27 +305,31 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
     use stepper = new Stepper(config, objective)
     let optimizer = stepper.Optimizer
     let paramTensors = objective.Parameters |> List.map (fun (n, p) -> n, p :> torch.Tensor)
-    let resumeDir =
+    let resumeDir, skipped =
         match config.Resume with
         | Fresh ->
             match Checkpointing.list root with
-            | [] -> None
+            | [] -> None, []
             | cks ->
                 invalidOp (
                     sprintf "%s already holds checkpoints (newest: %s); resume with Resume = Latest, or choose another OutputDir"
                         root (snd (List.last cks)))
-        | Latest -> Checkpointing.tryLatest root
-        | From d -> Some d
-    let start, tokens0, elapsed0 =
+        | Latest ->
+            let found, skipped = Checkpointing.newestIntact root
+            found |> Option.map fst, skipped
+        | From d -> Some d, []
+    let start, tokens0, elapsed0, window, lastLoss0 =
         match resumeDir with
         | Some d ->
-            let info = Checkpointing.readInfo d
-            checkCompatible d info.Config config
-            if info.Step > config.Steps then
-                invalidOp (sprintf "%s is at step %d, beyond this run's Steps (%d)" d info.Step config.Steps)
-            Checkpointing.load d paramTensors objective.Buffers optimizer |> ignore
-            info.Step, info.Tokens, info.ElapsedSeconds
-        | None -> 0, 0L, 0.0
+            let saved = Checkpointing.readInfo d
+            checkCompatible d saved.Config config
+            if saved.Step > config.Steps then
+                invalidOp (sprintf "%s is at step %d, beyond this run's Steps (%d)" d saved.Step config.Steps)
+            let info = Checkpointing.load d paramTensors objective.Buffers optimizer
+            let trainerFile = Path.Combine(d, Checkpointing.TrainerFile)
+            info.Step, info.Tokens, info.ElapsedSeconds, Window.OfJson(trainerFile, info.State["metrics_window"]),
+            JsonNumbers.ofNode info.State["last_loss"]
+        | None -> 0, 0L, 0.0, Window.Empty(), nan
     match resumeDir with
     | Some _ -> Metrics.truncateAfter logPath start
     | None -> if File.Exists logPath then File.Delete logPath
@@ -302,9 +343,9 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
     let mutable tokens = tokens0
     let mutable lastCheckpoint = resumeDir
     let mutable checkpointedAt = if resumeDir.IsSome then start else -1
+    let mutable lastLoss = lastLoss0
+    let mutable checkpointLoss = lastLoss0
     let mutable outcome = None
-    // the window since the last metrics record
-    let mutable wLoss, wGrad, wN, wSeconds, wTokens, wLr = 0.0, 0.0, 0, 0.0, 0L, 0.0
     let evaluate () =
         match objective.Evaluate with
         | None -> Map.empty
@@ -315,25 +356,32 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
     let record (eval: Map<string, float>) =
         let r: Metrics.Record =
             { Step = step
-              Loss = (if wN > 0 then wLoss / float wN else nan)
-              Lr = wLr
-              GradNorm = (if wN > 0 then wGrad / float wN else nan)
+              Loss = (if window.N > 0 then window.Loss / float window.N else nan)
+              Lr = window.Lr
+              GradNorm = (if window.N > 0 then window.Grad / float window.N else nan)
               Tokens = tokens
-              TokensPerSecond = (if wSeconds > 0.0 then float wTokens / wSeconds else nan)
+              TokensPerSecond = (if window.Seconds > 0.0 then float window.Tokens / window.Seconds else nan)
               ElapsedSeconds = elapsed ()
               Train = (match objective.TrainMetrics with Some f -> f () | None -> Map.empty)
               Eval = eval }
         log.Write r
-        wLoss <- 0.0; wGrad <- 0.0; wN <- 0; wSeconds <- 0.0; wTokens <- 0L
+        window.Clear()
         r
     let checkpoint () =
+        let state = JsonObject()
+        state["metrics_window"] <- window.ToJson()
+        state["last_loss"] <- JsonNumbers.node lastLoss
         let info: Checkpointing.Info =
-            { Step = step; Tokens = tokens; ElapsedSeconds = elapsed (); Config = configToJson config; Metadata = objective.Metadata }
+            { Step = step; Tokens = tokens; ElapsedSeconds = elapsed (); Config = configToJson config
+              Metadata = objective.Metadata; State = state }
         let dir = Checkpointing.save root info paramTensors objective.Buffers optimizer
         Checkpointing.prune root config.KeepCheckpoints
         lastCheckpoint <- Some dir
         checkpointedAt <- step
+        checkpointLoss <- lastLoss
     Progress.run config.Progress config.Name start config.Steps (fun reporter ->
+        for d, why in skipped do
+            reporter.Message(sprintf "skipped checkpoint %s: %s" d why)
         match resumeDir with
         | Some d -> reporter.Message(sprintf "resuming from %s (step %d of %d)" d start config.Steps)
         | None -> ()
@@ -347,21 +395,31 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
                 let s = stepper.Update step
                 sw.Stop()
                 if not (Double.IsFinite s.Loss && Double.IsFinite s.GradNorm) then
-                    if wN > 0 then record Map.empty |> ignore
+                    if window.N > 0 then record Map.empty |> ignore
+                    let advice =
+                        match lastCheckpoint with
+                        | Some d ->
+                            sprintf "The model in memory is not a result. Last good checkpoint: %s (step %d, training loss %s there); its %s holds that step's weights"
+                                d checkpointedAt (if Double.IsFinite checkpointLoss then sprintf "%.4g" checkpointLoss else "unknown")
+                                Checkpointing.ModelFile
+                        | None -> "The model in memory is not a result, and no checkpoint was written before it: lower the learning rate and start over"
                     let message =
-                        sprintf "training stopped at update %d: the loss is %g and the gradient norm %g (not finite); the update was not applied. Last good checkpoint: %s"
-                            step s.Loss s.GradNorm (match lastCheckpoint with Some d -> d | None -> "none")
+                        sprintf "training stopped at update %d: the loss is %g and the gradient norm %g (not finite); the update was not applied. %s"
+                            step s.Loss s.GradNorm advice
                     reporter.Message message
                     outcome <- Some(Diverged(step, message))
                 else
                     losses.Add s.Loss
+                    lastLoss <- s.Loss
                     step <- step + 1
                     tokens <- tokens + objective.TokensPerStep
-                    wLoss <- wLoss + s.Loss; wGrad <- wGrad + s.GradNorm; wN <- wN + 1; wLr <- s.Lr
-                    wSeconds <- wSeconds + sw.Elapsed.TotalSeconds; wTokens <- wTokens + objective.TokensPerStep
+                    window.Loss <- window.Loss + s.Loss; window.Grad <- window.Grad + s.GradNorm; window.N <- window.N + 1
+                    window.Lr <- s.Lr
+                    window.Seconds <- window.Seconds + sw.Elapsed.TotalSeconds
+                    window.Tokens <- window.Tokens + objective.TokensPerStep
                     reporter.Update
                         { Step = step; Total = config.Steps; Loss = s.Loss; Lr = s.Lr
-                          TokensPerSecond = (if wSeconds > 0.0 then float wTokens / wSeconds else nan) }
+                          TokensPerSecond = (if window.Seconds > 0.0 then float window.Tokens / window.Seconds else nan) }
                     let evalNow = config.EvalEvery > 0 && objective.Evaluate.IsSome && (step % config.EvalEvery = 0 || step = config.Steps)
                     if evalNow || step % config.LogEvery = 0 || step = config.Steps then
                         let r = record (if evalNow then evaluate () else Map.empty)
@@ -374,6 +432,7 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
           FinalStep = step
           Losses = losses.ToArray()
           LastCheckpoint = lastCheckpoint
+          Skipped = skipped
           MetricsLog = logPath
           Tokens = tokens
           ElapsedSeconds = elapsed () })
