@@ -104,9 +104,9 @@ let run (args: ParseResults<Args>) =
     printfn "trained %d steps, %s tokens in %.0f s (%.0f tokens/s)" result.Run.FinalStep (Output.count result.Run.Tokens)
         result.Run.ElapsedSeconds (float result.Run.Tokens / max 1e-9 result.Run.ElapsedSeconds)
     match result.Run.Outcome with
-    | Trainer.Diverged (step, message) ->
-        eprintfn "%s" message
-        match result.Run.LastCheckpoint with
+    | Trainer.Diverged (step, _) ->
+        // the progress display printed the whole message; the error stream gets the verdict
+        match result.Run.BestCheckpoint with
         | Some d -> eprintfn "training diverged at update %d; no final model was written. Checkpoint to use: %s" step d
         | None -> eprintfn "training diverged at update %d; no final model was written and no checkpoint exists" step
         DivergedExitCode

@@ -300,17 +300,23 @@ let save (root: string) (info: Info) (parameters: (string * torch.Tensor) seq) (
     saveWith root info parameters buffers [ "", optimizer ] []
 
 /// Removes all but the newest `keep` checkpoints (0 keeps all) and leftovers of interrupted writes;
-/// never the one `latest` points to.
-let prune (root: string) (keep: int) =
+/// never the one `latest` points to, nor the folders in `protect`.
+let pruneKeeping (root: string) (keep: int) (protect: string list) =
     if Directory.Exists root then
         for d in Directory.GetDirectories root do
             let n = Path.GetFileName d
             if n.StartsWith "." && (n.Contains ".tmp-" || n.Contains ".old-") then try Directory.Delete(d, true) with _ -> ()
         if keep > 0 then
             let latest = try tryLatest root |> Option.map Path.GetFullPath with _ -> None
+            let protect = protect |> List.map Path.GetFullPath |> Set.ofList
             let all = list root
             for (_, d) in all |> List.take (max 0 (all.Length - keep)) do
-                if Some(Path.GetFullPath d) <> latest then Directory.Delete(d, true)
+                let full = Path.GetFullPath d
+                if Some full <> latest && not (protect.Contains full) then Directory.Delete(d, true)
+
+/// Removes all but the newest `keep` checkpoints (0 keeps all) and leftovers of interrupted writes;
+/// never the one `latest` points to.
+let prune (root: string) (keep: int) = pruneKeeping root keep []
 
 // ---------------------------------------------------------------------------------------------- load
 

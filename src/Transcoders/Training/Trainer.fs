@@ -236,14 +236,22 @@ type TrainResult =
       FinalStep: int
       /// The loss of every update this run applied, in order (update StartStep first).
       Losses: float[]
-      /// The newest checkpoint folder, if any. After `Diverged`, the checkpoint to use.
+      /// The newest checkpoint folder, if any.
       LastCheckpoint: string option
+      /// The checkpoint to use after `Diverged`: of those kept, the one taken at the lowest training loss (the
+      /// mean over the updates since the checkpoint before it). Pruning keeps it once a newer checkpoint's loss is
+      /// more than `RisenFactor` times its loss, so a run that diverges slowly still has a good one to offer.
+      BestCheckpoint: string option
       /// Newer checkpoints passed over when resuming (folder, why: a file missing, truncated or not matching its
       /// checksum), newest first.
       Skipped: (string * string) list
       MetricsLog: string
       Tokens: int64
       ElapsedSeconds: float }
+
+/// A checkpoint whose training loss is more than this many times a kept older one's is taken after the loss
+/// rose: pruning then keeps the older one (see `TrainResult.BestCheckpoint`).
+let [<Literal>] RisenFactor = 1.5
 
 /// The checkpoints folder of a run's output folder.
 let checkpointsDir (outputDir: string) = Path.Combine(outputDir, "checkpoints")
@@ -295,6 +303,21 @@ type private Window =
               Seconds = JsonNumbers.ofNode (get "seconds"); Tokens = (get "tokens").GetValue<int64>() }
         | _ -> Window.Empty() // a checkpoint written right after a record, by an older version
 
+/// The training loss a checkpoint was taken at (its state's "checkpoint_loss"; NaN when unknown).
+let checkpointLoss (info: Checkpointing.Info) = JsonNumbers.ofNode info.State["checkpoint_loss"]
+
+/// The checkpoint under `root` with the lowest finite training loss (folder, step, loss), if any.
+let bestCheckpoint (root: string) : (string * int * float) option =
+    Checkpointing.list root
+    |> List.choose (fun (step, d) ->
+        try
+            let loss = checkpointLoss (Checkpointing.readInfo d)
+            if Double.IsFinite loss then Some(d, step, loss) else None
+        with _ -> None)
+    |> function
+        | [] -> None
+        | cks -> Some(cks |> List.minBy (fun (_, step, loss) -> loss, -step))
+
 /// Trains `objective` as `config` says, stopping early when `cancel` is signalled (after
 /// checkpointing the current step). See `TrainConfig` and `Objective`.
 let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective: Objective) : TrainResult =
@@ -318,7 +341,7 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
             let found, skipped = Checkpointing.newestIntact root
             found |> Option.map fst, skipped
         | From d -> Some d, []
-    let start, tokens0, elapsed0, window, lastLoss0 =
+    let start, tokens0, elapsed0, window =
         match resumeDir with
         | Some d ->
             let saved = Checkpointing.readInfo d
@@ -327,9 +350,8 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
                 invalidOp (sprintf "%s is at step %d, beyond this run's Steps (%d)" d saved.Step config.Steps)
             let info = Checkpointing.load d paramTensors objective.Buffers optimizer
             let trainerFile = Path.Combine(d, Checkpointing.TrainerFile)
-            info.Step, info.Tokens, info.ElapsedSeconds, Window.OfJson(trainerFile, info.State["metrics_window"]),
-            JsonNumbers.ofNode info.State["last_loss"]
-        | None -> 0, 0L, 0.0, Window.Empty(), nan
+            info.Step, info.Tokens, info.ElapsedSeconds, Window.OfJson(trainerFile, info.State["metrics_window"])
+        | None -> 0, 0L, 0.0, Window.Empty()
     match resumeDir with
     | Some _ -> Metrics.truncateAfter logPath start
     | None -> if File.Exists logPath then File.Delete logPath
@@ -343,8 +365,8 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
     let mutable tokens = tokens0
     let mutable lastCheckpoint = resumeDir
     let mutable checkpointedAt = if resumeDir.IsSome then start else -1
-    let mutable lastLoss = lastLoss0
-    let mutable checkpointLoss = lastLoss0
+    // the training losses since the previous checkpoint (none at a resumed one): their mean is the checkpoint's loss
+    let mutable sinceSum, sinceN = 0.0, 0
     let mutable outcome = None
     let evaluate () =
         match objective.Evaluate with
@@ -370,15 +392,24 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
     let checkpoint () =
         let state = JsonObject()
         state["metrics_window"] <- window.ToJson()
-        state["last_loss"] <- JsonNumbers.node lastLoss
+        let loss = if sinceN > 0 then sinceSum / float sinceN else nan
+        state["checkpoint_loss"] <- JsonNumbers.node loss
+        sinceSum <- 0.0
+        sinceN <- 0
         let info: Checkpointing.Info =
             { Step = step; Tokens = tokens; ElapsedSeconds = elapsed (); Config = configToJson config
               Metadata = objective.Metadata; State = state }
         let dir = Checkpointing.save root info paramTensors objective.Buffers optimizer
-        Checkpointing.prune root config.KeepCheckpoints
+        // keep the best checkpoint once the loss has risen well above it: the one to use if the run diverges
+        let protect =
+            if config.KeepCheckpoints = 0 then []
+            else
+                match bestCheckpoint root with
+                | Some (best, _, bestLoss) when Double.IsFinite loss && loss > RisenFactor * bestLoss -> [ best ]
+                | _ -> []
+        Checkpointing.pruneKeeping root config.KeepCheckpoints protect
         lastCheckpoint <- Some dir
         checkpointedAt <- step
-        checkpointLoss <- lastLoss
     Progress.run config.Progress config.Name start config.Steps (fun reporter ->
         for d, why in skipped do
             reporter.Message(sprintf "skipped checkpoint %s: %s" d why)
@@ -397,12 +428,19 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
                 if not (Double.IsFinite s.Loss && Double.IsFinite s.GradNorm) then
                     if window.N > 0 then record Map.empty |> ignore
                     let advice =
-                        match lastCheckpoint with
-                        | Some d ->
-                            sprintf "The model in memory is not a result. Last good checkpoint: %s (step %d, training loss %s there); its %s holds that step's weights"
-                                d checkpointedAt (if Double.IsFinite checkpointLoss then sprintf "%.4g" checkpointLoss else "unknown")
-                                Checkpointing.ModelFile
-                        | None -> "The model in memory is not a result, and no checkpoint was written before it: lower the learning rate and start over"
+                        match bestCheckpoint root, lastCheckpoint with
+                        | Some (best, bestStep, bestLoss), Some last ->
+                            let newest =
+                                if Path.GetFullPath best = Path.GetFullPath last then ""
+                                else
+                                    let lastLoss = try checkpointLoss (Checkpointing.readInfo last) with _ -> nan
+                                    sprintf "; the newest is %s (step %d, training loss %.4g)" last checkpointedAt lastLoss
+                            sprintf "The model in memory is not a result. Checkpoint to use: %s (step %d, training loss %.4g, the lowest of the checkpoints kept; its %s holds that step's weights)%s"
+                                best bestStep bestLoss Checkpointing.ModelFile newest
+                        | _, Some last ->
+                            sprintf "The model in memory is not a result. Last checkpoint: %s (step %d); its %s holds that step's weights"
+                                last checkpointedAt Checkpointing.ModelFile
+                        | _, None -> "The model in memory is not a result, and no checkpoint was written before it: lower the learning rate and start over"
                     let message =
                         sprintf "training stopped at update %d: the loss is %g and the gradient norm %g (not finite); the update was not applied. %s"
                             step s.Loss s.GradNorm advice
@@ -410,7 +448,8 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
                     outcome <- Some(Diverged(step, message))
                 else
                     losses.Add s.Loss
-                    lastLoss <- s.Loss
+                    sinceSum <- sinceSum + s.Loss
+                    sinceN <- sinceN + 1
                     step <- step + 1
                     tokens <- tokens + objective.TokensPerStep
                     window.Loss <- window.Loss + s.Loss; window.Grad <- window.Grad + s.GradNorm; window.N <- window.N + 1
@@ -432,6 +471,10 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
           FinalStep = step
           Losses = losses.ToArray()
           LastCheckpoint = lastCheckpoint
+          BestCheckpoint =
+            (match bestCheckpoint root with
+             | Some (best, _, _) -> Some best
+             | None -> lastCheckpoint)
           Skipped = skipped
           MetricsLog = logPath
           Tokens = tokens
