@@ -784,6 +784,44 @@ let trainingTests =
                 Expect.equal (values p2) (values p) (sprintf "parameter %s identical after resuming" n)
             Expect.equal (values state2.Stats.TokensSinceFired) (values state.Stats.TokensSinceFired) "firing statistics identical"
         }
+        test "a run with resampling resumes exactly: the resampling draws depend on (seed, step), not on the generator's history" {
+            let cfg = { CoderConfig.transcoder "m" 0 6 32 with Activation = TopK 1 }
+            let tc = { TrainConfig.Paper with
+                         Steps = 10; Loss = LossConfig.TopK 2; DeadAfterTokens = 24L; Seed = 5L
+                         Resampling = Some { ResampleConfig.Default with EverySteps = 5; Batches = 2 } }
+            let batch (i: int) =
+                use g = new torch.Generator(uint64 (2000 + i))
+                torch.randn([| 8L; 6L |], generator = g), torch.randn([| 8L; 6L |], generator = g)
+            let train (state: TrainState) (steps: int seq) =
+                [ for i in steps do let x, y = batch i in yield (CoderTraining.stepWith state batch x y).Resampled ]
+            Transcoders.Tensors.Device.seed 3L
+            use c = Coder.create cfg dev
+            let initial = c.StateDict()
+            use state = CoderTraining.init tc c
+            let resampledStraight = train state [ 0 .. 9 ]
+            Expect.isGreaterThan resampledStraight[9] 0 "features were resampled at step 9, after the interruption"
+            // the same run, interrupted after step 6 (after one resampling, before the next) and continued in a fresh
+            // state from copies of the state dicts, with the random generators disturbed in between
+            Transcoders.Tensors.Device.seed 3L
+            use c1 = Coder.create cfg dev
+            c1.LoadStateDict initial
+            use first = CoderTraining.init tc c1
+            train first [ 0 .. 6 ] |> ignore
+            let coderState = c1.StateDict()
+            let optState = first.Optimizer.StateTensors() |> List.map (fun (n, t) -> n, t.clone()) |> Map.ofList
+            let since, counts, window, total = first.Stats.StateDict()
+            Transcoders.Tensors.Device.seed 12345L
+            torch.randn(100L) |> ignore
+            use c2 = Coder.create cfg dev
+            c2.LoadStateDict coderState
+            use second = CoderTraining.init tc c2
+            second.Optimizer.LoadState optState.TryFind
+            second.Stats.LoadStateDict(since, counts, window, total)
+            second.Step <- 7
+            train second [ 7 .. 9 ] |> ignore
+            for (n, p), (_, p2) in List.zip c.NamedParameters c2.NamedParameters do
+                Expect.equal (values p2) (values p) (sprintf "parameter %s identical after resuming" n)
+        }
         test "a NaN loss stops training with a clear error" {
             let cfg = CoderConfig.transcoder "m" 0 4 8
             let tc = { TrainConfig.Paper with Steps = 3; BiasInit = Normalisation.ZeroBias }

@@ -556,8 +556,9 @@ let checkpointTests =
             | Error (path, problem) ->
                 Expect.equal (Path.GetFileName path) Checkpointing.TrainerFile "names trainer.json"
                 Expect.stringContains problem "damaged" "its size or checksum differs from the manifest's"
-            manifest["files"][Checkpointing.TrainerFile]["sha256"] <- Nodes.JsonValue.Create(Checkpointing.sha256 trainer)
-            manifest["files"][Checkpointing.TrainerFile]["bytes"] <- Nodes.JsonValue.Create(FileInfo(trainer).Length)
+            let entry = manifest["files"][Checkpointing.TrainerFile]
+            entry["sha256"] <- Nodes.JsonValue.Create(Checkpointing.sha256 trainer)
+            entry["bytes"] <- Nodes.JsonValue.Create(FileInfo(trainer).Length)
             File.WriteAllText(Path.Combine(ck, Checkpointing.ManifestFile), manifest.ToJsonString())
             match Checkpointing.verify ck with
             | Ok _ -> failtest "trainer.json's step disagrees with the manifest, and was accepted"

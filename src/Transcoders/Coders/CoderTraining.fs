@@ -273,7 +273,7 @@ module CoderTraining =
             match cfg.Resampling with
             | Some r when (step + 1) % r.EverySteps = 0 && step <= r.StopAfterStep ->
                 // the draws are a function of (seed, step), so a run resumed from a checkpoint draws the same
-                torch.manual_seed (Trainer.stepSeed cfg.Seed step) |> ignore
+                Transcoders.Tensors.Rng.seed (Trainer.stepSeed cfg.Seed step)
                 let deadNow = state.Stats.Dead cfg.DeadAfterTokens
                 let extra = [ for i in 1 .. r.Batches -> let bx, by = resampleSource (step + i) in normaliseBatch coder bx by ]
                 let rx = torch.cat((extra |> List.map fst |> Array.ofList), 1L)
