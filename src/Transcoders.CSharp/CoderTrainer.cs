@@ -127,7 +127,8 @@ public static class CoderTrainer
             FSharpOption<DiskCache>.None,
             options.CheckpointEvery,
             true,
-            new JobEval(options.EvalRows, options.SplicedRows, defaults.Eval.SplicedBatch, defaults.Eval.Joint));
+            new JobEval(options.EvalRows, options.SplicedRows, defaults.Eval.SplicedBatch, defaults.Eval.Joint),
+            defaults.KeepCheckpoints);
         var onProgress = FuncConvert.FromAction<JobsProgress>(p =>
         {
             if (progress is null) return;

@@ -73,10 +73,17 @@ let run (args: ParseResults<Args>) =
     let result = LmTraining.trainCancellable cancel.Token model prepared.Tokenizer train validation config
     printfn "trained %d steps, %s tokens in %.0f s (%.0f tokens/s)" result.Run.FinalStep (Output.count result.Run.Tokens)
         result.Run.ElapsedSeconds (float result.Run.Tokens / max 1e-9 result.Run.ElapsedSeconds)
+    let modelDir =
+        match result.Run.Outcome, result.ModelDir with
+        | Transcoders.Training.Trainer.Diverged (_, message), _ ->
+            eprintfn "%s" message
+            exit 2
+        | _, Some dir -> dir
+        | _, None -> failwith "no model was saved"
     match result.ValidationLoss with
     | Some v -> printfn "validation loss: %.4f nats/token (perplexity %.1f) on the TinyStories V1 validation head" v (exp v)
     | None -> ()
-    printfn "model saved to %s" result.ModelDir
+    printfn "model saved to %s" modelDir
 
     section "3. A story from the trained model (temperature 0.8, top-k 40)"
     // stories are separated by [BEGIN] in the shards, so a story ends where the model starts the next one
@@ -92,18 +99,18 @@ let run (args: ParseResults<Args>) =
     let codersDir = Path.Combine(out, "coders")
     let coderArgs =
         ArgumentParser.Create<TrainCoderCommand.Args>().Parse
-            [| result.ModelDir; "--out"; codersDir; "--no-resume"; "--device"; string device
+            [| modelDir; "--out"; codersDir; "--no-resume"; "--device"; string device
                "--steps"; string (args.GetResult(Coder_Steps, 600)); "--width"; "1024"; "--k"; "16"
                "--eval-rows"; "8192"; "--spliced-rows"; "64"; "--checkpoint-every"; "0" |]
     TrainCoderCommand.run coderArgs |> ignore
 
     section "5. Tracing a prediction: attribution graph and computational paths through the transcoders"
     let prompt = "Once upon a time, there was a little girl named Lily. She"
-    let traced, tokenizer, tokens = TraceCommand.loadPrompt result.ModelDir prompt device
+    let traced, tokenizer, tokens = TraceCommand.loadPrompt modelDir prompt device
     use _traced = traced
     let coders = TraceCommand.loadCoders [ codersDir ] device
     try
-        TraceCommand.trace result.ModelDir traced tokenizer coders tokens None None Transcoders.Circuits.GraphConfig.Default
+        TraceCommand.trace modelDir traced tokenizer coders tokens None None Transcoders.Circuits.GraphConfig.Default
             { Transcoders.Circuits.PruneConfig.Default with Device = device } Transcoders.Circuits.PathSearchOptions.Default 5
             (Path.Combine(out, "graph.safetensors")) |> ignore
     finally

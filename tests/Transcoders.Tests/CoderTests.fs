@@ -459,14 +459,15 @@ let deadFeatureTests =
             use c = Coder.create (CoderConfig.transcoder "m" 0 d dSae) dev
             randomise c 9L
             DecoderConstraint.renormalise c
-            use opt = new CoderAdam(c.NamedParameters, 0.9, 0.999, 1e-8)
+            use opt = CoderOptimizer.create c.NamedParameters 0.9 0.999 1e-8
             use stats = new FiringStats(1, dSae, dev)
             // fill the moments
             let x = torch.randn([| 1L; 64L; int64 d |])
             let y = torch.randn([| 1L; 64L; int64 d |])
             let p = c.PassNormalised x
             (Losses.mse p.Prediction y).backward()
-            opt.Step 1e-3
+            opt.SetLearningRate 1e-3
+            opt.Step()
             use dead = torch.zeros([| 1L; int64 dSae |], dtype = torch.ScalarType.Bool)
             dead[0, 2] <- torch.tensor(true)
             dead[0, 7] <- torch.tensor(true)
@@ -769,19 +770,57 @@ let trainingTests =
             use state = CoderTraining.init tc c
             for i in 0 .. 2 do let x, y = batch i in CoderTraining.step state x y |> ignore
             let coderState = c.StateDict()
-            let optStep, optState = state.Optimizer.StateDict()
+            let optState = state.Optimizer.StateTensors() |> List.map (fun (n, t) -> n, t.clone()) |> Map.ofList
             let since, counts, window, total = state.Stats.StateDict()
             for i in 3 .. 5 do let x, y = batch i in CoderTraining.step state x y |> ignore
             use c2 = Coder.create cfg dev
             c2.LoadStateDict coderState
             use state2 = CoderTraining.init tc c2
-            state2.Optimizer.LoadStateDict(optStep, optState)
+            state2.Optimizer.LoadState optState.TryFind
             state2.Stats.LoadStateDict(since, counts, window, total)
             state2.Step <- 3
             for i in 3 .. 5 do let x, y = batch i in CoderTraining.step state2 x y |> ignore
             for (n, p), (_, p2) in List.zip c.NamedParameters c2.NamedParameters do
                 Expect.equal (values p2) (values p) (sprintf "parameter %s identical after resuming" n)
             Expect.equal (values state2.Stats.TokensSinceFired) (values state.Stats.TokensSinceFired) "firing statistics identical"
+        }
+        test "a run with resampling resumes exactly: the resampling draws depend on (seed, step), not on the generator's history" {
+            let cfg = { CoderConfig.transcoder "m" 0 6 32 with Activation = TopK 1 }
+            let tc = { TrainConfig.Paper with
+                         Steps = 10; Loss = LossConfig.TopK 2; DeadAfterTokens = 24L; Seed = 5L
+                         Resampling = Some { ResampleConfig.Default with EverySteps = 5; Batches = 2 } }
+            let batch (i: int) =
+                use g = new torch.Generator(uint64 (2000 + i))
+                torch.randn([| 8L; 6L |], generator = g), torch.randn([| 8L; 6L |], generator = g)
+            let train (state: TrainState) (steps: int seq) =
+                [ for i in steps do let x, y = batch i in yield (CoderTraining.stepWith state batch x y).Resampled ]
+            Transcoders.Tensors.Device.seed 3L
+            use c = Coder.create cfg dev
+            let initial = c.StateDict()
+            use state = CoderTraining.init tc c
+            let resampledStraight = train state [ 0 .. 9 ]
+            Expect.isGreaterThan resampledStraight[9] 0 "features were resampled at step 9, after the interruption"
+            // the same run, interrupted after step 6 (after one resampling, before the next) and continued in a fresh
+            // state from copies of the state dicts, with the random generators disturbed in between
+            Transcoders.Tensors.Device.seed 3L
+            use c1 = Coder.create cfg dev
+            c1.LoadStateDict initial
+            use first = CoderTraining.init tc c1
+            train first [ 0 .. 6 ] |> ignore
+            let coderState = c1.StateDict()
+            let optState = first.Optimizer.StateTensors() |> List.map (fun (n, t) -> n, t.clone()) |> Map.ofList
+            let since, counts, window, total = first.Stats.StateDict()
+            Transcoders.Tensors.Device.seed 12345L
+            torch.randn(100L) |> ignore
+            use c2 = Coder.create cfg dev
+            c2.LoadStateDict coderState
+            use second = CoderTraining.init tc c2
+            second.Optimizer.LoadState optState.TryFind
+            second.Stats.LoadStateDict(since, counts, window, total)
+            second.Step <- 7
+            train second [ 7 .. 9 ] |> ignore
+            for (n, p), (_, p2) in List.zip c.NamedParameters c2.NamedParameters do
+                Expect.equal (values p2) (values p) (sprintf "parameter %s identical after resuming" n)
         }
         test "a NaN loss stops training with a clear error" {
             let cfg = CoderConfig.transcoder "m" 0 4 8

@@ -26,6 +26,7 @@ let all =
         CoderJobTests.tests
         FacadeTests.tests
         TrainingTests.tests
+        KillTests.tests
     ]
 
 [<EntryPoint>]
