@@ -140,6 +140,9 @@ module GraphFile =
         if nLayers < 1 then fail "n_layers must be positive (got %d)" nLayers
         let tokens = arrayOf "tokens" (field root "tokens") |> Seq.mapi (fun i t -> intOf (sprintf "tokens[%d]" i) t) |> Array.ofSeq
         if tokens.Length = 0 then fail "tokens is empty"
+        match tokens |> Array.tryFindIndex (fun t -> t < 0) with
+        | Some i -> fail "tokens[%d] is the negative token id %d" i tokens[i]
+        | None -> ()
         let p = tokens.Length
         let tokenStrings =
             arrayOf "token_strings" (field root "token_strings")
@@ -218,10 +221,22 @@ module GraphFile =
         if blockTargets.Length <> blockSources.Length then
             fail "adjacency.block_targets has %d blocks but adjacency.block_sources %d" blockTargets.Length blockSources.Length
         if Array.exists (fun n -> n < 0L) blockTargets || Array.exists (fun n -> n < 0L) blockSources then fail "negative block sizes"
-        if Array.sum blockTargets <> int64 targets.Length then
-            fail "the blocks have %d target rows in all but adjacency.targets holds %d" (Array.sum blockTargets) targets.Length
-        if Array.sum blockSources <> int64 sources.Length then
-            fail "the blocks have %d source columns in all but adjacency.sources holds %d" (Array.sum blockSources) sources.Length
+        // Sizes are bounded by the id arrays before any product is taken: a corrupt size must not overflow.
+        let total (what: string) (sizes: int64[]) (available: int) =
+            let mutable sum = 0L
+            for k in 0 .. sizes.Length - 1 do
+                if sizes[k] > int64 available - sum then
+                    fail "%s[%d] = %d: the blocks would need more than the %d entries %s holds" what k sizes[k] available
+                        (if what.EndsWith "targets" then "adjacency.targets" else "adjacency.sources")
+                sum <- sum + sizes[k]
+            sum
+        let rows = total "adjacency.block_targets" blockTargets targets.Length
+        if rows <> int64 targets.Length then
+            fail "the blocks have %d target rows in all but adjacency.targets holds %d" rows targets.Length
+        let columns = total "adjacency.block_sources" blockSources sources.Length
+        if columns <> int64 sources.Length then
+            fail "the blocks have %d source columns in all but adjacency.sources holds %d" columns sources.Length
+        // each block is at most targets.Length × sources.Length (< 2^62), and so is their sum
         let cells = Array.map2 (*) blockTargets blockSources |> Array.sum
         if cells <> int64 weights.Length then
             fail "the blocks have %d weights in all but adjacency.weights holds %d" cells weights.Length
