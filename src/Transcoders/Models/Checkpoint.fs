@@ -202,16 +202,16 @@ let loadWith (options: LoadOptions) (dir: string) (device: torch.Device) : Trans
     match reader.Metadata.TryFind "format" with
     | Some f when f <> FormatName -> raise (CheckpointError(path, sprintf "safetensors metadata says format '%s', expected '%s'" f FormatName))
     | _ -> ()
+    CheckpointFile.checkLayerCount path (describeConfig (configPath dir) config) config reader.Entries.Length
     let expected = TransformerConfig.parameterShapes config
-    let entries = reader.Entries |> List.map (fun e -> e.Name, e) |> Map.ofList
-    CheckpointFile.checkEntries path (describeConfig (configPath dir) config) expected entries.TryFind |> ignore
     let names = expected |> List.map fst |> set
     match reader.Entries |> List.filter (fun e -> not (names.Contains e.Name)) with
     | [] -> ()
     | extra ->
-        raise (CheckpointError(path, sprintf "unexpected tensor(s) %s: a model of %s has no such parameter"
+        raise (CheckpointError(path, sprintf "unexpected tensor %s: a model of %s has no such parameter"
                                          (extra |> List.truncate 8 |> List.map (fun e -> sprintf "'%s' %s" e.Name (Shape.show e.Shape)) |> String.concat ", ")
                                          (describeConfig (configPath dir) config)))
+    CheckpointFile.checkEntries path (describeConfig (configPath dir) config) expected reader.Entries
     CheckpointFile.checkRotaryBudget (configPath dir) "config.n_ctx" config (reader.Entries |> List.sumBy (fun e -> e.ByteLength))
     let m = Transformer.create config device
     try CheckpointFile.copyInto (Some options) path m (seq { for e in reader.Entries -> e.Name, reader.Tensor(e.Name, device) })

@@ -111,20 +111,32 @@ module internal CheckpointFile =
         | Some problem -> raise (CheckpointError(path, problem))
         | None -> ()
 
-    /// Checks a file's header entries against the tensors a configuration needs, before anything is allocated:
-    /// every expected name present, with the expected shape and a floating-point dtype. `describe` says which
-    /// configuration asked for the shapes (e.g. "config.json (d_model 64, ...)"). Returns the entries found.
-    let checkEntries (path: string) (describe: string) (expected: (string * int64[]) list)
-                     (find: string -> Transcoders.Files.Safetensors.Entry option) =
-        [ for name, shape in expected ->
-            match find name with
-            | None -> raise (CheckpointError(path, sprintf "tensor '%s' %s is missing (needed by %s)" name (Shape.show shape) describe))
-            | Some e ->
+    /// Checks a file's header entries (in file order) against the tensors a configuration needs, before anything is
+    /// allocated: each expected tensor has the expected shape and a floating-point dtype, and none is missing.
+    /// `describe` says which configuration asked for the shapes (e.g. "config.json (d_model 64, ...)"). Entries the
+    /// configuration does not name are left to the caller.
+    let checkEntries (path: string) (describe: string) (expected: (string * int64[]) list) (entries: Transcoders.Files.Safetensors.Entry list) =
+        let shapes = dict expected
+        for e in entries do
+            match shapes.TryGetValue e.Name with
+            | true, shape ->
                 if e.Shape <> shape then
-                    raise (CheckpointError(path, sprintf "tensor '%s' has shape %s, but %s needs %s" name (Shape.show e.Shape) describe (Shape.show shape)))
+                    raise (CheckpointError(path, sprintf "tensor for '%s' has shape %s, the model expects %s (as %s asks)" e.Name (Shape.show e.Shape) (Shape.show shape) describe))
                 if not (isFloat e.DType) then
-                    raise (CheckpointError(path, sprintf "tensor '%s' is stored as %s, which cannot hold a floating-point parameter (F32, F16, BF16 or F64 expected)" name e.DType.Name))
-                e ]
+                    raise (CheckpointError(path, sprintf "tensor '%s' is stored as %s, which cannot hold a floating-point parameter (F32, F16, BF16 or F64 expected)" e.Name e.DType.Name))
+            | _ -> ()
+        let present = entries |> List.map (fun e -> e.Name) |> set
+        match expected |> List.filter (fun (n, _) -> not (present.Contains n)) with
+        | [] -> ()
+        | missing ->
+            raise (CheckpointError(path, sprintf "no tensor for parameter(s) %s (needed by %s)"
+                                             (missing |> List.map (fun (n, s) -> sprintf "%s %s" n (Shape.show s)) |> String.concat ", ") describe))
+
+    /// Refuses a configuration with more layers than the files have tensors (each layer needs several), before the
+    /// list of expected tensors is built: a config.json claiming a million layers fails at once.
+    let checkLayerCount (path: string) (describe: string) (c: TransformerConfig) (tensorCount: int) =
+        if c.NLayers > tensorCount then
+            raise (CheckpointError(path, sprintf "%s asks for %d layers, but the weights hold only %d tensors" describe c.NLayers tensorCount))
 
     /// Refuses a configuration whose rotary tables would be larger than the weights themselves (plus 64 MiB):
     /// no tensor bounds the context length of a rotary model, so the file's size does.

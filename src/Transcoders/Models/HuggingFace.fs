@@ -240,25 +240,36 @@ let loadWith (options: LoadOptions) (dir: string) (device: torch.Device) : Trans
     let configFile = Path.Combine(dir, "config.json")
     let table, readers = openWeights dir
     try
+        let describe = Checkpoint.describeConfig configFile config
+        let weightFiles = readers |> List.map (fun r -> r.Path) |> String.concat ", "
+        CheckpointFile.checkLayerCount weightFiles describe config table.Count
         let gpt2Prefix = if table.ContainsKey "transformer.wte.weight" then "transformer." else ""
         let expected = expectedTensors fam config gpt2Prefix
         let tiedHead = config.TiedUnembed && table.ContainsKey "lm_head.weight"
         let checkedNames = (expected |> List.map fst) @ (if tiedHead then [ "lm_head.weight" ] else [])
-        let shapeOf name = if name = "lm_head.weight" then [| int64 config.VocabSize; int64 config.DModel |] else expected |> List.find (fst >> (=) name) |> snd
-        let describe = Checkpoint.describeConfig configFile config
+        let shapes = dict (expected @ [ "lm_head.weight", [| int64 config.VocabSize; int64 config.DModel |] ])
+        let shapeOf name = shapes.[name]
         // every header checked against the configuration before anything is allocated
         for name in checkedNames do
             match table.TryFind name with
             | None ->
-                let files = readers |> List.map (fun r -> r.Path) |> String.concat ", "
-                raise (CheckpointError(files, sprintf "tensor '%s' %s is missing from the weights (needed by %s)" name (Shape.show (shapeOf name)) describe))
-            | Some r -> CheckpointFile.checkEntries r.Path describe [ name, shapeOf name ] (fun n -> Some (r.Info n)) |> ignore
+                raise (CheckpointError(weightFiles, sprintf "tensor '%s' is missing from the weights (shape %s, needed by %s)" name (Shape.show (shapeOf name)) describe))
+            | Some r -> CheckpointFile.checkEntries r.Path describe [ name, shapeOf name ] [ r.Info name ]
         let known = set checkedNames
         let unexpected = table |> Map.toList |> List.filter (fun (k, _) -> not (known.Contains k) && not (ignorable.IsMatch k))
         if not unexpected.IsEmpty then
             let r = snd unexpected.Head
             raise (CheckpointError(r.Path, sprintf "unexpected tensors for a %s model of %s: %s" (match fam with Gpt2 -> "GPT-2" | Llama -> "Llama") describe
                                                (unexpected |> List.truncate 8 |> List.map fst |> String.concat ", ")))
+        // a tied model whose file also holds a head of its own: it must be the embedding (else tying would discard it)
+        if tiedHead then
+            let embedName = match fam with Gpt2 -> gpt2Prefix + "wte.weight" | Llama -> "model.embed_tokens.weight"
+            let headReader = table.["lm_head.weight"]
+            use head = headReader.TensorAs("lm_head.weight", torch.float32)
+            use embed = table.[embedName].TensorAs(embedName, torch.float32)
+            use same = head.eq(embed).all()
+            if not (same.item<bool> ()) then
+                raise (CheckpointError(headReader.Path, sprintf "'lm_head.weight' differs from '%s', but %s ties them (tie_word_embeddings): which one is meant?" embedName configFile))
         let weightBytes = readers |> List.sumBy (fun r -> r.Entries |> List.sumBy (fun e -> e.ByteLength))
         CheckpointFile.checkRotaryBudget configFile "max_position_embeddings" config weightBytes
         let get name =

@@ -84,7 +84,7 @@ let readHeader (path: string) : Header =
         raise (CheckpointError(path, sprintf "a llama2.c versioned export (magic 'ak42', version %d); only the legacy version-0 export is supported (export.py --version 0)" ints.[1]))
     let names = [| "dim"; "hidden_dim"; "n_layers"; "n_heads"; "n_kv_heads"; "vocab_size"; "seq_len" |]
     ints |> Array.iteri (fun i v ->
-        if (i = 5 && v = 0) || (i <> 5 && v <= 0) then
+        if (i = 5 && (v = 0 || v = Int32.MinValue)) || (i <> 5 && v <= 0) then
             raise (CheckpointError(path, sprintf "not a llama2.c checkpoint: header field %s = %d (header %s)" names.[i] v (Shape.show (Array.map int64 ints)))))
     let h =
         { Dim = ints.[0]; HiddenDim = ints.[1]; NLayers = ints.[2]; NHeads = ints.[3]; NKvHeads = ints.[4]
