@@ -112,7 +112,8 @@ module GraphFile =
         | None -> fail "no 'format' metadata: not an attribution graph file"
         match meta.TryFind "version" |> Option.map Int32.TryParse with
         | Some (true, v) when v >= 1 && v <= FormatVersion -> ()
-        | Some (true, v) -> fail "version %d is newer than this library reads (%d)" v FormatVersion
+        | Some (true, v) when v > FormatVersion -> fail "version %d is newer than this library reads (%d)" v FormatVersion
+        | Some (true, v) -> fail "version %d is not a version of this format (1..%d)" v FormatVersion
         | _ -> fail "missing or unreadable 'version' metadata"
         let root =
             match meta.TryFind "graph" with
@@ -127,11 +128,12 @@ module GraphFile =
             match tryProp o name with
             | Some v -> v
             | None -> fail "field '%s' is missing" name
+        let show (n: JsonNode) = if isNull n then "null" else n.ToJsonString()
         let intOf (what: string) (n: JsonNode) : int =
-            try n.GetValue<int>() with _ -> fail "%s must be an integer (got %s)" what (n.ToJsonString())
+            try n.GetValue<int>() with _ -> fail "%s must be an integer (got %s)" what (show n)
         let floatOf (what: string) (n: JsonNode) : float =
             if isNull n then nan
-            else try n.GetValue<float>() with _ -> fail "%s must be a number (got %s)" what (n.ToJsonString())
+            else try n.GetValue<float>() with _ -> fail "%s must be a number (got %s)" what (show n)
         let arrayOf (what: string) (n: JsonNode) : JsonArray =
             match n with
             | :? JsonArray as a -> a
@@ -195,11 +197,13 @@ module GraphFile =
             | Some (:? JsonObject as so) ->
                 Some { Replacement = floatOf "scores.replacement" (tryProp so "replacement" |> Option.toObj)
                        Completeness = floatOf "scores.completeness" (tryProp so "completeness" |> Option.toObj) }
-            | _ -> None
+            | Some other -> fail "scores must be an object or null (got %s)" (other.ToJsonString())
+            | None -> None
         let description =
             match tryProp root "description" with
             | Some (:? JsonObject as d) -> d |> Seq.map (fun kv -> kv.Key, (try kv.Value.GetValue<string>() with _ -> fail "description.%s must be a string" kv.Key)) |> Map.ofSeq
-            | _ -> Map.empty
+            | Some other -> fail "description must be an object of strings (got %s)" (other.ToJsonString())
+            | None -> Map.empty
         // the adjacency
         let tensor (name: string) (dtype: torch.ScalarType) =
             if not (reader.Contains name) then fail "tensor '%s' is missing" name

@@ -105,7 +105,7 @@ let loadConfig (path: string) : CoderConfig =
 /// Loads a coder onto `device`. Missing or unexpected keys, shapes that disagree with the config, non-float dtypes and
 /// (unless `options` allows them) weights holding NaN or ±∞ raise `CoderFileError` naming the file and key.
 let loadWith (options: Transcoders.Models.LoadOptions) (path: string) (device: torch.Device) : Coder =
-    let stPath, _ = paths path
+    let stPath, jsonPath = paths path
     let cfg = loadConfig path
     if not (File.Exists stPath) then fail "%s: coder weights not found" stPath
     if cfg.InputBias && cfg.Kind <> Sae then
@@ -118,23 +118,26 @@ let loadWith (options: Transcoders.Models.LoadOptions) (path: string) (device: t
         | e -> fail "%s: cannot read safetensors file (%s)" stPath e.Message
     let expected = fileShapes cfg
     let entries = reader.Entries |> List.map (fun e -> e.Name, e) |> dict
+    // every header checked against the config (named, since either file may be the one at fault) before any read
+    let config = sprintf "the config in %s (%s, d_in %d, d_out %d, d_sae %d, %d layer(s))" jsonPath (CoderConfig.kindName cfg.Kind) cfg.DIn cfg.DOut cfg.DSae cfg.NLayers
     for name, shape in expected do
         match entries.TryGetValue name with
         | true, e ->
             if e.Shape <> shape then
-                fail "%s: tensor '%s' has shape %A, but the config (%s, d_in %d, d_out %d, d_sae %d, %d layer(s)) needs %A"
-                    stPath name e.Shape (CoderConfig.kindName cfg.Kind) cfg.DIn cfg.DOut cfg.DSae cfg.NLayers shape
+                fail "%s: tensor '%s' has shape %A, but %s needs %A" stPath name e.Shape config shape
             match e.DType with
             | Safetensors.F32 | Safetensors.F16 | Safetensors.BF16 | Safetensors.F64 -> ()
             | d -> fail "%s: tensor '%s' has dtype %A; a floating-point dtype is needed" stPath name d
-        | _ -> fail "%s: tensor '%s' (shape %A) is missing for a %s with %A activation" stPath name shape (CoderConfig.kindName cfg.Kind) cfg.Activation
+        | _ -> fail "%s: tensor '%s' (shape %A) is missing for a %s with %A activation (%s)" stPath name shape (CoderConfig.kindName cfg.Kind) cfg.Activation config
     let expectedNames = expected |> List.map fst |> set
     for KeyValue(name, _) in entries do
         if not (expectedNames.Contains name) then
-            fail "%s: unexpected tensor '%s' for a %s with %A activation (expected %s)" stPath name (CoderConfig.kindName cfg.Kind) cfg.Activation (String.Join(", ", expectedNames))
+            fail "%s: unexpected tensor '%s' for a %s with %A activation (expected %s, from %s)" stPath name (CoderConfig.kindName cfg.Kind) cfg.Activation (String.Join(", ", expectedNames)) jsonPath
     let read name =
         let t = reader.Tensor(name, device).to_type(torch.float32)
-        match Transcoders.Models.CheckpointFile.nonFinite options name t with
+        // a BatchTopK threshold of NaN means "not estimated yet" (what a new coder holds); infinities are refused
+        let checkedValues = if name = "batchtopk_threshold" then t.masked_fill(t.isnan(), Scalars.sc 0.0) else t
+        match Transcoders.Models.CheckpointFile.nonFinite options name checkedValues with
         | Some problem -> fail "%s: %s" stPath problem
         | None -> t
     let clt = cfg.Kind = CrossLayerTranscoder
