@@ -9,6 +9,7 @@ let all =
         ElfTests.tests
         TorchTests.tests
         SafetensorsTests.tests
+        SafetensorsTests.pathsTests
         TokenizerTests.tests
         CorpusTests.tests
         BatchesTests.tests
@@ -25,6 +26,7 @@ let all =
         CoderJobTests.tests
         FacadeTests.tests
         TrainingTests.tests
+        FuzzTests.tests
     ]
 
 [<EntryPoint>]
