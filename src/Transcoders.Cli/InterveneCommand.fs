@@ -89,6 +89,9 @@ let intervene (model: Transformer) (tokenizer: Tokenizer) (coders: Coder list) (
     | _ -> ()
 
 let run (args: ParseResults<Args>) =
+    match args.TryGetResult Generate with
+    | Some n when n < 0 -> invalidArg "generate" (sprintf "--generate takes a number of tokens (0 or more), got %d" n)
+    | _ -> ()
     let modelPath = args.GetResult Model
     let device = Device.resolve (Device.parse (args.GetResult(Device, "auto")))
     let model, tokenizer, tokens = TraceCommand.loadPrompt modelPath (args.GetResult Prompt) device

@@ -374,6 +374,20 @@ let fileTests =
                 use asFloat = (snd (tensors |> List.find (fun (n, _) -> n = "adjacency.targets"))).to_type(torch.float32)
                 write meta (withTensor "adjacency.targets" asFloat)
                 throwsWith<GraphFileError> (fun () -> GraphFile.load path |> ignore) [ "adjacency.targets"; "dtype" ] "wrong dtype"
+                // block sizes whose sums or products overflow int64: a clear error, not a bare OverflowException
+                let blocks = (snd (tensors |> List.find (fun (n, _) -> n = "adjacency.block_targets"))).shape.[0]
+                for sizes in [ Array.init (int blocks) (fun i -> if i = 0 then Int64.MaxValue else 1L); Array.create (int blocks) (1L <<< 62)
+                               Array.init (int blocks) (fun i -> if i = 0 then 1L <<< 40 else 0L) ] do
+                    use huge = torch.tensor(sizes)
+                    for name in [ "adjacency.block_targets"; "adjacency.block_sources" ] do
+                        write meta (withTensor name huge)
+                        throwsWith<GraphFileError> (fun () -> GraphFile.load path |> ignore) [ path; name; "more than the" ] (sprintf "%s = %A" name sizes)
+                // prompt tokens are ids: never negative
+                write (meta.Add("graph", meta["graph"].Replace(sprintf "\"tokens\":[%d," g.Tokens[0], "\"tokens\":[-3,"))) tensors
+                throwsWith<GraphFileError> (fun () -> GraphFile.load path |> ignore) [ path; "tokens[0]"; "negative token id -3" ] "negative token"
+                // scores and description of the wrong kind are refused, not dropped
+                write (meta.Add("graph", meta["graph"].Replace("\"description\":{}", "\"description\":5"))) tensors
+                throwsWith<GraphFileError> (fun () -> GraphFile.load path |> ignore) [ path; "description must be an object" ] "description"
                 for _, t in tensors do t.Dispose()
                 throwsWith<GraphFileError> (fun () -> GraphFile.load (path + ".missing") |> ignore) [ "no such file" ] "missing file"
             finally

@@ -587,6 +587,39 @@ let fileTests =
             use back = CoderFile.load (dir.File "ours") dev
             expectClose 1e-5 (back.Forward x) expected "and through our format"
         }
+        test "a paper checkpoint records whether its decoder rows have unit norm, and keeps that through our format" {
+            torch.manual_seed 14L |> ignore
+            use dir = new TempDir()
+            let dIn, dSae, dOut = 6, 10, 5
+            let wEnc, bEnc, bDec, bDecOut = torch.randn(int64 dIn, int64 dSae), torch.randn(int64 dSae), torch.randn(int64 dIn), torch.randn(int64 dOut)
+            let free = torch.randn(int64 dSae, int64 dOut) * 3.0
+            let unit = free / free.square().sum(1L, true).sqrt()
+            for wDec, expected in [ free, Free; unit, UnitNorm ] do
+                let path = dir.File "paper.safetensors"
+                Transcoders.Files.Safetensors.save path Map.empty [ "W_enc", wEnc; "b_enc", bEnc; "W_dec", wDec; "b_dec", bDec; "b_dec_out", bDecOut ]
+                use c = CoderFile.importPaper path "gpt2" 8 dev
+                Expect.equal c.Config.Decoder expected (sprintf "decoder norms recorded as %A" expected)
+                CoderFile.save (dir.File "ours") c
+                use back = CoderFile.load (dir.File "ours") dev
+                Expect.equal back.Config.Decoder expected "and saved as such"
+                use x = torch.randn(4L, int64 dIn)
+                expectClose 1e-5 (back.Forward x) (c.Forward x) "same predictions"
+        }
+        test "non-finite coder weights are refused with the file and key named, unless allowed" {
+            use dir = new TempDir()
+            use c = Coder.create (CoderConfig.transcoder "m" 0 4 6) dev
+            CoderFile.save (dir.File "tc") c
+            let st = dir.File "tc/coder.safetensors"
+            let all = Transcoders.Files.Safetensors.load st dev
+            let meta = (use r = Transcoders.Files.Safetensors.Reader.Open st in r.Metadata)
+            Transcoders.Files.Safetensors.save st meta (all |> List.map (fun (n, t) -> if n = "W_dec" then (let u = t.clone() in u.[2L, 1L] <- torch.tensor(infinity, dtype = torch.float32); n, u) else n, t))
+            let e = Expect.throwsC (fun () -> CoderFile.load (dir.File "tc") dev |> ignore) id
+            Expect.isTrue (e :? CoderFile.CoderFileError) (sprintf "a CoderFileError, got %s" (e.GetType().Name))
+            for fragment in [ st; "'W_dec'"; "non-finite" ] do Expect.stringContains e.Message fragment fragment
+            use allowed = CoderFile.loadWith { Transcoders.Models.LoadOptions.AllowNonFinite = true } (dir.File "tc") dev
+            Expect.isTrue (allowed.StateDict() |> List.exists (fun (_, t) -> not (t.isfinite().all().item<bool> ()))) "allowed: loaded as stored"
+            for _, t in all do t.Dispose()
+        }
         test "files of another format are rejected with the file and key named" {
             use dir = new TempDir()
             let cfg = CoderConfig.transcoder "m" 0 4 6

@@ -9,6 +9,7 @@ let all =
         ElfTests.tests
         TorchTests.tests
         SafetensorsTests.tests
+        SafetensorsTests.pathsTests
         TokenizerTests.tests
         CorpusTests.tests
         BatchesTests.tests
@@ -27,6 +28,7 @@ let all =
         FacadeTests.tests
         TrainingTests.tests
         KillTests.tests
+        FuzzTests.tests
     ]
 
 [<EntryPoint>]
