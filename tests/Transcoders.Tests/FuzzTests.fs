@@ -803,7 +803,7 @@ let tests =
                 opt.SetLearningRate 0.01
                 (use loss = w.square().sum() + b.sum() in loss.backward ())
                 opt.Step()
-                let info : Checkpointing.Info = { Step = 1; Tokens = 10L; ElapsedSeconds = 1.0; Config = JsonObject(); Metadata = Map.empty }
+                let info : Checkpointing.Info = { Step = 1; Tokens = 10L; ElapsedSeconds = 1.0; Config = JsonObject(); Metadata = Map.empty; State = JsonObject() }
                 let dir = Checkpointing.save saved.Path info [ "w", w :> torch.Tensor; "b", b :> torch.Tensor ] [ "buf", buf ] opt
                 let state = [ "w", w.detach().clone(); "b", b.detach().clone(); "buf", buf.clone() ] @ (opt.StateTensors() |> List.map (fun (n, t) -> n, t.clone()))
                 w.Dispose(); b.Dispose(); buf.Dispose()
