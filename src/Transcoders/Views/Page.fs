@@ -120,6 +120,7 @@ function __recordError(msg) { window.__pageErrors.push(String(msg));
 window.addEventListener('error', function (ev) { __recordError('error: ' + ev.message + ' (' + (ev.filename || '') + ':' + (ev.lineno || 0) + ')'); });
 window.addEventListener('unhandledrejection', function (ev) { __recordError('unhandled rejection: ' + ev.reason); });
 (function () { var orig = console.error; console.error = function () { __recordError('console.error: ' + Array.prototype.join.call(arguments, ' ')); orig.apply(console, arguments); }; })();
+document.addEventListener('DOMContentLoaded', function () { var e = document.getElementById('page-errors'); if (e && window.__pageErrors.length) e.textContent = window.__pageErrors.join('\n'); });
 function pageData() { var e = document.getElementById('page-data'); return e ? JSON.parse(e.textContent) : null; }
 function markDrawn(what) { document.body.setAttribute('data-drawn', (document.body.getAttribute('data-drawn') || '') + what + ' '); }
 """
@@ -131,16 +132,18 @@ function markDrawn(what) { document.body.setAttribute('data-drawn', (document.bo
         add "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         add "<meta name=\"generator\" content=\"Transcoders (views)\">\n"
         add (sprintf "<title>%s</title>\n<style>%s%s</style>\n" (escape spec.Title) baseCss spec.Css)
-        add "<script>"; add errorCatcher; add "</script>\n</head>\n<body>\n<pre id=\"page-errors\"></pre>\n"
+        add "<script>"; add errorCatcher; add "</script>\n"
+        // libraries in the head, so inline scripts in the body (XPlot's charts) can use them as they load
+        for a in List.distinct spec.Assets do
+            let code, licence = asset a
+            add (sprintf "<!-- %s, vendored and inlined. Licence:\n%s\n-->\n" (assetName a) (licence.Replace("--", "- -")))
+            add "<script>"; add (code.Replace("</script", "<\\/script")); add "</script>\n"
+        add "</head>\n<body>\n<pre id=\"page-errors\"></pre>\n"
         add spec.Body
         add "\n"
         match spec.Data with
         | Some d -> add "<script id=\"page-data\" type=\"application/json\">"; add (json d); add "</script>\n"
         | None -> ()
-        for a in List.distinct spec.Assets do
-            let code, licence = asset a
-            add (sprintf "<!-- %s, vendored and inlined. Licence:\n%s\n-->\n" (assetName a) (licence.Replace("--", "- -")))
-            add "<script>"; add (code.Replace("</script", "<\\/script")); add "</script>\n"
         add "<script>\n"; add spec.Script; add "\n</script>\n</body>\n</html>\n"
         sb.ToString()
 
