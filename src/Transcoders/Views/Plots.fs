@@ -9,7 +9,6 @@ open Transcoders.Coders
 open Transcoders.Circuits
 open Transcoders.Models
 open Transcoders.Text
-open Transcoders.Training
 
 /// One chart of a plot page: a heading, the XPlot.Plotly chart, and the data it shows (written next to the page).
 type PlotChart =
@@ -55,37 +54,48 @@ module Plots =
 
     // ---- training curves ----
 
-    /// Loss (and every evaluation metric logged) against step, and the learning rate, from a metrics log.
-    let trainingCurves (title: string) (records: Metrics.Record list) : PlotChart list =
-        let steps = records |> List.map (fun r -> float r.Step)
-        let finite (xs: (float * float) list) = xs |> List.filter (fun (_, y) -> Double.IsFinite y)
-        let loss = finite (List.zip steps (records |> List.map (fun r -> r.Loss)))
-        let evalKeys = records |> List.collect (fun r -> r.Eval |> Map.toList |> List.map fst) |> List.distinct
-        let trainKeys = records |> List.collect (fun r -> r.Train |> Map.toList |> List.map fst) |> List.distinct
-        let series (pick: Metrics.Record -> float option) =
-            records |> List.choose (fun r -> pick r |> Option.filter Double.IsFinite |> Option.map (fun v -> float r.Step, v))
-        let traces =
-            [ yield Scatter(x = (loss |> List.map fst), y = (loss |> List.map snd), mode = "lines", name = "training loss") :> Trace
-              for k in evalKeys ->
-                  let s = series (fun r -> r.Eval.TryFind k)
-                  Scatter(x = (s |> List.map fst), y = (s |> List.map snd), mode = "lines+markers", name = label ("eval " + k)) :> Trace ]
-        let lossChart = plot traces (layout (title + ": loss") "step" "loss")
-        let lr = finite (List.zip steps (records |> List.map (fun r -> r.Lr)))
-        let lrChart =
-            plot [ Scatter(x = (lr |> List.map fst), y = (lr |> List.map snd), mode = "lines", name = "learning rate") :> Trace ]
-                (layout (title + ": learning rate") "step" "learning rate")
-        let trainCharts =
-            [ for k in trainKeys ->
-                  let s = series (fun r -> r.Train.TryFind k)
-                  { Heading = sprintf "%s: %s" title k
-                    Chart = plot [ Scatter(x = (s |> List.map fst), y = (s |> List.map snd), mode = "lines", name = label k) :> Trace ] (layout (title + ": " + k) "step" k)
-                    Data = Page.obj [ "step", jnums (List.map fst s); k, jnums (List.map snd s) ] } ]
-        [ { Heading = title + ": loss"
-            Chart = lossChart
-            Data = Page.obj [ yield "step", jnums (List.map fst loss); yield "loss", jnums (List.map snd loss)
-                              for k in evalKeys -> "eval_" + k, (let s = series (fun r -> r.Eval.TryFind k) in Page.obj [ "step", jnums (List.map fst s); "value", jnums (List.map snd s) ]) ] }
-          { Heading = title + ": learning rate"; Chart = lrChart; Data = Page.obj [ "step", jnums (List.map fst lr); "lr", jnums (List.map snd lr) ] } ]
-        @ trainCharts
+    /// A training log as (step, metrics) rows: any JSON Lines file whose lines carry a `step` and numbers (the
+    /// language model's `metrics.jsonl`, with its `train` and `eval` groups flattened as `train.x` / `eval.x`, and a
+    /// coder's `log.jsonl`). Non-numeric values are skipped.
+    let readLog (path: string) : (int * Map<string, float>) list =
+        [ for line in File.ReadLines path do
+              if not (String.IsNullOrWhiteSpace line) then
+                  use doc = Text.Json.JsonDocument.Parse line
+                  let root = doc.RootElement
+                  match root.TryGetProperty "step" with
+                  | true, s when s.ValueKind = Text.Json.JsonValueKind.Number ->
+                      let values =
+                          [ for p in root.EnumerateObject() do
+                                match p.Value.ValueKind with
+                                | Text.Json.JsonValueKind.Number when p.Name <> "step" -> yield p.Name, p.Value.GetDouble()
+                                | Text.Json.JsonValueKind.Object ->
+                                    for q in p.Value.EnumerateObject() do
+                                        if q.Value.ValueKind = Text.Json.JsonValueKind.Number then yield p.Name + "." + q.Name, q.Value.GetDouble()
+                                | _ -> () ]
+                      yield s.GetInt32(), Map.ofList values
+                  | _ -> () ]
+
+    /// Training curves from a log (`readLog`): one chart of every loss-like series (names containing "loss", and the
+    /// evaluation metrics), then one chart per other series (learning rate, L0, FVU, dead fraction, ...). Counters
+    /// (tokens, elapsed time, throughput) are left out.
+    let trainingCurves (title: string) (rows: (int * Map<string, float>) list) : PlotChart list =
+        let keys = rows |> List.collect (fun (_, m) -> m |> Map.toList |> List.map fst) |> List.distinct
+        let skip = set [ "tokens"; "elapsed_s"; "tokens_per_s"; "resampled" ]
+        let keys = keys |> List.filter (fun k -> not (skip.Contains k))
+        let series (k: string) =
+            rows |> List.choose (fun (st, m) -> m.TryFind k |> Option.filter Double.IsFinite |> Option.map (fun v -> float st, v))
+        let isLoss (k: string) = k.Contains "loss" || k.StartsWith "eval."
+        let lossKeys = keys |> List.filter isLoss
+        let trace (k: string) =
+            let s = series k
+            Scatter(x = (s |> List.map fst), y = (s |> List.map snd), mode = (if k.StartsWith "eval." then "lines+markers" else "lines"), name = label k) :> Trace
+        let data (ks: string list) =
+            Page.obj [ for k in ks -> k, (let s = series k in Page.obj [ "step", jnums (List.map fst s); "value", jnums (List.map snd s) ]) ]
+        [ if not lossKeys.IsEmpty then
+              yield { Heading = title + ": loss"; Chart = plot (lossKeys |> List.map trace) (layout (title + ": loss") "step" "loss"); Data = data lossKeys }
+          for k in keys do
+              if not (isLoss k) then
+                  yield { Heading = sprintf "%s: %s" title k; Chart = plot [ trace k ] (layout (sprintf "%s: %s" title k) "step" k); Data = data [ k ] } ]
 
     // ---- sweeps ----
 
