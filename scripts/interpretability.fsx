@@ -57,10 +57,14 @@ let options =
                              if File.Exists log then yield sprintf "training %s" (Path.GetFileName d), log ] |> List.truncate 2 }
 let report = Interpretability.writeAll model tokenizer coders options (printfn "  %s")
 
-// coders in SAELens' layout (the first transcoder), and back
-let saeLens = SaeLens.export (Path.Combine(out, "saelens", Interpretability.coderName coders.Head)) coders.Head
-use back = SaeLens.import saeLens device
-printfn "SAELens export of %s: %s (reads back as %s)" (Interpretability.coderName coders.Head) saeLens (Splicing.describe back)
+// coders in SAELens' layout, and back (SAELens has ReLU and JumpReLU transcoders, and TopK only for SAEs)
+for c in coders do
+    match SaeLens.architecture c.Config with
+    | Ok arch ->
+        let folder = SaeLens.export (Path.Combine(out, "saelens", Interpretability.coderName c)) c
+        let back = SaeLens.import folder device
+        printfn "SAELens export (%s): %s, reads back as %s" arch folder (Splicing.describe back)
+    | Error why -> printfn "no SAELens export of %s: %s" (Interpretability.coderName c) why
 
 printfn "\npages written (open them in a browser; they work offline):"
 for p in report.All do printfn "  %s" (Path.GetFullPath p)

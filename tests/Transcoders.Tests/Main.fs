@@ -25,6 +25,7 @@ let all =
         CoderJobTests.tests
         FacadeTests.tests
         TrainingTests.tests
+        ViewsTests.tests
     ]
 
 [<EntryPoint>]

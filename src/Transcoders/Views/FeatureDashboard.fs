@@ -244,7 +244,7 @@ module FeatureDashboard =
         Page.arr [ for x in xs -> Page.arr [ Page.int x.Token; r4 x.Score ] ]
 
     /// The page's data (also written next to the page as JSON).
-    let data (tokenizer: Tokenizer) (options: DashboardOptions) (d: CoderDashboard) : JsonNode =
+    let data (tokenText: int -> string) (options: DashboardOptions) (d: CoderDashboard) : JsonNode =
         let used = Collections.Generic.HashSet<int>()
         let note (ts: int seq) = for t in ts do used.Add t |> ignore
         let layers =
@@ -261,17 +261,17 @@ module FeatureDashboard =
                                 for (_, _, _, xs) in w.Heads do for x in xs do used.Add x.Token |> ignore
                             | None -> ()
                             Page.obj [
-                                "f", Page.int s.Feature
-                                "n", Page.int64 s.Count
-                                "freq", Page.round 4 s.Frequency
-                                "max", r4 s.Max
-                                "min", r4 s.MinPositive
-                                "mean", r4 s.MeanActive
-                                "q", Page.arr [ for q in 0 .. 10 -> r4 (FeatureStats.quantile s (float q / 10.0)) ]
-                                "hist", Page.arr (s.LogHistogram |> Seq.map Page.int64)
-                                "top", Page.arr (s.Top |> Seq.map example)
-                                "bands", Page.arr [ for (lo, hi, es) in bands ->
-                                                        Page.obj [ "lo", Page.num lo; "hi", Page.num hi; "ex", Page.arr (es |> Seq.map example) ] ]
+                                yield "f", Page.int s.Feature
+                                yield "n", Page.int64 s.Count
+                                yield "freq", Page.round 4 s.Frequency
+                                yield "max", r4 s.Max
+                                yield "min", r4 s.MinPositive
+                                yield "mean", r4 s.MeanActive
+                                yield "q", Page.arr [ for q in 0 .. 10 -> r4 (FeatureStats.quantile s (float q / 10.0)) ]
+                                yield "hist", Page.arr (s.LogHistogram |> Seq.map Page.int64)
+                                yield "top", Page.arr (s.Top |> Seq.map example)
+                                let band (lo: float, hi: float, es: FeatureExample[]) = Page.obj [ "lo", Page.num lo; "hi", Page.num hi; "ex", Page.arr (es |> Seq.map example) ]
+                                yield "bands", Page.arr (bands |> Seq.map band)
                                 match w with
                                 | Some w ->
                                     yield "logits", Page.obj [ "top", scores w.TopLogits; "bottom", scores w.BottomLogits ]
@@ -286,7 +286,7 @@ module FeatureDashboard =
                                        "t", Page.arr (t.Tokens |> Seq.map Page.int)
                                        "act", Page.arr [ for a in t.Active -> Page.arr [ for (f, v) in a -> Page.arr [ Page.int f; Page.round 3 (float v) ] ] ] ] ]
                   Page.obj [ "layer", Page.int l.Layer; "features", Page.arr features; "texts", Page.arr texts ] ]
-        let vocab = Page.obj [ for t in Seq.sort used -> string t, Page.str (Tokenizer.tokenText tokenizer t) ]
+        let vocab = Page.obj [ for t in Seq.sort used -> string t, Page.str (tokenText t) ]
         Page.obj [
             "kind", Page.str "transcoders.feature-dashboard"
             "version", Page.int 1
@@ -305,13 +305,13 @@ module FeatureDashboard =
         sprintf "features-%s.html" safe
 
     /// The page spec of a coder's dashboard.
-    let page (tokenizer: Tokenizer) (options: DashboardOptions) (d: CoderDashboard) : PageSpec =
+    let page (tokenText: int -> string) (options: DashboardOptions) (d: CoderDashboard) : PageSpec =
         { Title = sprintf "Features of %s" d.Name
           Css = Page.resource "feature-page.css"
           Body = sprintf """<h1>Features of <span id="coder-name">%s</span></h1>
 <div class="muted small">%s · model %s · %d sequences, %d tokens · <a href="index.html">all coders</a></div>
 <div id="app"></div>""" (Page.escape d.Name) (Page.escape d.Description) (Page.escape d.Model) d.Sequences d.Tokens
-          Data = Some (data tokenizer options d)
+          Data = Some (data tokenText options d)
           Assets = [ D3 ]
           Script = Page.resource "feature-page.js" }
 
@@ -340,7 +340,7 @@ module FeatureDashboard =
           Script = Page.resource "feature-index.js" }
 
     /// Writes one page per coder and the index page into `folder`; returns the paths written (index last).
-    let write (folder: string) (tokenizer: Tokenizer) (options: DashboardOptions) (dashboards: CoderDashboard list) : string list =
+    let write (folder: string) (tokenText: int -> string) (options: DashboardOptions) (dashboards: CoderDashboard list) : string list =
         Directory.CreateDirectory folder |> ignore
-        [ for d in dashboards -> Page.write (Path.Combine(folder, fileName d.Name)) (page tokenizer options d)
-          Page.write (Path.Combine(folder, "index.html")) (indexPage "Feature dashboards" dashboards) ]
+        let pages = [ for d in dashboards -> Page.write (Path.Combine(folder, fileName d.Name)) (page tokenText options d) ]
+        pages @ [ Page.write (Path.Combine(folder, "index.html")) (indexPage "Feature dashboards" dashboards) ]

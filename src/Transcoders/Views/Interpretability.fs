@@ -52,9 +52,11 @@ type ReportResult =
 [<RequireQualifiedAccess>]
 module Interpretability =
 
-    /// The first `count` stories of the shipped TinyStories validation text, tokenized (BOS first).
+    /// The first `count` stories of the shipped TinyStories V2 validation text (the files delimited by
+    /// `<|endoftext|>`), tokenized (BOS first).
     let shippedStories (tokenizer: Tokenizer) (count: int) : int[] list =
-        Corpus.readStories (Path.Combine(Transcoders.Files.Paths.data "tinystories", Corpus.shippedValidationFile))
+        let dir = Transcoders.Files.Paths.data "tinystories"
+        Corpus.readAllStories [ Path.Combine(dir, "ts_v2_valid_head_part1.txt.gz"); Path.Combine(dir, "ts_v2_valid_head_part2.txt.gz") ]
         |> Seq.truncate count
         |> Seq.map (fun s -> Tokenizer.encodeDocument tokenizer true false s.Text)
         |> List.ofSeq
@@ -81,7 +83,7 @@ module Interpretability =
                   let d = FeatureDashboard.compute model tokenizer (coderName c) c stories options.Dashboard
                   log (sprintf "features of %s: %d sequences, %d tokens in %.1f s" d.Name d.Sequences d.Tokens d.Seconds)
                   d ]
-        let written = FeatureDashboard.write options.Out tokenizer options.Dashboard dashboards
+        let written = FeatureDashboard.write options.Out text options.Dashboard dashboards
         let featurePages, index = List.take (written.Length - 1) written, List.last written
         let pageOf =
             Map.ofList [ for d in dashboards do for l in d.Layers -> l.Layer, FeatureDashboard.fileName d.Name ]

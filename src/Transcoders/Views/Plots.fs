@@ -81,7 +81,10 @@ module Plots =
     let trainingCurves (title: string) (rows: (int * Map<string, float>) list) : PlotChart list =
         let keys = rows |> List.collect (fun (_, m) -> m |> Map.toList |> List.map fst) |> List.distinct
         let skip = set [ "tokens"; "elapsed_s"; "tokens_per_s"; "resampled" ]
-        let keys = keys |> List.filter (fun k -> not (skip.Contains k))
+        let constant (k: string) =
+            let vs = rows |> List.choose (fun (_, m) -> m.TryFind k) |> List.filter Double.IsFinite
+            vs.IsEmpty || List.max vs - List.min vs <= 1e-12 * max 1.0 (abs (List.max vs))
+        let keys = keys |> List.filter (fun k -> not (skip.Contains k) && not (constant k))
         let series (k: string) =
             rows |> List.choose (fun (st, m) -> m.TryFind k |> Option.filter Double.IsFinite |> Option.map (fun v -> float st, v))
         let isLoss (k: string) = k.Contains "loss" || k.StartsWith "eval."

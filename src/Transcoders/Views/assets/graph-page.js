@@ -61,8 +61,9 @@
   app.appendChild(layout);
 
   var nPos = data.tokens.length, nRows = data.nLayers + 2;
-  var colW = Math.max(70, Math.min(140, 1100 / nPos)), rowH = 64;
-  var m = { l: 56, r: 16, t: 20, b: 64 };
+  var m = { l: 56, r: 16, t: 20, b: 70 };
+  var avail = Math.max(600, (window.innerWidth || 1400) - 440) - m.l - m.r;
+  var colW = Math.max(34, Math.min(140, avail / nPos)), rowH = 76;
   var W = m.l + m.r + colW * nPos, H = m.t + m.b + rowH * (nRows - 1);
   var svg = d3.select(box).append('svg').attr('id', 'graph').attr('width', W).attr('height', H);
   function rowOf(n) { return n.kind === 'token' ? 0 : n.kind === 'logit' ? nRows - 1 : n.layer + 1; }
