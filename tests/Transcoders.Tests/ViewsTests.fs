@@ -438,7 +438,10 @@ let tests =
                     Expect.isGreaterThan (Regex.Matches(graph, "class=\"edge").Count) 10 "edges drawn"
                     let plots = dumpDom chromium r.Plots
                     expectDrawn plots "plots" "class=\"main-svg\"" 4
-                    Expect.isFalse (File.ReadAllText(r.Plots).Contains "cdn.plot.ly") "no CDN link")
+                    for page in r.All |> List.filter (fun p -> p.EndsWith ".html") do
+                        let html = File.ReadAllText page
+                        Expect.isFalse (Regex.IsMatch(html, "<script[^>]*\ssrc=")) (sprintf "%s: no external script" page)
+                        Expect.isFalse (Regex.IsMatch(html, "<link[^>]*href=\"http")) (sprintf "%s: no external stylesheet" page))
             }
 
             test "a <script> token renders as text on every page kind" {

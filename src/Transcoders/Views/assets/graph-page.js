@@ -63,8 +63,8 @@
   var nPos = data.tokens.length, nRows = data.nLayers + 2;
   var m = { l: 56, r: 16, t: 20, b: 70 };
   var avail = Math.max(600, (window.innerWidth || 1400) - 440) - m.l - m.r;
-  var colW = Math.max(34, Math.min(140, avail / nPos)), rowH = 76;
-  var W = m.l + m.r + colW * nPos, H = m.t + m.b + rowH * (nRows - 1);
+  var rowH = 76;
+  var W = m.l + m.r + Math.max(avail, 26 * nPos), H = m.t + m.b + rowH * (nRows - 1);
   var svg = d3.select(box).append('svg').attr('id', 'graph').attr('width', W).attr('height', H);
   function rowOf(n) { return n.kind === 'token' ? 0 : n.kind === 'logit' ? nRows - 1 : n.layer + 1; }
   function yOf(row) { return m.t + (nRows - 1 - row) * rowH; }
@@ -73,13 +73,24 @@
     gRows.append('line').attr('x1', m.l).attr('x2', W - m.r).attr('y1', yOf(r)).attr('y2', yOf(r)).attr('stroke', '#edf2f7');
     gRows.append('text').attr('class', 'rowlabel').attr('x', 4).attr('y', yOf(r) + 4).text(r === 0 ? 'emb' : r === nRows - 1 ? 'logits' : 'L' + (r - 1));
   }
+  // columns are as wide as the most crowded cell of their position needs (circuit-tracer's layout idea)
+  var colX = [], colWs = [];
+  function layoutColumns(shown) {
+    var need = data.tokens.map(function () { return 1; }), cells = {};
+    nodes.forEach(function (n, i) { if (!shown[i]) return; var k = rowOf(n) + ':' + n.pos; cells[k] = (cells[k] || 0) + 1; need[n.pos] = Math.max(need[n.pos], cells[k]); });
+    var weights = need.map(function (c) { return 2 + Math.min(c, 24); });
+    var total = d3.sum(weights), width = Math.max(avail, 26 * nPos), x = m.l;
+    colWs = weights.map(function (w) { return width * w / total; });
+    colX = colWs.map(function (w) { var c = x + w / 2; x += w; return c; });
+  }
   data.tokens.forEach(function (t, p) {
-    var x = m.l + (p + 0.5) * colW;
-    var tx = gTokens.append('text').attr('class', 'toklabel').attr('data-pos', p).attr('text-anchor', 'end')
-      .attr('transform', 'translate(' + (x + 4) + ',' + (H - m.b + 16) + ') rotate(-35)').text(show(t));
+    var tx = gTokens.append('text').attr('class', 'toklabel').attr('data-pos', p).attr('text-anchor', 'end').text(show(t));
     tx.append('title').text('position ' + p + ': ' + show(t));
     tx.on('mouseenter', function () { state.hoverPos = p; highlight(); }).on('mouseleave', function () { state.hoverPos = null; highlight(); });
   });
+  function placeTokens() {
+    gTokens.selectAll('.toklabel').attr('transform', function () { var p = +this.getAttribute('data-pos'); return 'translate(' + (colX[p] + 4) + ',' + (H - m.b + 16) + ') rotate(-35)'; });
+  }
 
   function visible() {
     var keepNode = nodes.map(function (n) { return n.kind === 'token' || n.kind === 'logit' || n.cum <= state.nodeT + 1e-12; });
@@ -93,15 +104,17 @@
 
   var pos = [];
   function place(shown) {
+    layoutColumns(shown);
+    placeTokens();
     var cells = {};
     nodes.forEach(function (n, i) { if (!shown[i]) return; var k = rowOf(n) + ':' + n.pos; (cells[k] = cells[k] || []).push(i); });
     pos = nodes.map(function () { return null; });
     Object.keys(cells).forEach(function (k) {
       var ids = cells[k].sort(function (a, b) { return nodes[a].cum - nodes[b].cum; });
-      var n = ids.length, dx = Math.min(13, (colW - 12) / Math.max(1, n));
+      var n = ids.length, p0 = nodes[ids[0]].pos, dx = Math.min(13, (colWs[p0] - 8) / Math.max(1, n));
       ids.forEach(function (i, j) {
         var nd = nodes[i];
-        pos[i] = { x: m.l + (nd.pos + 0.5) * colW + (j - (n - 1) / 2) * dx, y: yOf(rowOf(nd)) };
+        pos[i] = { x: colX[nd.pos] + (j - (n - 1) / 2) * dx, y: yOf(rowOf(nd)) };
       });
     });
   }
@@ -117,7 +130,7 @@
       .attr('x2', function (l) { return pos[l[1]].x; }).attr('y2', function (l) { return pos[l[1]].y; })
       .attr('stroke', function (l) { return l[2] >= 0 ? '#2b6cb0' : '#c53030'; })
       .attr('stroke-width', function (l) { return 0.4 + 3.6 * Math.abs(l[2]) / maxW; })
-      .attr('stroke-opacity', function (l) { return 0.25 + 0.6 * Math.abs(l[2]) / maxW; });
+      .attr('stroke-opacity', function (l) { return 0.12 + 0.7 * Math.abs(l[2]) / maxW; });
     var shownIdx = [];
     v.shown.forEach(function (s, i) { if (s) shownIdx.push(i); });
     var ns = gNodes.selectAll('.node').data(shownIdx, function (i) { return nodes[i].id; });
