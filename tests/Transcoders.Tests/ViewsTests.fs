@@ -423,6 +423,23 @@ let tests =
             }
         ]
 
+        test "the C# facade writes plots, graph pages, graph JSON and SAELens folders" {
+            use dir = new TempDir()
+            let log = dir.File "log.jsonl"
+            File.WriteAllText(log, "{\"step\": 1, \"loss\": 2.0, \"lr\": 0.001}\n{\"step\": 2, \"loss\": 1.5, \"lr\": 0.002}\n")
+            let plots = Transcoders.Pages.Plots(dir.File "plots.html", [| log |], null)
+            Expect.stringContains (File.ReadAllText plots) "Plotly.newPlot" "a chart"
+            GraphFile.saveWith (dir.File "g.safetensors") { GraphFileInfo.Empty with Description = Map.ofList [ "prompt", "a b c" ] } (syntheticGraph ())
+            let page = Transcoders.Pages.GraphPage(dir.File "g.safetensors", dir.File "g.html", null)
+            Expect.isTrue (File.Exists page && File.Exists(Path.ChangeExtension(page, ".json"))) "graph page and its data"
+            let json = Transcoders.Pages.ExportGraphJson(dir.File "g.safetensors", dir.File "ct", "toy", null)
+            Expect.isTrue (File.Exists(Path.Combine(dir.File "ct", "graph-metadata.json"))) (json + " with its index")
+            use c = randomCoder { CoderConfig.transcoder "m" 0 6 10 with InputBias = false } 4L
+            let folder = Transcoders.Pages.ExportSaeLens(Transcoders.SparseCoder(c), dir.File "sl")
+            use back = Transcoders.Pages.ImportSaeLens(folder, null)
+            Expect.equal back.Core.Config.DSae 10 "read back"
+        }
+
         testList "pages render in headless Chromium with the network off" [
             test "feature page, index, graph page and plots draw with no script errors" {
                 withChromium (fun chromium ->
