@@ -46,7 +46,7 @@ type ImportArgs =
             | Out _ -> "graph file (.safetensors) or coder folder to write"
 
 let export (args: ParseResults<ExportArgs>) =
-    let out = args.GetResult Out
+    let out = args.GetResult ExportArgs.Out
     match args.TryGetResult Graph, args.TryGetResult Coder with
     | Some graphPath, None ->
         let g, info = GraphFile.loadWith graphPath
@@ -78,7 +78,7 @@ let export (args: ParseResults<ExportArgs>) =
     | _ -> failwith "give one of --graph or --coder"
 
 let import (args: ParseResults<ImportArgs>) =
-    let out = args.GetResult Out
+    let out = args.GetResult ImportArgs.Out
     match args.TryGetResult Graph_Json, args.TryGetResult Saelens with
     | Some json, None ->
         let doc = GraphJson.load json
