@@ -14,6 +14,11 @@ type Command =
     | [<CliPrefix(CliPrefix.None)>] Sweep of ParseResults<SweepCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Trace of ParseResults<TraceCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Intervene of ParseResults<InterveneCommand.Args>
+    | [<CliPrefix(CliPrefix.None)>] Dashboard of ParseResults<DashboardCommand.Args>
+    | [<CliPrefix(CliPrefix.None)>] Plot of ParseResults<PlotCommand.Args>
+    | [<CliPrefix(CliPrefix.None)>] Graph_Page of ParseResults<GraphPageCommand.Args>
+    | [<CliPrefix(CliPrefix.None)>] Export of ParseResults<ExportCommand.ExportArgs>
+    | [<CliPrefix(CliPrefix.None)>] Import of ParseResults<ExportCommand.ImportArgs>
     interface IArgParserTemplate with
         member this.Usage =
             match this with
@@ -27,6 +32,11 @@ type Command =
             | Sweep _ -> "sweep coder kind, layer, width and sparsity; write the L0-vs-CE comparison"
             | Trace _ -> "attribution graph of a prediction (pruned, scored, saved) and the paper's computational paths"
             | Intervene _ -> "set, scale or ablate features: next-token changes (free and constrained), graph prediction, generation"
+            | Dashboard _ -> "feature pages (top examples, quantiles, histogram, logit effects, de-embeddings, your texts) and an index"
+            | Plot _ -> "a page of charts: training curves, L0 frontiers, prompt heatmaps, correlations, PCA/t-SNE, importance"
+            | Graph_Page _ -> "the interactive page of a saved attribution graph"
+            | Export _ -> "graph → circuit-tracer / Neuronpedia graph JSON (+ feature files); coder → SAELens layout"
+            | Import _ -> "circuit-tracer graph JSON → graph file; SAELens folder → coder"
 
 [<EntryPoint>]
 let main argv =
@@ -45,6 +55,11 @@ let main argv =
         | Sweep a -> SweepCommand.run a
         | Trace a -> TraceCommand.run a
         | Intervene a -> InterveneCommand.run a
+        | Dashboard a -> DashboardCommand.run a
+        | Plot a -> PlotCommand.run a
+        | Graph_Page a -> GraphPageCommand.run a
+        | Export a -> ExportCommand.export a
+        | Import a -> ExportCommand.import a
     with e when not (isNull e.Message) && Environment.GetEnvironmentVariable "TRANSCODERS_DEBUG" <> "1" ->
         // Errors from the library name the file, field or shape at fault; a stack trace adds nothing for a user.
         eprintfn "error: %s" e.Message

@@ -123,5 +123,18 @@ let run (args: ParseResults<Args>) =
     use _small = small
     let g = Generation.generate small { Generation.GenerateOptions.Greedy with MaxNewTokens = 100 } [| Llama2cTokenizer.Bos |]
     printfn "%s" (Tokenizer.decode tok g.Tokens)
-    printfn "\nquickstart finished in %s" (Output.seconds total.Elapsed)
+
+    section "7. Pages: features, the attribution graph, plots, circuit-tracer's graph JSON (self-contained, offline)"
+    let pagesModel, pagesTokenizer, _ = TraceCommand.loadPrompt result.ModelDir prompt device
+    use _pagesModel = pagesModel
+    let pageCoders = TraceCommand.loadCoders [ codersDir ] device
+    let logs = [ yield! Directory.GetFiles(out, "metrics.jsonl", SearchOption.AllDirectories) |> Array.truncate 1 |> Array.map (fun p -> "GPT training", p)
+                 yield! Directory.GetFiles(codersDir, "log.jsonl", SearchOption.AllDirectories) |> Array.sort |> Array.truncate 1 |> Array.map (fun p -> "transcoder training", p) ]
+    let report =
+        try Transcoders.Views.Interpretability.writeAll pagesModel pagesTokenizer pageCoders
+                { Transcoders.Views.ReportOptions.Create(Path.Combine(out, "pages"), prompt) with
+                    Stories = 200; Device = device; Scan = "quickstart-gpt"; TrainingLogs = List.ofSeq logs } (printfn "%s")
+        finally for c in pageCoders do (c :> IDisposable).Dispose()
+    printfn "\nquickstart finished in %s; pages written (open them in a browser, they work offline):" (Output.seconds total.Elapsed)
+    for p in report.All do printfn "  %s" (Path.GetFullPath p)
     0

@@ -29,6 +29,7 @@ let all =
         TrainingTests.tests
         KillTests.tests
         FuzzTests.tests
+        ViewsTests.tests
     ]
 
 [<EntryPoint>]
