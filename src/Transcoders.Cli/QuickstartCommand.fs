@@ -125,7 +125,7 @@ let run (args: ParseResults<Args>) =
     printfn "%s" (Tokenizer.decode tok g.Tokens)
 
     section "7. Pages: features, the attribution graph, plots, circuit-tracer's graph JSON (self-contained, offline)"
-    let pagesModel, pagesTokenizer, _ = TraceCommand.loadPrompt result.ModelDir prompt device
+    let pagesModel, pagesTokenizer, _ = TraceCommand.loadPrompt modelDir prompt device
     use _pagesModel = pagesModel
     let pageCoders = TraceCommand.loadCoders [ codersDir ] device
     let logs = [ yield! Directory.GetFiles(out, "metrics.jsonl", SearchOption.AllDirectories) |> Array.truncate 1 |> Array.map (fun p -> "GPT training", p)
