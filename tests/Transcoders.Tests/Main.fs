@@ -24,6 +24,7 @@ let all =
         CircuitPathTests.tests
         CircuitStoriesTests.tests
         CoderJobTests.tests
+        CoderQualityTests.tests
         FacadeTests.tests
         TrainingTests.tests
     ]
