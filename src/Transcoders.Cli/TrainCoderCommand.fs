@@ -36,6 +36,10 @@ type Args =
     | No_Resume
     | Eval_Rows of int64
     | Spliced_Rows of int
+    | Matryoshka of prefixes: int list
+    | Target_L0 of float
+    | Kl_Finetune of steps: int
+    | Kl_Finetune_Lr of float
     interface IArgParserTemplate with
         member this.Usage =
             match this with
@@ -62,6 +66,10 @@ type Args =
             | No_Resume -> "start over even if the output folder holds a checkpoint"
             | Eval_Rows _ -> "held-out activation rows for L0/FVU (default 32768)"
             | Spliced_Rows _ -> "validation rows spliced for CE/KL (default 128)"
+            | Matryoshka _ -> "Matryoshka: these nested prefix sizes of the dictionary (and the whole) each reconstruct, e.g. --matryoshka 64 256 (use with --activation batchtopk)"
+            | Target_L0 _ -> "jumprelu: pull L0 to this target with the penalty λ·(L0/target − 1)² (λ from --l1; try 10)"
+            | Kl_Finetune _ -> "after training, fine-tune the saved transcoders spliced into the model for this many steps on KL + FVU and print the CE gap before/after"
+            | Kl_Finetune_Lr _ -> "learning rate of the KL fine-tune (default 1e-4)"
 
 /// The name a model goes by in coder configs: the file name without extension, or the folder's name.
 let modelName (path: string) =
@@ -119,6 +127,52 @@ let printResults (out: string) (result: JobsResult) =
         (Output.seconds (TimeSpan.FromSeconds result.EvalSeconds))
         (match result.ResumedFrom with Some s -> sprintf " (resumed from step %d)" s | None -> "") out
 
+/// The KL + FVU fine-tune of every saved transcoder of a run, spliced together, on training text (rows after the
+/// ones coder training read); prints the CE gap of each set before and after, and saves the tuned coders over the
+/// originals (with `metrics.json` and `finetune.json` next to them).
+let klFinetune (model: Transformer) (text: ModelText) (config: JobsConfig) (out: string) (steps: int) (lr: float) (result: JobsResult) =
+    let transcoders = result.Coders |> List.filter (fun c -> c.Config.Kind = Transcoder || c.Config.Kind = SkipTranscoder)
+    if transcoders.IsEmpty then printfn "--kl-finetune: no transcoders to fine-tune"
+    else
+        let device = model.Device
+        let loaded = [ for c in transcoders -> c, CoderFile.load c.Path device ]
+        try
+            let coders = loaded |> List.map snd
+            let validation () = ModelText.tokenBatches device 16 (ModelText.validationRows text config.Store.Ctx config.Eval.SplicedRows)
+            let before = SplicedEval.evaluateMany model [ for c in coders -> [ c ] ] (validation ())
+            let documents = match text.Bos with Some b -> Transcoders.Text.Batches.splitDocuments b text.Train | None -> [| text.Train |]
+            let rows = Transcoders.Text.Batches.PackedRows(documents, config.Store.Ctx, config.Store.TextSeed)
+            // training read the same packed order (its text seed): start past its rows, the shuffle buffer's and the
+            // dropped BOS positions (25% margin), in batches of 8 rows
+            let skip = (result.Tokens + config.Store.Buffer.Rows) * 5L / 4L / int64 config.Store.Ctx / 8L + 1L
+            printfn "\nKL + FVU fine-tune of %d transcoder(s), spliced together: %d steps of 8 × %d tokens, lr %g" coders.Length steps config.Store.Ctx lr
+            let logs =
+                KlFinetune.run model coders { KlFinetune.KlFinetuneConfig.Default with Steps = steps; Lr = lr }
+                    (fun step ->
+                        let b = rows.Batch(skip + int64 step, 8, device)
+                        b.Targets.Dispose()
+                        b.Inputs)
+                    (fun l -> if l.Step % (max 1 (steps / 5)) = 0 || l.Step = steps - 1 then printfn "  step %d: KL %.4f, FVU %.4f" l.Step l.Kl l.Fvu)
+            let after = SplicedEval.evaluateMany model [ for c in coders -> [ c ] ] (validation ())
+            printfn "| coder | CE gap before | CE gap after | KL before | KL after | CE recovered before | after |"
+            printfn "|---|---|---|---|---|---|---|"
+            for ((r, c), b), a in List.zip (List.zip loaded before) after do
+                printfn "| %s | %.4f | %.4f | %.4f | %.4f | %.3f | %.3f |" r.Name b.CeDelta a.CeDelta b.KlToClean a.KlToClean b.CeRecovered a.CeRecovered
+                CoderFile.save r.Path c
+                SaeLensMetrics.write r.Path (SaeLensMetrics.ofResults r.Metrics (Some a))
+                let o = Text.Json.Nodes.JsonObject()
+                o["steps"] <- steps
+                o["lr"] <- lr
+                o["ce_gap_before"] <- b.CeDelta
+                o["ce_gap_after"] <- a.CeDelta
+                o["kl_before"] <- b.KlToClean
+                o["kl_after"] <- a.KlToClean
+                o["final_kl"] <- (List.last logs).Kl
+                o["final_fvu"] <- (List.last logs).Fvu
+                File.WriteAllText(Path.Combine(r.Path, "finetune.json"), o.ToJsonString(Text.Json.JsonSerializerOptions(WriteIndented = true)))
+        finally
+            for _, c in loaded do (c :> IDisposable).Dispose()
+
 let run (args: ParseResults<Args>) =
     let sw = Stopwatch.StartNew()
     let modelPath = args.GetResult Model
@@ -142,7 +196,15 @@ let run (args: ParseResults<Args>) =
             Batch = args.GetResult(Batch, 1024)
             Seed = args.GetResult(Seed, 42L)
             Lr = args.TryGetResult Lr }
-    let jobs = CoderPlan.jobs model name plan
+    let recipe (t: TrainConfig) =
+        let t =
+            match args.TryGetResult Matryoshka with
+            | Some prefixes -> { t with Loss = { t.Loss with Reconstruction = Reconstruction.Matryoshka(prefixes, t.Loss.Reconstruction) } }
+            | None -> t
+        match args.TryGetResult Target_L0 with
+        | Some target -> { t with Loss = LossConfig.JumpReLUTargetL0(target, plan.Lambda) }
+        | None -> t
+    let jobs = CoderPlan.jobs model name plan |> List.map (fun j -> { j with Train = recipe j.Train })
     let width, activation, steps, batch, seed = CoderPlan.width c.DModel plan, CoderPlan.activation c.DModel plan, plan.Steps, plan.Batch, plan.Seed
     let out = args.GetResult(Out, Path.Combine("coders", sprintf "%s-%s" name (String.Join("-", kinds |> List.map (fun k -> k.Name.Replace(":", "-"))))))
     let config =
@@ -156,4 +218,7 @@ let run (args: ParseResults<Args>) =
     printfn "training %d coder(s) of width %d, %A, %d steps × %d tokens on %O" jobs.Length width activation steps batch device
     let result = CoderJobs.run model text jobs config (printProgress sw)
     printResults out result
+    match args.TryGetResult Kl_Finetune with
+    | Some ftSteps when ftSteps > 0 -> klFinetune model text config out ftSteps (args.GetResult(Kl_Finetune_Lr, 1e-4)) result
+    | _ -> ()
     0

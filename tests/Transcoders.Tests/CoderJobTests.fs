@@ -302,7 +302,7 @@ let private frontierTests =
                 let metrics : EvalResult =
                     { Tokens = 1L; L0 = float ((l0 % 7 + 7) % 7); L0PerLayer = [||]; Mse = 0.0; MsePerLayer = [||]; NormalizedMse = 0.0
                       Fvu = float ((fvu % 5 + 5) % 5); FvuPerLayer = [||]; VarianceExplained = 0.0; CosineSimilarity = 0.0; DeadFraction = 0.0
-                      DenseFraction = 0.0; Frequencies = [||]; Histogram = { Edges = [||]; Counts = [||]; Dead = 0 } }
+                      L1 = 0.0; L2Ratio = 0.0; DeadFractionPerLayer = [||]; DenseFraction = 0.0; Frequencies = [||]; Histogram = { Edges = [||]; Counts = [||]; Dead = 0 } }
                 let spliced : SplicedEval.SplicedMetrics =
                     { Tokens = 1L; Predictions = 1L; CeClean = 0.0; CeSpliced = float ((ce % 5 + 5) % 5); CeAblated = 9.0
                       CeRecovered = 0.0; CeDelta = 0.0; KlToClean = 0.0; KlAblated = 0.0; KlRecovered = 0.0; Top1Agreement = 0.0

@@ -25,6 +25,7 @@ let all =
         CircuitPathTests.tests
         CircuitStoriesTests.tests
         CoderJobTests.tests
+        CoderQualityTests.tests
         FacadeTests.tests
         TrainingTests.tests
         KillTests.tests

@@ -634,6 +634,10 @@ module CoderJobs =
                         let coder = Coder.create j.Coder device
                         try
                             CoderTraining.prepare j.Train coder (fun i -> pair j.Coder prefetched[i])
+                            (use _ = torch.NewDisposeScope()
+                             let x, y = pair j.Coder prefetched[0]
+                             let centred = j.Coder.InputBias && j.Train.BiasInit <> Normalisation.ZeroBias
+                             onProgress (Preparing(sprintf "coder '%s': %s" j.Name (Normalisation.meanStdReport coder centred x y))))
                             created.Add((j, CoderTraining.init j.Train coder))
                         with _ ->
                             (coder :> IDisposable).Dispose()
@@ -718,6 +722,7 @@ module CoderJobs =
                           Spliced = spliced } ]
                 for r in results do
                     AtomicFile.writeAllText (Path.Combine(r.Path, "eval.json")) (evalJson r)
+                    SaeLensMetrics.write r.Path (SaeLensMetrics.ofResults r.Metrics r.Spliced)
                     match r.Metrics with
                     | Some e ->
                         use flat = torch.tensor(Array.concat e.Frequencies |> Array.map float32)
