@@ -72,7 +72,7 @@ let run (model: Transformer) (coders: Coder list) (config: KlFinetuneConfig) (to
     let modelParams = model.parameters () |> Seq.toList
     let wasTrainable = modelParams |> List.map (fun p -> p.requires_grad)
     for p in modelParams do p.requires_grad <- false
-    let optimisers = coders |> List.map (fun c -> new CoderAdam(c.NamedParameters, 0.9, 0.999, 1e-8))
+    let optimisers = coders |> List.map (fun c -> CoderOptimizer.create c.NamedParameters 0.9 0.999 1e-8)
     let norms = coders |> List.map (fun c -> (use _ = torch.no_grad () in c.DecoderNorms().DetachFromDisposeScope()))
     let warmup = max 1 (config.Steps / 10)
     try
@@ -99,7 +99,8 @@ let run (model: Transformer) (coders: Coder list) (config: KlFinetuneConfig) (to
             let lr = config.Lr * min 1.0 (float (step + 1) / float warmup)
             for (c, o), n in List.zip (List.zip coders optimisers) norms do
                 if c.Config.Decoder = UnitNorm then DecoderConstraint.removeParallelGradient c
-                o.Step lr
+                o.SetLearningRate lr
+                o.Step()
                 if c.Config.Decoder = UnitNorm then restoreNorms c n
             let values = torch.stack([| loss.detach (); kl.detach (); fvu.detach () |]).to_type(torch.float64).cpu().data<float>().ToArray()
             if not (Double.IsFinite values[0]) then
