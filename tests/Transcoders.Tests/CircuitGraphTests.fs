@@ -50,7 +50,7 @@ let private promptOf (seed: int) (c: TransformerConfig) (length: int) =
     let rng = Random(seed + 77)
     Array.init (max 1 (min c.NCtx length)) (fun _ -> rng.Next c.VocabSize)
 
-let private fullConfig = { GraphConfig.Default with MaxFeatureNodes = None; BatchSize = 3; MemoryBudgetBytes = None }
+let private fullConfig = { GraphConfig.Default with MaxFeatureNodes = None; BatchSize = 3; MemoryBudgetBytes = None; ZeroPositions = [] }
 
 let private throwsWith<'e when 'e :> exn> (f: unit -> unit) (parts: string list) (what: string) =
     let e = Expect.throwsC f id
