@@ -233,9 +233,10 @@ module Adjacency =
     /// The graph's blocks as tensors on `device` (the caller disposes them).
     let toDevice (device: torch.Device) (g: Graph) : DeviceBlock[] =
         g.Blocks |> Array.map (fun b ->
-            { Rows = torch.tensor(b.Targets |> Array.map int64, device = device)
-              Cols = torch.tensor(b.Sources |> Array.map int64, device = device)
-              Values = torch.tensor(b.Weights, device = device).reshape(int64 b.Targets.Length, int64 b.Sources.Length) })
+            use scope = torch.NewDisposeScope()
+            { Rows = torch.tensor(b.Targets |> Array.map int64, device = device).MoveToOuterDisposeScope()
+              Cols = torch.tensor(b.Sources |> Array.map int64, device = device).MoveToOuterDisposeScope()
+              Values = torch.tensor(b.Weights, device = device).reshape(int64 b.Targets.Length, int64 b.Sources.Length).MoveToOuterDisposeScope() })
 
     let dispose (blocks: DeviceBlock seq) =
         for b in blocks do
@@ -244,47 +245,61 @@ module Adjacency =
             b.Values.Dispose()
 
     /// Row-normalised |A| of a block, restricted to the nodes of `mask` (bool [n]) when given: each row's absolute
-    /// weights divided by their sum (rows summing to 0 stay 0). A transient copy of the block.
+    /// weights divided by their sum (rows summing to 0 stay 0). A copy of the block.
     let normalised (mask: torch.Tensor option) (b: DeviceBlock) : torch.Tensor =
-        use a = b.Values.abs()
-        let a =
-            match mask with
-            | Some m ->
-                use r = m.index_select(0L, b.Rows).unsqueeze(1)
-                use c = m.index_select(0L, b.Cols).unsqueeze(0)
-                a.mul(r).mul_(c)
-            | None -> a.alias()
-        use a = a
-        use sums = a.sum(1L, true).clamp_min(sc 1e-10)
-        a.div(sums)
-
-    /// Σ_{k≥1} w·Â^k over the nodes [n] (float64), from weights `w` [n], with Â the row-normalised |A| of the blocks
-    /// (restricted to the nodes of `mask` when given). Normalises one block at a time: no second copy of the adjacency.
-    let influence (nNodes: int) (blocks: DeviceBlock seq) (mask: torch.Tensor option) (w: torch.Tensor) : torch.Tensor =
         use scope = torch.NewDisposeScope()
-        let blocks = Array.ofSeq blocks
+        let a = b.Values.abs()
+        match mask with
+        | Some m ->
+            a.mul_(m.index_select(0L, b.Rows).unsqueeze(1)).mul_(m.index_select(0L, b.Cols).unsqueeze(0)) |> ignore
+        | None -> ()
+        a.div_(a.sum(1L, true).clamp_min(sc 1e-10)).MoveToOuterDisposeScope()
+
+    /// As `normalised`, written over `target` (a tensor of the block's shape, reused: no allocation of its size).
+    let normaliseInto (target: torch.Tensor) (mask: torch.Tensor option) (b: DeviceBlock) =
+        use scope = torch.NewDisposeScope()
+        target.copy_(b.Values).abs_() |> ignore
+        match mask with
+        | Some m ->
+            target.mul_(m.index_select(0L, b.Rows).unsqueeze(1)).mul_(m.index_select(0L, b.Cols).unsqueeze(0)) |> ignore
+        | None -> ()
+        target.div_(target.sum(1L, true).clamp_min(sc 1e-10)) |> ignore
+
+    /// Σ_{k≥1} w·Â^k over the nodes [n] (float64), from weights `w` [n], with Â given block by block (`norms`, each
+    /// the row-normalised |A| of the block with the same index).
+    let influenceOver (nNodes: int) (blocks: DeviceBlock[]) (norms: torch.Tensor[]) (w: torch.Tensor) : torch.Tensor =
+        use scope = torch.NewDisposeScope()
         let device = w.device
         let total = torch.zeros([| int64 nNodes |], dtype = torch.float64, device = device)
         let mutable prod = w.to_type(torch.float64)
         let mutable iterations = 0
         let mutable go = true
         while go do
+            use step = torch.NewDisposeScope()
             let next = torch.zeros([| int64 nNodes |], dtype = torch.float64, device = device)
-            for b in blocks do
-                use x = prod.index_select(0L, b.Rows)
+            for i in 0 .. blocks.Length - 1 do
+                let b = blocks[i]
+                let x = prod.index_select(0L, b.Rows)
                 if x.ne(sc 0.0).any().item<bool> () then
-                    use a = normalised mask b
-                    use x32 = x.to_type(torch.float32)
-                    use contrib = x32.unsqueeze(0).matmul(a).squeeze(0).to_type(torch.float64)
-                    next.index_add_(0L, b.Cols, contrib, sc 1.0) |> ignore
+                    next.index_add_(0L, b.Cols, x.to_type(torch.float32).unsqueeze(0).matmul(norms[i]).squeeze(0).to_type(torch.float64), sc 1.0) |> ignore
             if not (next.ne(sc 0.0).any().item<bool> ()) then go <- false
             else
                 total.add_(next) |> ignore
-                prod <- next
+                prod.Dispose()
+                prod <- next.DetachFromDisposeScope()
                 iterations <- iterations + 1
                 if iterations > 4 * nNodes + 16 then
                     invalidOp "influence did not converge: the adjacency has a cycle (an edge from a node to an earlier one)"
+        prod.Dispose()
         total.MoveToOuterDisposeScope()
+
+    /// Σ_{k≥1} w·Â^k over the nodes [n] (float64), from weights `w` [n], with Â the row-normalised |A| of the blocks
+    /// (restricted to the nodes of `mask` when given). Holds one normalised copy of the adjacency while it runs.
+    let influence (nNodes: int) (blocks: DeviceBlock seq) (mask: torch.Tensor option) (w: torch.Tensor) : torch.Tensor =
+        let blocks = Array.ofSeq blocks
+        let norms = blocks |> Array.map (normalised mask)
+        try influenceOver nNodes blocks norms w
+        finally for t in norms do t.Dispose()
 
 /// Building attribution graphs.
 [<RequireQualifiedAccess>]
@@ -518,11 +533,10 @@ module AttributionGraph =
     /// `DesiredLogitProbability` (at most `MaxLogits`).
     let logitTargets (lr: LocalReplacement) (config: GraphConfig) : LogitNode[] =
         use _ = torch.no_grad ()
-        let logits = lr.LastLogits.to_type(torch.float64).cpu()
-        use probsT = logits.softmax(0L)
-        let probs = probsT.data<float>().ToArray()
-        let raw = logits.data<float>().ToArray()
-        logits.Dispose()
+        let probs, raw =
+            use scope = torch.NewDisposeScope()
+            let logits = lr.LastLogits.to_type(torch.float64).cpu()
+            logits.softmax(0L).data<float>().ToArray(), logits.data<float>().ToArray()
         let vocab = probs.Length
         match config.LogitTokens with
         | Some ts ->
@@ -914,9 +928,8 @@ module AttributionGraph =
                 use _ = torch.no_grad ()
                 blocks.Add { Rows = torch.tensor(order |> Array.map (fun i -> int64 targets[i]), device = device); Cols = sources; Values = values }
                 invSums.Add(
-                    use sums = values.abs().sum(1L)
-                    use clamped = sums.clamp_min(sc 1e-10)
-                    clamped.reciprocal())
+                    use scope = torch.NewDisposeScope()
+                    values.abs().sum(1L).clamp_min(sc 1e-10).reciprocal().MoveToOuterDisposeScope())
                 batches <- batches + 1
             // logits
             (use dirs = logitDirections lr (logits |> Array.map (fun l -> l.Token))
@@ -946,9 +959,9 @@ module AttributionGraph =
                             for k in 0 .. nNode - 1 do r[k] <- visited[k]
                             for k in logitBase .. nBuild - 1 do r[k] <- true
                             torch.tensor(r, device = device)
-                        use infl = partialInfluence nBuild blocks invSums isRow logitWeights
-                        use featInfl = infl.narrow(0, 0L, int64 nNode).cpu()
-                        let values = featInfl.data<float>().ToArray()
+                        let values =
+                            use scope = torch.NewDisposeScope()
+                            (partialInfluence nBuild blocks invSums isRow logitWeights).narrow(0, 0L, int64 nNode).cpu().data<float>().ToArray()
                         let queue = min (config.UpdateInterval * batchSize) (maxFeatures - nVisited)
                         [| for k in 0 .. nNode - 1 do if not visited[k] then yield k |]
                         |> Array.sortBy (fun k -> -values[k], k)
