@@ -457,11 +457,19 @@ module AttributionGraph =
             s <- s + m
         cells
 
+    /// Orders node features by position, then layer, then index (tight causal cones for consecutive targets).
+    let private byPositionThenLayer (nodes: NodeFeatures) (a: int) (b: int) =
+        let c = compare nodes.Position[a] nodes.Position[b]
+        if c <> 0 then c
+        else
+            let c = compare nodes.Layer[a] nodes.Layer[b]
+            if c <> 0 then c else compare a b
+
     /// The feature rows in the order the builder visits them when there is no cap: by position, then layer (tight
     /// causal cones), or as listed without cones.
     let private uncappedOrder (nodes: NodeFeatures) (causalCone: bool) =
         let all = Array.init nodes.Count id
-        if causalCone then all |> Array.sortBy (fun k -> nodes.Position[k], nodes.Layer[k], k) else all
+        if causalCone then all |> Array.sortWith (byPositionThenLayer nodes) else all
 
     /// The memory this build needs, from the local replacement model (exact node counts and decoder tables; the
     /// adjacency exact without a binding feature cap, an upper bound with one).
@@ -545,7 +553,7 @@ module AttributionGraph =
                     invalidArg "LogitTokens" (sprintf "target token %d is outside the vocabulary (0..%d)" t (vocab - 1))
                 { Token = t; Probability = probs[t]; Logit = raw[t] })
         | None ->
-            let order = Array.init vocab id |> Array.sortBy (fun t -> -probs[t], t)
+            let order = Array.init vocab id |> Array.sortWith (fun a b -> let c = compare probs[b] probs[a] in if c <> 0 then c else compare a b)
             let chosen = ResizeArray<LogitNode>()
             let mutable cum = 0.0
             let mutable k = 0
@@ -745,7 +753,11 @@ module AttributionGraph =
         let prefix = if causalCone then Array.max positions + 1 else p
         let pp = int64 prefix
         let srcLayers = if causalCone then min top nL else nL
-        let order = Array.init b id |> Array.sortBy (fun i -> -layers[i], positions[i], i)
+        let order =
+            Array.init b id
+            |> Array.sortWith (fun i j ->
+                let c = compare layers[j] layers[i]
+                if c <> 0 then c else let c = compare positions[i] positions[j] in if c <> 0 then c else compare i j)
         let lay = order |> Array.map (fun i -> layers[i])
         let pos = order |> Array.map (fun i -> positions[i])
         // alive[l]: rows whose target is at layer ≥ l (a prefix of the ordered batch)
@@ -838,49 +850,83 @@ module AttributionGraph =
             Array.init layers.Length id, cols.MoveToOuterDisposeScope(), vals.contiguous().MoveToOuterDisposeScope()
         rows, { new IDisposable with member _.Dispose() = remapT.Dispose(); maskT.Dispose() }
 
-    /// Every node's influence on the logits in the graph built so far (circuit-tracer's partial influence): with Â the
-    /// rows' |A| normalised to unit sums (`invSums`, over each row's whole cone), w·(Â + Â² + …). Only nodes with
-    /// rows pass influence on, so the powers run over the block among row nodes (`isRow`), and one last product
-    /// c·Â with c = w + (their influence) gives every node's: one pass over the whole adjacency per ranking.
-    let private partialInfluence (nBuild: int) (blocks: ResizeArray<Adjacency.DeviceBlock>) (invSums: ResizeArray<torch.Tensor>)
-                                 (isRow: torch.Tensor) (w: torch.Tensor) : torch.Tensor =
-        use _ = torch.no_grad ()
-        use scope = torch.NewDisposeScope()
-        let device = w.device
-        let inner =
-            [| for i in 0 .. blocks.Count - 1 do
-                 let b = blocks[i]
-                 let idx = isRow.index_select(0L, b.Cols).nonzero().reshape(-1L)
-                 if idx.shape[0] > 0L then
-                     yield b.Rows, b.Cols.index_select(0L, idx), b.Values.index_select(1L, idx).abs_().mul_(invSums[i].unsqueeze 1) |]
-        let total = torch.zeros([| int64 nBuild |], dtype = torch.float64, device = device)
-        let mutable x = w
-        let mutable go = true
-        let mutable iterations = 0
-        while go do
-            let next = torch.zeros([| int64 nBuild |], dtype = torch.float64, device = device)
-            for rows, cols, s in inner do
-                use xb = x.index_select(0L, rows).to_type(torch.float32)
-                use y = xb.unsqueeze(0).matmul(s).squeeze(0)
-                use y64 = y.to_type(torch.float64)
-                next.index_add_(0L, cols, y64, sc 1.0) |> ignore
-            if not (next.ne(sc 0.0).any().item<bool> ()) then go <- false
-            else
-                total.add_(next) |> ignore
-                x <- next
-                iterations <- iterations + 1
-                if iterations > 4 * nBuild + 16 then
-                    invalidOp "influence did not converge: the adjacency has a cycle (an edge from a node to an earlier one)"
-        let c = w.add(total)
-        let result = torch.zeros([| int64 nBuild |], dtype = torch.float64, device = device)
-        for i in 0 .. blocks.Count - 1 do
-            use step = torch.NewDisposeScope()
-            let b = blocks[i]
-            let cb = c.index_select(0L, b.Rows).to_type(torch.float32).mul(invSums[i])
-            if cb.ne(sc 0.0).any().item<bool> () then
-                let contrib = cb.unsqueeze(0).matmul(b.Values.abs()).squeeze(0).to_type(torch.float64)
-                result.index_add_(0L, b.Cols, contrib, sc 1.0) |> ignore
-        result.MoveToOuterDisposeScope()
+    /// Every node's influence on the logits in the graph built so far (circuit-tracer's partial influence), kept up to
+    /// date between rankings. With Â the rows' |A| normalised to unit sums (over each row's whole cone) and w the logit
+    /// probabilities, the influence is w·(Â + Â² + …). Only nodes with rows (the logits and the visited features) pass
+    /// influence on, so the powers run over the dense block of Â among them — [rows, visited features], filled
+    /// incrementally (new rows, and new columns of old rows) — with one product per power; then one pass c·Â over
+    /// every block, c = w + (the row nodes' influence), gives every node's.
+    type private Ranker(nBuild: int, maxRows: int, maxVisited: int, device: torch.Device) =
+        let square = torch.zeros([| int64 maxRows; int64 (max 1 maxVisited) |], dtype = torch.float32, device = device)
+        let rowStart = ResizeArray<int>()            // per block: its first row in `square`
+        let filled = ResizeArray<int>()              // per block: visited columns filled so far
+        let visitedNodes = ResizeArray<int64>()      // visit order → node id
+        let rowOfVisit = ResizeArray<int64>()        // visit order → its row in `square`
+        let mutable rows = 0
+
+        /// Registers a block (already in `blocks`) whose rows are `nodes` (their feature node ids, or -1 for logits).
+        member _.Add(rowNodes: int[]) =
+            rowStart.Add rows
+            filled.Add 0
+            rowNodes |> Array.iteri (fun i node ->
+                if node >= 0 then
+                    visitedNodes.Add(int64 node)
+                    rowOfVisit.Add(int64 (rows + i)))
+            rows <- rows + rowNodes.Length
+
+        member _.Influence(blocks: ResizeArray<Adjacency.DeviceBlock>, invSums: ResizeArray<torch.Tensor>, w: torch.Tensor) : torch.Tensor =
+            use _ = torch.no_grad ()
+            use scope = torch.NewDisposeScope()
+            let v = visitedNodes.Count
+            let visited = torch.tensor(visitedNodes.ToArray(), device = device)
+            // fill the columns visited since each block was last brought up to date
+            for i in 0 .. blocks.Count - 1 do
+                if filled[i] < v then
+                    use step = torch.NewDisposeScope()
+                    let b = blocks[i]
+                    let fresh = visited.narrow(0, int64 filled[i], int64 (v - filled[i]))
+                    let at = torch.searchsorted(b.Cols, fresh).clamp_max(scl (b.Cols.shape[0] - 1L))
+                    let hit = b.Cols.index_select(0L, at).eq(fresh).nonzero().reshape(-1L)
+                    if hit.shape[0] > 0L then
+                        let values = b.Values.index_select(1L, at.index_select(0L, hit)).abs_().mul_(invSums[i].unsqueeze 1)
+                        square.narrow(0, int64 rowStart[i], b.Rows.shape[0])
+                            .index_copy_(1L, hit.add(scl (int64 filled[i])), values) |> ignore
+                    filled[i] <- v
+            // powers of Â among the row nodes
+            let rowIds = torch.cat([| for b in blocks -> b.Rows |], 0L)                  // row → node
+            let rowOf = torch.tensor(rowOfVisit.ToArray(), device = device)              // visit → row
+            let sq = square.narrow(0, 0L, int64 rows).narrow(1, 0L, int64 (max 1 v))
+            let total = torch.zeros([| int64 v |], dtype = torch.float64, device = device)
+            let mutable x = w.index_select(0L, rowIds).to_type(torch.float32)
+            let mutable go = v > 0
+            let mutable iterations = 0
+            while go do
+                let y = x.unsqueeze(0).matmul(sq).squeeze(0)                              // [visited]
+                if not (y.ne(sc 0.0).any().item<bool> ()) then go <- false
+                else
+                    total.add_(y.to_type(torch.float64)) |> ignore
+                    x <- torch.zeros([| int64 rows |], dtype = torch.float32, device = device).index_copy_(0L, rowOf, y)
+                    iterations <- iterations + 1
+                    if iterations > 4 * nBuild + 16 then
+                        invalidOp "influence did not converge: the adjacency has a cycle (an edge from a node to an earlier one)"
+            // c = w + the row nodes' influence, then one pass over every block
+            let c = w.clone()
+            if v > 0 then c.index_add_(0L, visited, total, sc 1.0) |> ignore
+            let result = torch.zeros([| int64 nBuild |], dtype = torch.float64, device = device)
+            let largest = blocks |> Seq.map (fun b -> b.Values.numel ()) |> Seq.fold max 1L
+            let absBuffer = torch.empty([| largest |], dtype = torch.float32, device = device)   // |A| of one block, reused
+            for i in 0 .. blocks.Count - 1 do
+                use step = torch.NewDisposeScope()
+                let b = blocks[i]
+                let cb = c.index_select(0L, b.Rows).to_type(torch.float32).mul(invSums[i])
+                if cb.ne(sc 0.0).any().item<bool> () then
+                    let a = absBuffer.narrow(0, 0L, b.Values.numel ()).view(b.Values.shape).copy_(b.Values).abs_()
+                    let contrib = cb.unsqueeze(0).matmul(a).squeeze(0).to_type(torch.float64)
+                    result.index_add_(0L, b.Cols, contrib, sc 1.0) |> ignore
+            result.MoveToOuterDisposeScope()
+
+        interface IDisposable with
+            member _.Dispose() = square.Dispose()
 
     /// Checks a prompt against a model (not empty, within the context, ids in the vocabulary).
     let checkPrompt (model: TransformerConfig) (tokens: int[]) =
@@ -921,10 +967,15 @@ module AttributionGraph =
         use _engine = engine
         let blocks = ResizeArray<Adjacency.DeviceBlock>()
         let invSums = ResizeArray<torch.Tensor>()
+        let maxFeatures = match config.MaxFeatureNodes with Some n -> min n nNode | None -> nNode
+        // ranking by influence only when the cap binds
+        let ranker = if maxFeatures < nNode then Some (new Ranker(nBuild, nLogits + maxFeatures, maxFeatures, device)) else None
+        use _ranker = { new IDisposable with member _.Dispose() = ranker |> Option.iter (fun r -> (r :> IDisposable).Dispose()) }
         let mutable batches = 0
         let mutable ranking = 0.0
         try
             let addBlock (targets: int[]) (order: int[], sources: torch.Tensor, values: torch.Tensor) =
+                ranker |> Option.iter (fun (r: Ranker) -> r.Add(order |> Array.map (fun i -> if targets[i] < nNode then targets[i] else -1)))
                 use _ = torch.no_grad ()
                 blocks.Add { Rows = torch.tensor(order |> Array.map (fun i -> int64 targets[i]), device = device); Cols = sources; Values = values }
                 invSums.Add(
@@ -941,7 +992,6 @@ module AttributionGraph =
                  s <- s + m
                  config.Progress { Phase = "logits"; Done = s; Total = nLogits; Elapsed = clock.Elapsed })
             // features, in order of influence
-            let maxFeatures = match config.MaxFeatureNodes with Some n -> min n nNode | None -> nNode
             let visited = Array.zeroCreate<bool> nNode
             let mutable nVisited = 0
             use logitWeights =
@@ -954,20 +1004,15 @@ module AttributionGraph =
                     else
                         let started = clock.Elapsed
                         use _ranking = { new IDisposable with member _.Dispose() = ranking <- ranking + (clock.Elapsed - started).TotalSeconds }
-                        use isRow =
-                            let r = Array.zeroCreate<bool> nBuild
-                            for k in 0 .. nNode - 1 do r[k] <- visited[k]
-                            for k in logitBase .. nBuild - 1 do r[k] <- true
-                            torch.tensor(r, device = device)
                         let values =
                             use scope = torch.NewDisposeScope()
-                            (partialInfluence nBuild blocks invSums isRow logitWeights).narrow(0, 0L, int64 nNode).cpu().data<float>().ToArray()
+                            ranker.Value.Influence(blocks, invSums, logitWeights).narrow(0, 0L, int64 nNode).cpu().data<float>().ToArray()
                         let queue = min (config.UpdateInterval * batchSize) (maxFeatures - nVisited)
                         [| for k in 0 .. nNode - 1 do if not visited[k] then yield k |]
-                        |> Array.sortBy (fun k -> -values[k], k)
+                        |> Array.sortWith (fun a b -> let c = compare values[b] values[a] in if c <> 0 then c else compare a b)
                         |> Array.truncate queue
                 // tight causal cones: batch neighbours in position, then layer
-                let pending = if config.CausalCone then pending |> Array.sortBy (fun k -> nodes.Position[k], nodes.Layer[k], k) else pending
+                let pending = if config.CausalCone then pending |> Array.sortWith (byPositionThenLayer nodes) else pending
                 let mutable s = 0
                 while s < pending.Length do
                     let m = min batchSize (pending.Length - s)

@@ -170,7 +170,7 @@ module Pruning =
         // cumulative influence per node
         let infl = influence.cpu().data<float>().ToArray()
         let total = Array.sum infl
-        let order = Array.init n id |> Array.sortBy (fun i -> -infl[i], i)
+        let order = Array.init n id |> Array.sortWith (fun a b -> let c = compare infl[b] infl[a] in if c <> 0 then c else compare a b)
         let cumulative = Array.zeroCreate<float> n
         let mutable acc = 0.0
         for i in order do
