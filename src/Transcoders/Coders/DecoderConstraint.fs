@@ -10,7 +10,10 @@ open Transcoders.Coders.Scalars
 let renormalise (c: Coder) =
     use _ = torch.no_grad ()
     for w in c.WDec do
-        use n = torch.linalg.vector_norm(w, 2.0, [| 1L; 2L |], true)
+        // not linalg.vector_norm: see Optim.gradNorm (a temporary Scalar TorchSharp does not keep alive)
+        use sq = w.square()
+        use s = sq.sum([| 1L; 2L |], keepdim = true)
+        use n = s.sqrt()
         n.clamp_min_(1e-12) |> ignore
         w.div_ n |> ignore
 

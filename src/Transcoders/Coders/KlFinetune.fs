@@ -50,7 +50,10 @@ let private restoreNorms (c: Coder) (norms: torch.Tensor) =
     use _ = torch.no_grad ()
     for l in 0 .. c.NLayers - 1 do
         let w = c.WDec[l]
-        use n = torch.linalg.vector_norm(w, 2.0, [| 1L; 2L |], true)
+        // not linalg.vector_norm: see Optim.gradNorm (a temporary Scalar TorchSharp does not keep alive)
+        use sq = w.square()
+        use s = sq.sum([| 1L; 2L |], keepdim = true)
+        use n = s.sqrt()
         n.clamp_min_(1e-12) |> ignore
         use nl = norms[l]
         use target = nl.reshape(-1L, 1L, 1L)

@@ -47,15 +47,18 @@ let ofJson (node: JsonNode) : AdamWConfig =
 let decays (_name: string) (p: Parameter) = p.dim() >= 2L
 
 /// The global L2 norm of the gradients of `parameters` (those without a gradient count as zero).
+/// Not `torch.linalg.vector_norm(t, 2.0, …)`: TorchSharp 0.107 passes it a temporary `Scalar` it does not keep alive,
+/// which the finaliser can free during the native call under GC pressure ("Unknown scalar type", seen in a parallel
+/// test run); `Tensor.norm` takes the order as a plain float.
 let gradNorm (parameters: Parameter seq) : float =
     use _ = torch.no_grad ()
     use scope = torch.NewDisposeScope()
     let norms =
         [| for p in parameters do
                let g = p.grad
-               if not (isNull g) then torch.linalg.vector_norm(g.detach(), 2.0, null, false).to_type(torch.float64) |]
+               if not (isNull g) then g.detach().norm().to_type(torch.float64) |]
     if norms.Length = 0 then 0.0
-    else torch.linalg.vector_norm(torch.stack(norms), 2.0, null, false).cpu().item<float>()
+    else torch.stack(norms).norm().cpu().item<float>()
 
 /// Scales gradients in place so that their global L2 norm is at most `maxNorm`
 /// (torch.nn.utils.clip_grad_norm_) and returns the norm BEFORE clipping.
