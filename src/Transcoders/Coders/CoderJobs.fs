@@ -410,7 +410,7 @@ module CoderJobs =
         Checkpointing.prune root config.KeepCheckpoints
         folder
 
-    /// Every job's training state from a checkpoint folder (verified against its manifest when loaded).
+    /// Every job's training state from a checkpoint folder that `Checkpointing.newestIntact` verified (with its `info`).
     let private loadStates (folder: string) (info: Checkpointing.Info) (jobs: CoderJob list) (device: torch.Device) =
         let path = Path.Combine(folder, Checkpointing.TrainerFile)
         let saved =
@@ -434,8 +434,7 @@ module CoderJobs =
                     reraise ()
             let parameters, buffers = [ for j, s, _ in states -> stateTensors j s ] |> List.unzip
             (try
-                Checkpointing.loadWith folder (List.concat parameters) (List.concat buffers) [ for j, s, _ in states -> prefix j, s.Optimizer ]
-                |> ignore
+                Checkpointing.loadVerifiedWith folder info (List.concat parameters) (List.concat buffers) [ for j, s, _ in states -> prefix j, s.Optimizer ]
              with Checkpointing.CheckpointError (p, problem) -> fail "%s: %s" p problem)
             [ for j, s, o in states do
                   s.Stats.LoadStateDict(s.Stats.TokensSinceFired, s.Stats.Counts, o["window_tokens"].GetValue<int64>(),

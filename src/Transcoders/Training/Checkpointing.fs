@@ -368,13 +368,9 @@ let loadModel (dir: string) (parameters: (string * torch.Tensor) seq) (buffers: 
     checkModelStep path reader info.Step
     loadInto path reader targets
 
-/// Restores a checkpoint folder into the parameters, buffers and optimizers (each with the name prefix it was
-/// saved with, in place) and returns its bookkeeping. The folder is checked against its manifest first, then
-/// every file, name, shape and dtype; a problem raises `CheckpointError` naming the file and the tensor, and
-/// changes nothing. Extra files are the caller's to read (from the returned folder's `Part` names).
-let loadWith (dir: string) (parameters: (string * torch.Tensor) seq) (buffers: (string * torch.Tensor) seq)
-             (optimizers: (string * Optim.AdamW) list) : Info =
-    let info = verified dir
+/// `loadWith` for a folder `verify` has already accepted, with the `Info` it returned (the files are not hashed again).
+let loadVerifiedWith (dir: string) (info: Info) (parameters: (string * torch.Tensor) seq) (buffers: (string * torch.Tensor) seq)
+                     (optimizers: (string * Optim.AdamW) list) : unit =
     let modelPath = requireFile dir ModelFile
     let optPath = requireFile dir OptimizerFile
     let targets = List.ofSeq parameters @ List.ofSeq buffers
@@ -405,6 +401,15 @@ let loadWith (dir: string) (parameters: (string * torch.Tensor) seq) (buffers: (
         let find (n: string) = if optReader.Contains(prefix + n) then Some(optReader.Tensor(prefix + n, device)) else None
         try o.LoadState find
         with :? InvalidDataException as e -> fail optPath e.Message
+
+/// Restores a checkpoint folder into the parameters, buffers and optimizers (each with the name prefix it was
+/// saved with, in place) and returns its bookkeeping. The folder is checked against its manifest first, then
+/// every file, name, shape and dtype; a problem raises `CheckpointError` naming the file and the tensor, and
+/// changes nothing. Extra files are the caller's to read (from the returned folder's `Part` names).
+let loadWith (dir: string) (parameters: (string * torch.Tensor) seq) (buffers: (string * torch.Tensor) seq)
+             (optimizers: (string * Optim.AdamW) list) : Info =
+    let info = verified dir
+    loadVerifiedWith dir info parameters buffers optimizers
     info
 
 /// Restores a checkpoint folder into the parameters, buffers and optimizer (see `loadWith`).

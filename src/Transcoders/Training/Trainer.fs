@@ -337,18 +337,15 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
                 invalidOp (
                     sprintf "%s already holds checkpoints (newest: %s); resume with Resume = Latest, or choose another OutputDir"
                         root (snd (List.last cks)))
-        | Latest ->
-            let found, skipped = Checkpointing.newestIntact root
-            found |> Option.map fst, skipped
-        | From d -> Some d, []
+        | Latest -> Checkpointing.newestIntact root
+        | From d -> Some(d, Checkpointing.verified d), []
     let start, tokens0, elapsed0, window =
         match resumeDir with
-        | Some d ->
-            let saved = Checkpointing.readInfo d
-            checkCompatible d saved.Config config
-            if saved.Step > config.Steps then
-                invalidOp (sprintf "%s is at step %d, beyond this run's Steps (%d)" d saved.Step config.Steps)
-            let info = Checkpointing.load d paramTensors objective.Buffers optimizer
+        | Some (d, info) ->
+            checkCompatible d info.Config config
+            if info.Step > config.Steps then
+                invalidOp (sprintf "%s is at step %d, beyond this run's Steps (%d)" d info.Step config.Steps)
+            Checkpointing.loadVerifiedWith d info paramTensors objective.Buffers [ "", optimizer ]
             let trainerFile = Path.Combine(d, Checkpointing.TrainerFile)
             info.Step, info.Tokens, info.ElapsedSeconds, Window.OfJson(trainerFile, info.State["metrics_window"])
         | None -> 0, 0L, 0.0, Window.Empty()
@@ -363,7 +360,7 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
     let elapsed () = elapsed0 + clock.Elapsed.TotalSeconds
     let mutable step = start
     let mutable tokens = tokens0
-    let mutable lastCheckpoint = resumeDir
+    let mutable lastCheckpoint = resumeDir |> Option.map fst
     let mutable checkpointedAt = if resumeDir.IsSome then start else -1
     // the training losses since the previous checkpoint (none at a resumed one): their mean is the checkpoint's loss
     let mutable sinceSum, sinceN = 0.0, 0
@@ -414,7 +411,7 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
         for d, why in skipped do
             reporter.Message(sprintf "skipped checkpoint %s: %s" d why)
         match resumeDir with
-        | Some d -> reporter.Message(sprintf "resuming from %s (step %d of %d)" d start config.Steps)
+        | Some (d, _) -> reporter.Message(sprintf "resuming from %s (step %d of %d)" d start config.Steps)
         | None -> ()
         while outcome.IsNone && step < config.Steps do
             if cancel.IsCancellationRequested then
