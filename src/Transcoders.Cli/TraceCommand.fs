@@ -76,7 +76,7 @@ let trace (modelPath: string) (model: Transformer) (tokenizer: Tokenizer) (coder
     let graph =
         AttributionGraph.build model coders tokens
             { config with Progress = progress }
-    let graph = { graph with TokenStrings = tokens |> Array.map (fun t -> Tokenizer.decode tokenizer [| t |]) }
+    let graph = Tracing.withTokenStrings tokenizer graph
     let pruned = Pruning.prune prune graph
     let scores = Pruning.scores graph prune.Device
     let edgeCount = Graph.edges graph |> Seq.length

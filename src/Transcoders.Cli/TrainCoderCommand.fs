@@ -107,13 +107,12 @@ let train (modelPath: string) (settings: CoderRunSettings) (device: torch.Device
 
 /// The run the arguments describe, on a model of width `dModel`.
 let settings (args: ParseResults<Args>) (dModel: int) : CoderRunSettings =
-    let k = args.GetResult(K, max 1 (dModel / 4))
     let plan =
         { CoderPlan.Default with
             Layers = args.GetResult(Layers, [])
             Width = args.TryGetResult Width
             Expansion = args.GetResult(Expansion, 16)
-            Activation = Some(CoderRun.activation (args.GetResult(Activation, "topk")) k)
+            Activation = Some(CoderRun.activationFor (args.GetResult(Activation, "topk")) (args.TryGetResult K) dModel)
             Lambda = args.GetResult(L1, 1.0)
             Steps = args.GetResult(Steps, 600)
             Batch = args.GetResult(Batch, 1024)

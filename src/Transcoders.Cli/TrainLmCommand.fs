@@ -48,6 +48,7 @@ let settings (args: ParseResults<Args>) : TinyStoriesGpt.Settings =
     let d = TinyStoriesGpt.Settings.Default
     { Files = args.TryGetResult Files
       VocabSize = args.GetResult(Vocab_Size, d.VocabSize)
+      CorpusFolder = None
       Layers = args.GetResult(Layers, d.Layers)
       DModel = args.GetResult(D_Model, d.DModel)
       Heads = args.GetResult(Heads, d.Heads)

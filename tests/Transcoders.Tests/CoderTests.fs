@@ -8,55 +8,10 @@ open System.IO
 open Expecto
 open TorchSharp
 open Transcoders.Coders
-open Transcoders.Tests.TestPaths
+open Transcoders.Tests.Fixtures
 
 let private dev = torch.CPU
-let private sc (x: float) : Scalar = Scalar.op_Implicit x
-
-/// A tensor's values as float64, row-major.
-let values (t: torch.Tensor) : float[] =
-    use c = t.detach().cpu().to_type(torch.float64).contiguous()
-    c.data<float>().ToArray()
-
-let maxAbsDiff (a: float[]) (b: float[]) =
-    if a.Length <> b.Length then infinity else Array.fold2 (fun m x y -> max m (abs (x - y))) 0.0 a b
-
-let expectClose (tol: float) (actual: torch.Tensor) (expected: torch.Tensor) (what: string) =
-    Expect.sequenceEqual actual.shape expected.shape (what + ": shape")
-    let a, e = values actual, values expected
-    let scale = max 1.0 (e |> Array.fold (fun m v -> max m (abs v)) 0.0)
-    let d = maxAbsDiff a e
-    Expect.isLessThanOrEqual d (tol * scale) (sprintf "%s: max |difference| %g (tolerance %g)" what d (tol * scale))
-
-/// Fills every parameter with random values (biases included) so that tests exercise every term.
-let randomise (c: Coder) (seed: int64) =
-    torch.manual_seed seed |> ignore
-    use _ = torch.no_grad ()
-    for n, p in c.NamedParameters do
-        match n with
-        | "log_threshold" -> p.uniform_(-2.0, -0.5) |> ignore
-        | _ -> p.normal_(0.0, 0.4) |> ignore
-
 let private kinds = [| Sae; Transcoder; SkipTranscoder; CrossLayerTranscoder |]
-
-/// A config of the given kind with small random dimensions.
-let smallConfig (rng: Random) (kind: CoderKind) (activation: int -> Activation) (inputBias: bool) =
-    let dIn = rng.Next(3, 9)
-    let dOut = if kind = Sae then dIn else rng.Next(3, 9)
-    let dSae = rng.Next(6, 17)
-    let nL = if kind = CrossLayerTranscoder then rng.Next(2, 4) else 1
-    let layers = if kind = CrossLayerTranscoder then Array.init nL id else [| rng.Next(0, 4) |]
-    let hookIn = layers |> Array.map (fun l -> if kind = Sae then sprintf "blocks.%d.hook_resid_pre" l else CoderConfig.mlpInHook l)
-    let hookOut = if kind = Sae then hookIn else layers |> Array.map CoderConfig.mlpOutHook
-    { Kind = kind; Layers = layers; HookIn = hookIn; HookOut = hookOut; DIn = dIn; DOut = dOut; DSae = dSae
-      Activation = activation dSae; InputBias = inputBias; Decoder = UnitNorm; Scale = ActivationScale.Ones nL
-      FoldedScale = None; Model = "test-model" }
-    |> CoderConfig.validate
-
-/// A random user-layout batch for a config: [B, d] or [B, L, d].
-let batchFor (c: CoderConfig) (b: int) (d: int) =
-    if c.Kind = CrossLayerTranscoder then torch.randn([| int64 b; int64 c.NLayers; int64 d |])
-    else torch.randn([| int64 b; int64 d |])
 
 let activationTests =
     testList "activations" [

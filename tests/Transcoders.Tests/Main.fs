@@ -25,6 +25,9 @@ let all =
         CircuitStoriesTests.tests
         CoderJobTests.tests
         FacadeTests.tests
+        FacadeCircuitTests.tests
+        SharedCoreTests.tests
+        CliTests.tests
         TrainingTests.tests
     ]
 

@@ -45,6 +45,12 @@ module CoderPlan =
     /// The plan's activation on a model of width `dModel`.
     let activation (dModel: int) (plan: CoderPlan) : Transcoders.Coders.Activation = defaultArg plan.Activation (CoderActivation.TopK(max 1 (dModel / 4)))
 
+    /// A cross-layer transcoder over `layers` with `activation`: Anthropic's free decoder norms go with their
+    /// decoder-norm-weighted penalty (JumpReLU); TopK and ReLU coders keep unit-norm decoders, as the per-layer kinds do.
+    let crossLayerConfig (modelName: string) (layers: int[]) (dModel: int) (width: int) (activation: Transcoders.Coders.Activation) : CoderConfig =
+        let decoder = match activation with CoderActivation.JumpReLU _ -> Free | _ -> UnitNorm
+        CoderConfig.validate { CoderConfig.crossLayer modelName layers dModel width with Activation = activation; Decoder = decoder }
+
     /// One job per (kind, layer), named `<kind>-L<layer>`, then the cross-layer transcoder when the plan asks for one.
     /// Layers outside the model and unknown SAE hooks raise an error naming them.
     let jobs (model: Transformer) (modelName: string) (plan: CoderPlan) : CoderJob list =
@@ -80,12 +86,7 @@ module CoderPlan =
               for layer in layers do
                   if layer < 0 || layer >= c.NLayers then
                       invalidArg "Layers" (sprintf "layer %d is outside the model's layers 0..%d" layer (c.NLayers - 1))
-              // Anthropic's free decoder norms go with their decoder-norm-weighted penalty (JumpReLU); TopK and ReLU
-              // coders keep unit-norm decoders, as the per-layer kinds do.
-              let decoder = match activation with CoderActivation.JumpReLU _ -> Free | _ -> UnitNorm
-              let coder =
-                  CoderConfig.validate
-                      { CoderConfig.crossLayer modelName (Array.ofList layers) c.DModel width with Activation = activation; Decoder = decoder }
+              let coder = crossLayerConfig modelName (Array.ofList layers) c.DModel width activation
               let name = sprintf "clt-L%s" (String.Join("-", layers))
               yield { Name = name; Coder = coder; Train = train coder } ]
 

@@ -53,6 +53,26 @@ module CoderRun =
         | "jumprelu" -> RunActivation.JumpReLU JumpReLUSpec.Default
         | a -> failwithf "unknown activation '%s': expected topk, batchtopk, groupmax, relu or jumprelu" a
 
+    /// The activation named `name` for a model of width `dModel`, keeping `k` features per token (None: d_model / 4).
+    let activationFor (name: string) (k: int option) (dModel: int) : Transcoders.Coders.Activation =
+        activation name (defaultArg k (max 1 (dModel / 4)))
+
+    /// A fresh coder configuration of any kind with any activation: an SAE on `hook` (default: the layer's MLP
+    /// output), a transcoder or skip transcoder of the layer's MLP (one layer), or a cross-layer transcoder over
+    /// `layers` (`CoderPlan.crossLayerConfig`); `width` features per layer.
+    let coderConfig (kind: CoderKind) (modelName: string) (layers: int[]) (hook: string option) (dModel: int) (width: int)
+                    (activation: Transcoders.Coders.Activation) : CoderConfig =
+        let one () =
+            if layers.Length <> 1 then invalidArg "layers" (sprintf "a %s reads exactly one layer (got %d)" (CoderConfig.kindName kind) layers.Length)
+            layers[0]
+        let baseConfig =
+            match kind with
+            | Sae -> let l = one () in CoderConfig.sae modelName (defaultArg hook (CoderConfig.mlpOutHook l)) l dModel width
+            | Transcoder -> CoderConfig.transcoder modelName (one ()) dModel width
+            | SkipTranscoder -> CoderConfig.skipTranscoder modelName (one ()) dModel width
+            | CrossLayerTranscoder -> CoderPlan.crossLayerConfig modelName layers dModel width activation
+        CoderConfig.validate { baseConfig with Activation = activation }
+
     /// Whether a kind name asks for a cross-layer transcoder.
     let private isCrossLayer (name: string) =
         match name.Trim().ToLowerInvariant() with
@@ -68,8 +88,26 @@ module CoderRun =
 
     /// The kind names of a plan, as `withKinds` reads them.
     let kindNames (plan: CoderPlan) : string list =
-        [ for k in plan.Kinds -> k.Name
-          if plan.CrossLayer then "clt" ]
+        [ for k in plan.Kinds do yield k.Name
+          if plan.CrossLayer then yield "clt" ]
+
+    /// The settings of a run from plain values, starting from the defaults (so that fields added later keep theirs;
+    /// the C# facade's way in): kind names as `withKinds` reads them, layers (empty: all), width (None: 16 × d_model),
+    /// the activation by name with k (None: d_model / 4) for a model of width `dModel`, λ, steps, batch, seed,
+    /// learning rate (None: the width's default), the output folder, token shards (None: TinyStories), tokens per
+    /// row (None: min(128, n_ctx)), checkpoint interval, resume, evaluation rows and spliced rows.
+    let settingsOf (kinds: string list) (layers: int list) (width: int option) (activationName: string) (k: int option)
+                   (lambda: float) (steps: int) (batch: int) (seed: int64) (lr: float option) (out: string)
+                   (tokens: string option) (ctx: int option) (checkpointEvery: int) (resume: bool) (evalRows: int64)
+                   (splicedRows: int) (dModel: int) : CoderRunSettings =
+        let plan =
+            { CoderPlan.Default with
+                Layers = layers; Width = width; Activation = Some(activationFor activationName k dModel); Lambda = lambda
+                Steps = steps; Batch = batch; Seed = seed; Lr = lr }
+            |> withKinds kinds
+        { CoderRunSettings.Default with
+            Plan = plan; Out = Some out; Tokens = tokens; Ctx = ctx; CheckpointEvery = checkpointEvery; Resume = resume
+            EvalRows = evalRows; SplicedRows = splicedRows }
 
     /// `coders/<model>-<kinds>`, e.g. `coders/stories260K-transcoder-sae`.
     let defaultOut (modelName: string) (plan: CoderPlan) : string =

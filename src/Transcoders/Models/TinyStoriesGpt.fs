@@ -14,6 +14,8 @@ type Settings =
       Files: string list option
       /// Compact vocabulary size, specials included.
       VocabSize: int
+      /// Where the token shards go; None: `TinyStories.defaultFolder` (under the cache folder, one per vocabulary size).
+      CorpusFolder: string option
       Layers: int
       DModel: int
       Heads: int
@@ -41,7 +43,7 @@ type Settings =
     /// learning rate 2e-3 after 100 warm-up steps; validation every 250 steps, checkpoints every 500; seed 0;
     /// `runs/tinystories-gpt`.
     static member Default =
-        { Files = None; VocabSize = 4096; Layers = 4; DModel = 128; Heads = 4; Ctx = 128; Batch = 16; Steps = 1500
+        { Files = None; VocabSize = 4096; CorpusFolder = None; Layers = 4; DModel = 128; Heads = 4; Ctx = 128; Batch = 16; Steps = 1500
           Lr = 2e-3; Warmup = 100; EvalEvery = 250; CheckpointEvery = 500; Seed = 0L
           Out = Path.Combine("runs", "tinystories-gpt"); Resume = false }
 
@@ -67,10 +69,10 @@ let configs (s: Settings) (vocabSize: int) : TransformerConfig * LmTraining.LmTr
 /// The files of `s` (the shipped ones when none are given).
 let files (s: Settings) : string list = defaultArg s.Files (Corpus.shippedFiles ())
 
-/// The corpus of `s`: train and validation shards in the cache folder (`TinyStories.defaultFolder`), reused when
-/// already made from the same files.
+/// The corpus of `s`: train and validation shards in `CorpusFolder` (default: the cache folder's
+/// `TinyStories.defaultFolder`), reused when already made from the same files.
 let prepare (s: Settings) : TinyStories.Prepared =
-    TinyStories.prepare (files s) (Some s.VocabSize) (TinyStories.defaultFolder (Some s.VocabSize))
+    TinyStories.prepare (files s) (Some s.VocabSize) (defaultArg s.CorpusFolder (TinyStories.defaultFolder (Some s.VocabSize)))
 
 /// A freshly initialised model of `s` for a prepared corpus (seeded by `s.Seed`), and its training settings.
 let create (s: Settings) (corpus: TinyStories.Prepared) (device: TorchSharp.torch.Device) : Transformer * LmTraining.LmTrainConfig =
