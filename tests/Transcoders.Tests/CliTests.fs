@@ -195,15 +195,41 @@ let private script (name: string) (args: string list) =
     Expect.equal code 0 (sprintf "%s: exit code (stdout: %s; stderr: %s)" name out err)
     out
 
+/// A data folder for the quickstart: a small TinyStories file beside links to the shipped models and tokenizers.
+let private quickstartData () =
+    let data = path "qs-data"
+    Directory.CreateDirectory(Path.Combine(data, "tinystories")) |> ignore
+    let texts = Transcoders.Text.Corpus.readAllStories (Transcoders.Text.Corpus.shippedFiles ()) |> Seq.truncate 1500 |> Seq.map (fun s -> s.Text)
+    File.WriteAllText(Path.Combine(data, "tinystories", "stories.txt"), String.Join("\n<|endoftext|>\n", texts))
+    for d in [ "models"; "tokenizers" ] do
+        let link = Path.Combine(data, d)
+        if not (Directory.Exists link) then Directory.CreateSymbolicLink(link, Paths.data d) |> ignore
+    data
+
 let scriptTests =
-    testList "scripts" [
+    testList "scripts and the quickstart" [
+        test "quickstart runs end to end on a small corpus (corpus, GPT, story, transcoders, trace, stories260K)" {
+            let data = quickstartData ()
+            let env = [ "TRANSCODERS_CACHE", path "qs-cache"; "TRANSCODERS_DATA", data ]
+            let args = [ builtAssembly "src/Transcoders.Cli" "Transcoders.Cli.dll"; "quickstart"; "--steps"; "2"; "--coder-steps"; "2"; "--out"; path "qs" ] @ common
+            let code, out, err = runDotnet args (work.Force()) env (TimeSpan.FromMinutes 5.0)
+            Expect.equal code 0 (sprintf "exit code (stdout: %s; stderr: %s)" out err)
+            for section in [ "== 1."; "== 2."; "== 3."; "== 4."; "== 5."; "== 6."; "quickstart finished" ] do
+                Expect.stringContains out section (sprintf "%s in the output" section)
+            exists "qs/model/config.json"
+            exists "qs/coders/transcoder-L0/coder.json"
+            exists "qs/coders/metrics.md"
+            exists "qs/graph.safetensors"
+        }
+
         test "scripts/train-tinystories.fsx trains a GPT for a few steps and tells a story" {
-            let out = script "train-tinystories.fsx" [ "2" ]
+            let out = script "train-tinystories.fsx" [ "2"; stories.Force() ]
             Expect.stringContains out "validation loss" "the loss"
+            Expect.stringContains out "compact(gpt2, 512)" "a compact vocabulary of the given stories"
         }
 
         test "scripts/train-transcoders.fsx trains and evaluates a transcoder and an SAE per layer of stories260K" {
-            let out = script "train-transcoders.fsx" [ stories260K; "2"; "coders"; "512" ]
+            let out = script "train-transcoders.fsx" [ stories260K; "2"; "coders"; "512"; "128" ]
             Expect.stringContains out "| tc-L0 | transcoder |" "the metrics table"
         }
 
