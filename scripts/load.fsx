@@ -5,6 +5,7 @@
 #r "TorchSharp.dll"
 #r "Microsoft.ML.Tokenizers.dll"
 #r "Spectre.Console.dll"
+#r "XPlot.Plotly.dll"
 #r "Transcoders.dll"
 
 Transcoders.Tensors.Device.init ()

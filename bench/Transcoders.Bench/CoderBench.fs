@@ -162,7 +162,8 @@ type Ours(o: Options, width: int, c: Case, device: torch.Device) =
         mark "backward"
         CoderTraining.afterBackward state
         mark "decoder-gradient projection"
-        state.Optimizer.Step 4e-4
+        state.Optimizer.SetLearningRate 4e-4
+        state.Optimizer.Step()
         mark "Adam"
         CoderTraining.afterStep state f (fun _ -> x, y) (fun _ _ -> ()) |> ignore
         mark "renormalise + firing stats"

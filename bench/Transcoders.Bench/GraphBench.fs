@@ -25,9 +25,17 @@ type FixtureConfig =
       DSae: int
       /// TopK's k (0: ReLU).
       K: int
+      /// ReLU only: shift every encoder bias so that about this many features fire per token (calibrated on a
+      /// random prompt through the model); 0 leaves the random coder as it is (about half its features fire).
+      Active: int
       Seed: int64 }
 
-    static member Default = { Layers = 4; DModel = 128; Heads = 4; Context = 256; Vocab = 4096; DSae = 1024; K = 16; Seed = 0L }
+    static member Default = { Layers = 4; DModel = 128; Heads = 4; Context = 256; Vocab = 4096; DSae = 1024; K = 16; Active = 0; Seed = 0L }
+
+    /// GPT-2 small's shape (12 layers, d 768, 12 heads, vocabulary 50,257, context 1,024) with per-layer ReLU
+    /// transcoders of 24,576 features, about 32 active per token and layer; random weights.
+    static member Gpt2Small =
+        { Layers = 12; DModel = 768; Heads = 12; Context = 1024; Vocab = 50257; DSae = 24576; K = 0; Active = 32; Seed = 0L }
 
 /// Benchmark settings.
 type Options =
@@ -50,6 +58,13 @@ type Options =
       CausalCone: bool
       /// Also prune each graph (0.8 of node influence, 0.98 of edge influence), timed separately.
       Prune: bool
+      /// Zero coder activations and errors at position 0 on both sides (GraphConfig.Default's ZeroPositions = [0],
+      /// circuit-tracer's default); false keeps every position.
+      ZeroFirst: bool
+      /// Check, at every length, that both sides' adjacencies and pruned graphs agree (one untimed build each).
+      Agreement: bool
+      /// Also measure the bf16 backward against float32 on our side (error and time, shortest prompt).
+      Bf16: bool
       Python: string
       Script: string
       /// Where the fixture and the Python adjacency go (None: a fresh temporary folder).
@@ -68,6 +83,9 @@ type Options =
           MaxFeatureNodes = GraphConfig.Default.MaxFeatureNodes
           CausalCone = GraphConfig.Default.CausalCone
           Prune = true
+          ZeroFirst = true
+          Agreement = true
+          Bf16 = true
           Python = "/usr/bin/python3"
           Script = "bench/pytorch/graph_build.py"
           WorkDir = None }
@@ -83,8 +101,19 @@ let makeFixture (dir: string) (f: FixtureConfig) : string * string list =
             DModel = f.DModel; NLayers = f.Layers; NHeads = f.Heads; NKvHeads = f.Heads; DMlp = 4 * f.DModel
             NCtx = f.Context; VocabSize = f.Vocab; Dropout = 0.0 }
     let modelDir = Path.Combine(dir, "model")
-    (use m = Transformer.create config device
-     Checkpoint.save modelDir Checkpoint.Metadata.Empty m)
+    use m = Transformer.create config device
+    m.eval ()
+    Checkpoint.save modelDir Checkpoint.Metadata.Empty m
+    // MLP inputs of a random prompt, to calibrate ReLU biases
+    let calibration =
+        if f.K = 0 && f.Active > 0 then
+            use _ = torch.no_grad ()
+            let rng = Random(int f.Seed + 17)
+            let n = min f.Context 128
+            use tokens = torch.tensor(Array.init (4 * n) (fun _ -> int64 (rng.Next f.Vocab))).reshape(4L, int64 n)
+            use run = Transformer.runWithCache m [ for l in 0 .. f.Layers - 1 -> HookNames.mlpIn l ] tokens
+            Some [| for l in 0 .. f.Layers - 1 -> run[HookNames.mlpIn l].reshape(-1L, int64 f.DModel).clone() |]
+        else None
     let coders =
         [ for l in 0 .. f.Layers - 1 ->
             let cfg =
@@ -92,8 +121,22 @@ let makeFixture (dir: string) (f: FixtureConfig) : string * string list =
                     Activation = (if f.K > 0 then TopK f.K else ReLU) }
             let path = Path.Combine(dir, sprintf "transcoder-%d" l)
             use c = Coder.create cfg device
+            match calibration with
+            | Some xs ->
+                // shift b_enc by the (1 − Active/d_sae) quantile of the pre-activations: ~Active features fire per token
+                use _ = torch.no_grad ()
+                use pre = c.PreActivations(xs[l].unsqueeze 0)
+                use flat = pre.reshape(-1L)
+                let keep = int64 f.Active * xs[l].shape[0]
+                let struct (top, topIdx) = flat.topk(int keep)
+                use top = top
+                use topIdx = topIdx
+                let tau = top.min().item<float32> ()
+                c.BEnc.sub_(Scalar.op_Implicit (float tau)) |> ignore
+            | None -> ()
             CoderFile.save path c
             path ]
+    calibration |> Option.iter (Array.iter (fun t -> t.Dispose()))
     modelDir, coders
 
 /// Their side: graph_build.py in server mode, one JSON command per line.
@@ -109,6 +152,7 @@ type Theirs(o: Options, model: string, coders: string list) =
                        // our token nodes are the whole embedding (token + learned position), hook_resid_pre 0
                        "--embed-with-positions" ]
               if o.Prune then yield "--prune"
+              if o.ZeroFirst then yield "--zero-first-position"
               if o.CausalCone then yield "--causal-cone" ],
             RedirectStandardInput = true,
             RedirectStandardOutput = true,
@@ -141,6 +185,8 @@ type Theirs(o: Options, model: string, coders: string list) =
         let r = ask (sprintf """{"cmd": "matmul", "n": %d, "reps": %d}""" n reps)
         [| for s in r.GetProperty("gflops").EnumerateArray() -> s.GetDouble() |]
     member _.Memory() = ask """{"cmd": "memory"}"""
+    /// Resets the child's resident high-water mark (VmHWM).
+    member _.ResetPeak() = ask """{"cmd": "reset_peak"}""" |> ignore
     interface IDisposable with
         member _.Dispose() =
             try
@@ -169,29 +215,35 @@ let powerFit (points: (float * float) list) =
 let private sync (device: torch.Device) =
     if device.``type`` = DeviceType.CUDA then torch.cuda.synchronize device
 
+/// Resident memory (VmRSS) or its high-water mark since the last reset (VmHWM) of this process, in MiB.
+let procStatusMiB (field: string) =
+    File.ReadLines "/proc/self/status"
+    |> Seq.tryFind (fun l -> l.StartsWith(field + ":"))
+    |> Option.map (fun l -> float (l.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) / 1024.0)
+    |> Option.defaultValue nan
+
+/// Resets this process's resident high-water mark (VmHWM) to its current resident size.
+let resetPeak () = try File.WriteAllText("/proc/self/clear_refs", "5") with _ -> ()
+
 /// Our side: the model and coders loaded once; `AttributionGraph.build` per prompt.
 type Ours(o: Options, modelPath: string, coderPaths: string list, device: torch.Device) =
     let model, _ = ModelFiles.load modelPath device
     let coders = coderPaths |> List.map (fun p -> CoderFile.load p device)
     let config maxFeatures =
         { GraphConfig.Default with
-            BatchSize = o.BatchSize; MaxFeatureNodes = maxFeatures; CausalCone = o.CausalCone; MemoryBudgetBytes = None }
+            BatchSize = o.BatchSize; MaxFeatureNodes = maxFeatures; CausalCone = o.CausalCone; MemoryBudgetBytes = None
+            ZeroPositions = (if o.ZeroFirst then [ 0 ] else []) }
     member _.Model = model
+    member _.Coders = coders
+    member _.Config(maxFeatures: int option) = config maxFeatures
     /// Builds the graph once: (seconds, graph).
-    member _.Build(tokens: int[], ?maxFeatures: int option) =
-        let cfg = config (defaultArg maxFeatures o.MaxFeatureNodes)
+    member _.Build(tokens: int[], ?maxFeatures: int option, ?dtype: torch.ScalarType) =
+        let cfg = { config (defaultArg maxFeatures o.MaxFeatureNodes) with BackwardDType = dtype }
         sync device
         let sw = Stopwatch.StartNew()
         let g = AttributionGraph.build model coders tokens cfg
         sync device
         sw.Elapsed.TotalSeconds, g
-    /// Resident memory (MiB) now, then after a full collection (tensors left to finalizers are freed by it).
-    member _.Collect() =
-        let before = workingSetMiB ()
-        GC.Collect()
-        GC.WaitForPendingFinalizers()
-        GC.Collect()
-        before, workingSetMiB ()
     /// Prunes a graph with circuit-tracer's thresholds on the benchmark's device: (seconds, pruned graph).
     member _.Prune(g: Graph) =
         sync device
@@ -210,8 +262,9 @@ let edgeCount (g: Graph) : int64 =
 
 /// How far the PyTorch adjacency (saved by graph_build.py) is from ours: nodes are matched by (layer, position,
 /// feature), error and token nodes by (layer, position), logits by token. Returns (max |Δ| / max |A|, the largest
-/// relative error among entries of at least 1e-3·max |A|, entries compared, and a note on any node mismatch).
-let agreement (g: Graph) (theirsPath: string) =
+/// relative error among entries of at least 1e-3·max |A|, entries compared, whether the pruned graphs keep the same
+/// nodes and edges, and a note on any mismatch).
+let agreement (g: Graph) (pruned: PrunedGraph option) (theirsPath: string) =
     use reader = Transcoders.Files.Safetensors.Reader.Open theirsPath
     use adjT = reader.Tensor("adjacency").to_type(torch.float64)
     use featT = reader.Tensor("features")
@@ -244,7 +297,7 @@ let agreement (g: Graph) (theirsPath: string) =
     if unmatched > 0 then notes.Add(sprintf "%d PyTorch nodes have no counterpart in our graph" unmatched)
     let ours = Graph.toDense g
     let maxAbs = theirs |> Array.fold (fun m v -> max m (abs v)) 0.0
-    let mutable maxDiff, maxRel, compared = 0.0, 0.0, 0
+    let mutable maxDiff, maxRel, compared = 0.0, 0.0, 0L
     for t in 0 .. n - 1 do
         let ot = toOurs[t]
         if ot >= 0 then
@@ -253,10 +306,39 @@ let agreement (g: Graph) (theirsPath: string) =
                 if os >= 0 then
                     let a, b = float ours[ot, os], theirs[t * n + s]
                     let d = abs (a - b)
-                    compared <- compared + 1
+                    compared <- compared + 1L
                     maxDiff <- max maxDiff d
                     if abs b >= 1e-3 * maxAbs then maxRel <- max maxRel (d / abs b)
-    (if maxAbs > 0.0 then maxDiff / maxAbs else 0.0), maxRel, compared, String.concat "; " notes
+    let samePruned =
+        match pruned with
+        | Some pg when reader.Entries |> Seq.exists (fun e -> e.Name = "pruned_nodes") ->
+            use kn = reader.Tensor("pruned_nodes")
+            use ke = reader.Tensor("pruned_edges")
+            let theirNodes = kn.data<int64>().ToArray() |> Array.map (fun i -> toOurs[int i]) |> Set.ofArray
+            let e = ke.data<int64>().ToArray()
+            let theirEdges = Set.ofSeq (seq { for k in 0 .. e.Length / 2 - 1 -> toOurs[int e[2 * k]], toOurs[int e[2 * k + 1]] })
+            let ourNodes = Set.ofArray pg.KeptNodes
+            let ourEdges = pg.Edges |> Array.map (fun x -> x.Target, x.Source) |> Set.ofArray
+            let nodesSame, edgesSame = theirNodes = ourNodes, theirEdges = ourEdges
+            if not nodesSame then notes.Add(sprintf "pruned nodes differ: %d only ours, %d only PyTorch" (Set.difference ourNodes theirNodes).Count (Set.difference theirNodes ourNodes).Count)
+            if not edgesSame then notes.Add(sprintf "pruned edges differ: %d only ours, %d only PyTorch" (Set.difference ourEdges theirEdges).Count (Set.difference theirEdges ourEdges).Count)
+            Some (nodesSame && edgesSame)
+        | _ -> None
+    (if maxAbs > 0.0 then maxDiff / maxAbs else 0.0), maxRel, compared, samePruned, String.concat "; " notes
+
+/// max |a − b| / max |b| over two graphs with the same nodes (ours in two dtypes), and the median relative error of
+/// entries of at least 1e-3·max |b|.
+let dtypeError (a: Graph) (b: Graph) =
+    let da, db = Graph.toDense a, Graph.toDense b
+    let maxAbs = db |> Seq.cast<float32> |> Seq.fold (fun m v -> max m (abs v)) 0.0f |> float
+    let mutable maxDiff = 0.0
+    let rels = ResizeArray<float>()
+    for t in 0 .. Array2D.length1 db - 1 do
+        for s in 0 .. Array2D.length2 db - 1 do
+            let x, y = float da[t, s], float db[t, s]
+            maxDiff <- max maxDiff (abs (x - y))
+            if abs y >= 1e-3 * maxAbs then rels.Add(abs (x - y) / abs y)
+    maxDiff / maxAbs, median rels
 
 /// Runs the comparison and prints the table.
 let run (o: Options) : int =
@@ -274,42 +356,79 @@ let run (o: Options) : int =
         | None ->
             let f = o.Fixture
             printfn "fixture (seed %d): %d layers, d_model %d, %d heads, context %d, vocab %d; transcoders d_sae %d, %s; in %s"
-                f.Seed f.Layers f.DModel f.Heads f.Context f.Vocab f.DSae (if f.K > 0 then sprintf "TopK k=%d" f.K else "ReLU") work
-            makeFixture work f
+                f.Seed f.Layers f.DModel f.Heads f.Context f.Vocab f.DSae
+                (if f.K > 0 then sprintf "TopK k=%d" f.K elif f.Active > 0 then sprintf "ReLU, ~%d active per token (calibrated)" f.Active else "ReLU") work
+            let existing = Path.Combine(work, "model", "config.json")
+            if File.Exists existing then
+                printfn "  (reusing the fixture already in %s)" work
+                Path.Combine(work, "model"), [ for l in 0 .. f.Layers - 1 -> Path.Combine(work, sprintf "transcoder-%d" l) ]
+            else makeFixture work f
     use ours = new Ours(o, modelPath, coderPaths, device)
     let vocab, ctx = ours.Model.Config.VocabSize, ours.Model.Config.NCtx
     match o.Lengths |> List.tryFind (fun n -> n < 1 || n > ctx) with
     | Some n -> failwithf "prompt length %d is outside 1..%d (the model's context)" n ctx
     | None -> ()
     use theirs = new Theirs(o, modelPath, coderPaths)
-    printfn "graph build: batch %d targets per backward pass, feature cap %s, causal cones %b, %s, %d threads; OMP_WAIT_POLICY=%s"
-        o.BatchSize (match o.MaxFeatureNodes with Some n -> string n | None -> "none") o.CausalCone (string device) o.Threads
+    printfn "graph build: batch %d targets per backward pass, feature cap %s, causal cones %b, zeroed position 0 %b, %s, %d threads; OMP_WAIT_POLICY=%s"
+        o.BatchSize (match o.MaxFeatureNodes with Some n -> string n | None -> "none") o.CausalCone o.ZeroFirst (string device) o.Threads
         (Environment.GetEnvironmentVariable "OMP_WAIT_POLICY")
     printfn "PyTorch: %s" (theirs.Info.ToString())
+    let matmulLine =
+        let theirsRate = median (theirs.Matmul(1024, 5))
+        let oursRate =
+            use a = torch.randn(1024L, 1024L, device = device)
+            use b = torch.randn(1024L, 1024L, device = device)
+            (use w = a.matmul(b) in ())
+            median [ for _ in 1 .. 5 ->
+                        sync device
+                        let sw = Stopwatch.StartNew()
+                        use c = a.matmul(b)
+                        sync device
+                        2.0 * 1024.0 ** 3.0 / sw.Elapsed.TotalSeconds / 1e9 ]
+        sprintf "matmul 1024³ fp32 (before the rounds): ours %.1f GFLOP/s, PyTorch %.1f GFLOP/s" oursRate theirsRate
+    printfn "%s" matmulLine
     // agreement on the shortest prompt, every active feature (no influence-ordered cap, so the node sets are equal)
     let shortest = List.min o.Lengths
     let agreementLine =
         let tokens = prompt shortest vocab shortest
-        let path = Path.Combine(work, sprintf "pytorch-adjacency-%d.safetensors" shortest)
+        let path = Path.Combine(work, sprintf "pytorch-adjacency-%d-all.safetensors" shortest)
         let _, g = ours.Build(tokens, None)
         theirs.Build(tokens, 1, Some path, 0) |> ignore
-        let dMax, rel, compared, notes = agreement g path
+        let dMax, rel, compared, _, notes = agreement g None path
+        File.Delete path
         sprintf "agreement (%d tokens, all %d active features, %d entries): max |ours − PyTorch| / max |A| = %s; largest relative error among entries ≥ 1e-3·max |A|: %s%s"
             shortest g.Features.Length compared (dMax.ToString "0.0e+0") (rel.ToString "0.0e+0") (if notes = "" then "" else "; " + notes)
     printfn "%s" agreementLine
+    Console.Out.Flush()
+    let bf16Line =
+        if not o.Bf16 then None
+        else
+            let tokens = prompt shortest vocab shortest
+            let s32, g32 = ours.Build(tokens, None)
+            let s16, g16 = ours.Build(tokens, None, torch.bfloat16)
+            let s32b, _ = ours.Build(tokens, None)
+            let err, med = dtypeError g16 g32
+            Some (sprintf "bf16 backward (%d tokens, all features): max |bf16 − fp32| / max |A| = %s, median relative error of entries ≥ 1e-3·max |A| = %s; build %.3f s vs fp32 %.3f s"
+                    shortest (err.ToString "0.0e+0") (med.ToString "0.0e+0") s16 (min s32 s32b))
+    bf16Line |> Option.iter (printfn "%s")
     let rows = ResizeArray()
     for n in o.Lengths do
         let tokens = prompt n vocab n
         for _ in 1 .. o.Warmup do
             ours.Build tokens |> ignore
-            ours.Collect() |> ignore
             theirs.Build(tokens, 1, None) |> ignore
         let so, st, ratios, po, pt = ResizeArray(), ResizeArray(), ResizeArray(), ResizeArray(), ResizeArray()
         let mutable last = None
         let mutable lastPruned = None
         let mutable info = None
+        GC.Collect()
+        resetPeak ()
+        theirs.ResetPeak()
+        let rssBefore, theirsBefore = procStatusMiB "VmRSS", theirs.Memory().GetProperty("rss_mib").GetDouble()
         for r in 1 .. o.Rounds do
             let runOurs () =
+                last <- None
+                lastPruned <- None
                 let s, g = ours.Build tokens
                 last <- Some g
                 if o.Prune then
@@ -328,11 +447,12 @@ let run (o: Options) : int =
                 else total
             let a, b = if r % 2 = 1 then let a = runOurs () in a, runTheirs () else let b = runTheirs () in runOurs (), b
             so.Add a; st.Add b; ratios.Add(b / a)
-            let before, after = ours.Collect()
-            printfn "  %d tokens, round %d: build ours %.3f s, PyTorch %.3f s, ratio %.2f%s; ours resident %.0f MiB, %.0f MiB after a full GC"
+            printfn "  %d tokens, round %d: build ours %.3f s, PyTorch %.3f s, ratio %.2f%s; ours resident %.0f MiB"
                 n r a b (b / a) (if o.Prune then sprintf "; prune ours %.3f s, PyTorch %.3f s" po[po.Count - 1] pt[pt.Count - 1] else "")
-                before after
+                (procStatusMiB "VmRSS")
             Console.Out.Flush()
+        let peakOurs = procStatusMiB "VmHWM"
+        let peakTheirs = theirs.Memory().GetProperty("peak_rss_mib").GetDouble()
         let g, info = last.Value, info.Value
         let pruned =
             match lastPruned with
@@ -340,28 +460,149 @@ let run (o: Options) : int =
                 Some(pg.KeptNodes.Length, pg.Edges.Length, info.GetProperty("pruned_nodes").GetInt32(),
                      info.GetProperty("pruned_edges").GetInt32(), median po, median pt)
             | None -> None
+        // agreement at this length (one more, untimed build on their side that saves its adjacency)
+        let agree =
+            if not o.Agreement then None
+            else
+                let path = Path.Combine(work, sprintf "pytorch-adjacency-%d.safetensors" n)
+                theirs.Build(tokens, 1, Some path) |> ignore
+                let dMax, rel, _, same, notes = agreement g lastPruned path
+                File.Delete path
+                Some (dMax, rel, same, notes)
         rows.Add((n, g.Stats.ActiveFeatures, g.Features.Length, g.NodeCount, edgeCount g,
-                  info.GetProperty("nodes").GetInt32(), info.GetProperty("edges").GetInt64(), median so, median st, median ratios), pruned)
+                  info.GetProperty("nodes").GetInt32(), info.GetProperty("edges").GetInt64(), median so, median st, median ratios),
+                 pruned, (rssBefore, peakOurs, theirsBefore, peakTheirs), agree)
+        last <- None
+        lastPruned <- None
     printfn ""
     let both (ours: int64) (py: int64) = if ours = py then string ours else sprintf "%d (PyTorch %d)" ours py
-    printfn "| tokens | active features | feature nodes | nodes | edges | build ours (s) | build PyTorch (s) | PyTorch / ours |%s"
+    printfn "| tokens | active features | feature nodes | nodes | edges | build ours (s) | build PyTorch (s) | PyTorch / ours | peak RSS ours (MiB) | peak RSS PyTorch (MiB) |%s%s"
         (if o.Prune then " pruned nodes | pruned edges | prune ours (s) | prune PyTorch (s) |" else "")
-    printfn "|---:|---:|---:|---:|---:|---:|---:|---:|%s" (if o.Prune then "---:|---:|---:|---:|" else "")
-    for (n, active, fnodes, nodes, edges, pyNodes, pyEdges, a, b, r), pruned in rows do
+        (if o.Agreement then " max Δ / max A | same pruned graph |" else "")
+    printfn "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|%s%s" (if o.Prune then "---:|---:|---:|---:|" else "") (if o.Agreement then "---:|---|" else "")
+    for (n, active, fnodes, nodes, edges, pyNodes, pyEdges, a, b, r), pruned, (_, peakO, _, peakT), agree in rows do
         let pruneCells =
             match pruned with
             | Some (kn, ke, pkn, pke, sa, sb) -> sprintf " %s | %s | %.3f | %.3f |" (both kn pkn) (both ke pke) sa sb
             | None -> ""
-        printfn "| %d | %d | %d | %s | %s | %.3f | %.3f | %.2f |%s" n active fnodes (both nodes pyNodes) (both edges pyEdges) a b r pruneCells
+        let agreeCells =
+            match agree with
+            | Some (d, _, same, notes) ->
+                sprintf " %s | %s |" (d.ToString "0.0e+0")
+                    (match same with Some true -> "yes" | Some false -> "no" | None -> "–")
+                + (if notes = "" then "" else " (" + notes + ")")
+            | None -> ""
+        printfn "| %d | %d | %d | %s | %s | %.3f | %.3f | %.2f | %.0f | %.0f |%s%s" n active fnodes (both nodes pyNodes) (both edges pyEdges) a b r peakO peakT pruneCells agreeCells
     printfn ""
     let fit (pick: _ -> float) =
-        powerFit [ for (n, _, _, _, _, _, _, _, _, _), _ as row in rows -> float n, pick row ]
-    let ao, co = fit (fun ((_, _, _, _, _, _, _, a, _, _), _) -> a)
-    let at, ct = fit (fun ((_, _, _, _, _, _, _, _, b, _), _) -> b)
+        powerFit [ for (n, _, _, _, _, _, _, _, _, _), _, _, _ as row in rows -> float n, pick row ]
+    let ao, co = fit (fun ((_, _, _, _, _, _, _, a, _, _), _, _, _) -> a)
+    let at, ct = fit (fun ((_, _, _, _, _, _, _, _, b, _), _, _, _) -> b)
     printfn "scaling of the build, time ≈ c·tokens^α (least squares on log-log over %s tokens): ours α = %.2f (c = %.2e s), PyTorch α = %.2f (c = %.2e s)"
         (o.Lengths |> List.map string |> String.concat ", ") ao co at ct
     printfn "%s" agreementLine
-    let peakTheirs = theirs.Memory().GetProperty("peak_rss_mib").GetDouble()
-    printfn "peak resident memory: ours %.0f MiB, PyTorch %.0f MiB (whole processes, all lengths)" (peakWorkingSetMiB ()) peakTheirs
-    printfn "medians over %d rounds after %d warm-up build(s) per side; ratio column: median of paired rounds" o.Rounds o.Warmup
+    bf16Line |> Option.iter (printfn "%s")
+    printfn "%s" matmulLine
+    for (n, _, _, _, _, _, _, _, _, _), _, (rb, po, tb, pt), _ in rows do
+        printfn "resident memory at %d tokens: ours %.0f MiB before the rounds, peak %.0f MiB; PyTorch %.0f MiB before, peak %.0f MiB; peak ratio ours / PyTorch %.2f"
+            n rb po tb pt (po / pt)
+    let wholeTheirs = theirs.Memory().GetProperty("max_rss_mib").GetDouble()
+    printfn "whole processes: ours peak %.0f MiB, PyTorch peak %.0f MiB" (peakWorkingSetMiB ()) wholeTheirs
+    printfn "medians over %d rounds after %d warm-up build(s) per side; ratio column: median of paired rounds; peaks: VmHWM over that length's rounds (reset before them)" o.Rounds o.Warmup
+    0
+
+/// Memory over repeated builds in one process: resident memory after each of `builds` builds of the same prompt, no
+/// collection forced (tensors left to finalizers would show as growth), and tensors alive on this thread.
+let memory (o: Options) (length: int) (builds: int) : int =
+    let device = Transcoders.Tensors.Device.resolve (Transcoders.Tensors.Device.parse o.Device)
+    torch.set_num_threads o.Threads
+    let work =
+        match o.WorkDir with
+        | Some d -> Directory.CreateDirectory d |> ignore; d
+        | None -> Directory.CreateTempSubdirectory("graph-memory-").FullName
+    let modelPath, coderPaths =
+        match o.Model with
+        | Some m -> m, o.Coders
+        | None ->
+            let existing = Path.Combine(work, "model", "config.json")
+            if File.Exists existing then Path.Combine(work, "model"), [ for l in 0 .. o.Fixture.Layers - 1 -> Path.Combine(work, sprintf "transcoder-%d" l) ]
+            else makeFixture work o.Fixture
+    use ours = new Ours(o, modelPath, coderPaths, device)
+    let tokens = prompt length ours.Model.Config.VocabSize length
+    let live () = TorchSharp.DisposeScopeManager.Statistics.ThreadTotalLiveCount
+    let samples = ResizeArray<float>()
+    let live0 = live ()
+    printfn "graph-memory: %d builds of a %d-token prompt (+ pruning), resident memory after each, no forced collection" builds length
+    for i in 1 .. builds do
+        let s, g = ours.Build tokens
+        let sp, pg = ours.Prune g
+        let rss = procStatusMiB "VmRSS"
+        samples.Add rss
+        printfn "  build %2d: %.2f s (+ prune %.2f s), %d feature nodes, %d kept; resident %.0f MiB, peak %.0f MiB; tensors alive on this thread %+d"
+            i s sp g.Features.Length pg.KeptNodes.Length rss (procStatusMiB "VmHWM") (live () - live0)
+        Console.Out.Flush()
+    let first, lastS = samples[0], samples[samples.Count - 1]
+    let lo, hi = Seq.min samples, Seq.max samples
+    let ok = hi <= first * 1.05 && lo >= first * 0.95
+    printfn "resident memory after build 1: %.0f MiB; after build %d: %.0f MiB (%+.1f%%); range %.0f–%.0f MiB (%+.1f%% / %+.1f%% of build 1) -> %s"
+        first builds lastS (100.0 * (lastS / first - 1.0)) lo hi (100.0 * (lo / first - 1.0)) (100.0 * (hi / first - 1.0)) (if ok then "flat (±5%)" else "NOT flat")
+    printfn "tensors alive on this thread after the builds: %+d against before (0: every tensor disposed)" (live () - live0)
+    if ok then 0 else 1
+
+/// Long prompts, our side only: for each length the memory estimate (printed before the build), the build's time
+/// and peak resident memory, the graph's size, and pruning.
+let long (o: Options) : int =
+    let device = Transcoders.Tensors.Device.resolve (Transcoders.Tensors.Device.parse o.Device)
+    torch.set_num_threads o.Threads
+    let work =
+        match o.WorkDir with
+        | Some d -> Directory.CreateDirectory d |> ignore; d
+        | None -> Directory.CreateTempSubdirectory("graph-long-").FullName
+    let f = o.Fixture
+    let modelPath, coderPaths =
+        match o.Model with
+        | Some m -> m, o.Coders
+        | None ->
+            printfn "fixture (seed %d): %d layers, d_model %d, %d heads, context %d, vocab %d; transcoders d_sae %d, %s; in %s"
+                f.Seed f.Layers f.DModel f.Heads f.Context f.Vocab f.DSae (if f.K > 0 then sprintf "TopK k=%d" f.K else "ReLU") work
+            let existing = Path.Combine(work, "model", "config.json")
+            if File.Exists existing then Path.Combine(work, "model"), [ for l in 0 .. f.Layers - 1 -> Path.Combine(work, sprintf "transcoder-%d" l) ]
+            else makeFixture work f
+    use ours = new Ours(o, modelPath, coderPaths, device)
+    let model, coders = ours.Model, ours.Coders
+    printfn "graph-long: batch %d, feature cap %s, causal cones %b, %d threads" o.BatchSize (match o.MaxFeatureNodes with Some n -> string n | None -> "none") o.CausalCone o.Threads
+    let rows = ResizeArray()
+    for n in o.Lengths do
+        let tokens = prompt n model.Config.VocabSize n
+        GC.Collect()
+        let baseline = procStatusMiB "VmRSS"
+        resetPeak ()
+        let config = ours.Config o.MaxFeatureNodes
+        let sw = Stopwatch.StartNew()
+        use lr = LocalReplacement.create model coders tokens
+        let setup = sw.Elapsed.TotalSeconds
+        let est = AttributionGraph.estimateFor lr config
+        let mib (b: int64) = float b / 1048576.0
+        printfn "  %d tokens: estimate %.0f MiB (clean run and tables %.0f, one batch %.0f, adjacency %.0f) above the %.0f MiB resident before the build"
+            n (mib est.TotalBytes) (mib est.CleanRunBytes) (mib est.BatchBytes) (mib est.AdjacencyBytes) baseline
+        Console.Out.Flush()
+        let g = AttributionGraph.buildFrom lr config
+        let build = sw.Elapsed.TotalSeconds
+        let peakBuild = procStatusMiB "VmHWM"
+        let sp, pg = ours.Prune g
+        let peakAll = procStatusMiB "VmHWM"
+        let used = peakBuild - baseline
+        printfn "  %d tokens: built in %.1f s (clean run %.1f s, ranking %.1f s), %d of %d features, %d edges; pruned in %.1f s to %d nodes, %d edges; peak %.0f MiB (%.0f above the baseline: %.2f of the estimate), with pruning %.0f MiB"
+            n build setup g.Stats.RankingSeconds g.Features.Length g.Stats.ActiveFeatures (edgeCount g) sp pg.KeptNodes.Length pg.Edges.Length
+            peakBuild used (used / mib est.TotalBytes) peakAll
+        Console.Out.Flush()
+        rows.Add((n, g.Stats.ActiveFeatures, g.Features.Length, g.NodeCount, edgeCount g, mib est.TotalBytes, used, build, g.Stats.RankingSeconds, sp, pg.KeptNodes.Length, pg.Edges.Length, peakAll - baseline))
+    printfn ""
+    printfn "| tokens | active features | feature nodes | nodes | edges | estimate (MiB) | build peak above baseline (MiB) | measured / estimate | build (s) | of which ranking (s) | prune (s) | pruned nodes | pruned edges | peak with pruning (MiB) |"
+    printfn "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    for (n, act, fn, nodes, edges, est, used, build, rank, sp, kn, ke, withPrune) in rows do
+        printfn "| %d | %d | %d | %d | %d | %.0f | %.0f | %.2f | %.1f | %.1f | %.1f | %d | %d | %.0f |" n act fn nodes edges est used (used / est) build rank sp kn ke withPrune
+    let ta, _ = powerFit [ for (n, _, _, _, _, _, _, build, _, _, _, _, _) in rows -> float n, build ]
+    let ma, _ = powerFit [ for (n, _, _, _, _, _, used, _, _, _, _, _, _) in rows -> float n, max 1.0 used ]
+    printfn "growth over %s tokens: time ≈ c·tokens^%.2f, build memory ≈ c·tokens^%.2f" (o.Lengths |> List.map string |> String.concat ", ") ta ma
     0

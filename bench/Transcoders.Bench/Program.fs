@@ -12,6 +12,8 @@ let usage =
   coder-memory  resident memory of coder training after N steps vs after the first 200
   coder-profile our coder step split into phases (median ms per phase; --steps steps per case)
   graph         attribution-graph build time vs prompt length, ours vs PyTorch (bench/pytorch/graph_build.py)
+  graph-long    long prompts, our side only: memory estimate, build time and peak memory, pruning (--lengths)
+  graph-memory  resident memory over repeated builds of one prompt (--length N, --builds N)
   graph-fixture DIR   only write the seeded random model + transcoders the graph bench uses into DIR
 coder options (coder, coder-memory):
   --cases LIST        comma-separated relu | topk | groupmax, with +sparse for sparse decoding (relu,topk,topk+sparse)
@@ -38,8 +40,14 @@ options (graph):
   --max-features N    influence-ordered cap on feature nodes (GraphConfig.Default: 7500; 0: all active features)
   --no-causal-cone    every backward pass over the whole prompt and model, as circuit-tracer (both sides)
   --no-prune          skip pruning (default: each graph is also pruned, 0.8/0.98, timed separately)
+  --no-zero           keep position 0 (default: coder activations and errors zeroed there on both sides)
+  --no-agreement      skip the per-length agreement check   --no-bf16   skip the bf16 error line
+  --gpt2-small        fixture of GPT-2 small's shape: 12 layers, d 768, 12 heads, vocab 50,257, context 1,024,
+                      ReLU transcoders of 24,576 features with ~32 active per token (random weights)
+  --length N  --builds N   (graph-memory: prompt length, default 256; builds, default 10)
   --threads N  --device D  --python PATH  --script PATH (bench/pytorch/graph_build.py)  --work DIR
-  fixture: --layers 4 --d-model 128 --heads 4 --context 256 --vocab 4096 --d-sae 1024 --k 16 (0: ReLU) --seed 0"""
+  fixture: --layers 4 --d-model 128 --heads 4 --context 256 --vocab 4096 --d-sae 1024 --k 16 (0: ReLU)
+           --active N (ReLU: calibrate biases to ~N active features per token) --seed 0"""
 
 [<EntryPoint>]
 let main argv =
@@ -98,6 +106,12 @@ let main argv =
             parseGraph { o with Coders = paths } (List.skip paths.Length rest)
         | "--no-prune" :: rest -> parseGraph { o with Prune = false } rest
         | "--no-causal-cone" :: rest -> parseGraph { o with CausalCone = false } rest
+        | "--no-zero" :: rest -> parseGraph { o with ZeroFirst = false } rest
+        | "--no-agreement" :: rest -> parseGraph { o with Agreement = false } rest
+        | "--no-bf16" :: rest -> parseGraph { o with Bf16 = false } rest
+        | "--gpt2-small" :: rest -> parseGraph { o with Fixture = GraphBench.FixtureConfig.Gpt2Small } rest
+        | "--active" :: v :: rest -> parseGraph { o with Fixture.Active = int v } rest
+        | ("--length" | "--builds") :: _ :: rest -> parseGraph o rest
         | "--lengths" :: v :: rest -> parseGraph { o with Lengths = ints v } rest
         | "--rounds" :: v :: rest -> parseGraph { o with Rounds = int v } rest
         | "--warmup" :: v :: rest -> parseGraph { o with Warmup = int v } rest
@@ -134,6 +148,14 @@ let main argv =
         CoderBench.memoryCheck o o.Widths.Head o.Cases.Head (defaultArg steps 5000) 200 250
     | "graph" :: rest ->
         GraphBench.run (parseGraph GraphBench.Options.Default rest)
+    | "graph-long" :: rest ->
+        GraphBench.long (parseGraph { GraphBench.Options.Default with Lengths = [ 64; 256; 1024; 4096 ]; Fixture.Context = 4096 } rest)
+    | "graph-memory" :: rest ->
+        let rec find name dflt = function
+            | n :: v :: _ when n = name -> int v
+            | _ :: tail -> find name dflt tail
+            | [] -> dflt
+        GraphBench.memory (parseGraph GraphBench.Options.Default rest) (find "--length" 256 rest) (find "--builds" 10 rest)
     | "graph-fixture" :: dir :: rest ->
         let o = parseGraph GraphBench.Options.Default rest
         let model, coders = GraphBench.makeFixture dir o.Fixture

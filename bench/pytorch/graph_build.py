@@ -38,9 +38,12 @@ Server mode (the F# benchmark interleaves rounds): --server, then JSON lines on 
           "logits": K, "pruned_nodes": n, "pruned_edges": e}
      `save` writes the adjacency and its node table as safetensors (F32 `adjacency` [N, N] rows = targets,
      I64 `features` [F, 3] (layer, position, feature), I64 `logit_tokens` [K], F32 `logit_probabilities` [K],
-     F32 `activations` [F]).
+     F32 `activations` [F]; with --prune also I64 `pruned_nodes` [n] (kept node ids) and `pruned_edges` [e, 2] (target,
+     source)).
   {"cmd": "matmul", "n": 1024, "reps": R} -> {"gflops": [...]}
-  {"cmd": "memory"} -> {"rss_mib": ..., "peak_rss_mib": ..., "cuda_peak_mib": ...}
+  {"cmd": "memory"} -> {"rss_mib": ..., "peak_rss_mib": (VmHWM, since the last reset_peak), "max_rss_mib": (whole run),
+                       "cuda_peak_mib": ...}
+  {"cmd": "reset_peak"} -> {"rss_mib": ...}  (VmHWM back to the current resident size)
   {"cmd": "quit"}
 """
 import argparse
@@ -488,6 +491,9 @@ class Attribution:
                 for t, dec in c.decoders.items():
                     recon[t] = recon[t] + a @ dec
             errors = [mlp_out[l] - recon[l] for l in range(L)]
+            if self.zero_first_position:  # circuit-tracer zeroes the error vectors there too
+                for err in errors:
+                    err[0] = 0
             cat = lambda xs, shape: torch.cat(xs) if xs else torch.zeros(shape, device=dev)
             feat_layer = cat(feat_layer, (0,)).long(); feat_pos = cat(feat_pos, (0,)).long()
             feat_idx = cat(feat_idx, (0,)).long(); feat_act = cat(feat_act, (0,))
@@ -651,6 +657,8 @@ class Attribution:
 
         result = {"active_features": n_feat, "features": int(max_feat), "errors": n_err, "tokens": T,
                   "logits": n_logits, "nodes": N, "edges": n_edges}
+        graph = {"adjacency": adj, "features": torch.stack([feat_layer[selected], feat_pos[selected], feat_idx[selected]], 1),
+                 "activations": feat_act[selected], "logit_tokens": logit_idx, "logit_probabilities": logit_p}
         if self.prune_graph:
             t5 = time.perf_counter()
             node_mask, edge_mask = prune(adj, logit_p, max_feat, T, self.node_threshold, self.edge_threshold)
@@ -658,21 +666,28 @@ class Attribution:
             result["pruned_edges"] = int(edge_mask.sum().item())
             self.sync()
             phases["prune"] = time.perf_counter() - t5
+            graph["pruned_nodes"] = node_mask.nonzero(as_tuple=True)[0]
+            graph["pruned_edges"] = edge_mask.nonzero()  # [E, 2]: (target, source)
         result["phases"] = phases
-        graph = {"adjacency": adj, "features": torch.stack([feat_layer[selected], feat_pos[selected], feat_idx[selected]], 1),
-                 "activations": feat_act[selected], "logit_tokens": logit_idx, "logit_probabilities": logit_p}
         return result, graph
 
 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def rss_mib():
+def rss_mib(field="VmRSS"):
+    """VmRSS (resident now) or VmHWM (peak since the start or the last reset_peak) in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def reset_peak():
+    """Resets the kernel's resident high-water mark (VmHWM) to the current resident size."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def matmul(device, n, reps):
@@ -718,7 +733,8 @@ def main():
     p.add_argument("--max-n-logits", type=int, default=10)
     p.add_argument("--desired-logit-prob", type=float, default=0.95)
     p.add_argument("--update-interval", type=int, default=4)
-    p.add_argument("--zero-first-position", action="store_true", help="drop features at position 0 (BOS), as circuit-tracer")
+    p.add_argument("--zero-first-position", action="store_true",
+                   help="zero the coder activations and error vectors at position 0 (the attention sink), as circuit-tracer")
     p.add_argument("--embed-with-positions", action="store_true", help="token nodes carry token + position embedding")
     p.add_argument("--causal-cone", action="store_true",
                    help="one forward per batch over its causal cone (positions up to the last target, blocks below the "
@@ -762,8 +778,12 @@ def main():
             elif c == "matmul":
                 out = {"gflops": matmul(device, int(cmd.get("n", 1024)), int(cmd.get("reps", 5)))}
             elif c == "memory":
-                out = {"rss_mib": rss_mib(), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+                out = {"rss_mib": rss_mib(), "peak_rss_mib": rss_mib("VmHWM"),
+                       "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                        "cuda_peak_mib": torch.cuda.max_memory_allocated() / 1048576.0 if device.type == "cuda" else 0.0}
+            elif c == "reset_peak":
+                reset_peak()
+                out = {"rss_mib": rss_mib()}
             elif c == "quit":
                 break
             else:

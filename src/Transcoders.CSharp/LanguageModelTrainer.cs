@@ -55,6 +55,9 @@ public sealed class LanguageModelTrainingOptions
     /// <summary>Checkpoint every this many steps (0: only at the end).</summary>
     public int CheckpointEvery { get; set; } = Defaults.CheckpointEvery;
 
+    /// <summary>A metrics.jsonl record every this many steps.</summary>
+    public int LogEvery { get; set; } = Defaults.LogEvery;
+
     /// <summary>Seed of initialisation and batches.</summary>
     public long Seed { get; set; } = Defaults.Seed;
 
@@ -66,7 +69,7 @@ public sealed class LanguageModelTrainingOptions
 
     internal Recipe.Settings ToCore() => new(
         Files is null ? FSharpOption<FSharpList<string>>.None : FSharpOption<FSharpList<string>>.Some(Interop.List(Files)),
-        VocabSize, CorpusFolder is null ? FSharpOption<string>.None : FSharpOption<string>.Some(CorpusFolder), Layers, DModel, Heads, Ctx, Batch, Steps, LearningRate, Warmup, EvalEvery, CheckpointEvery, Seed,
+        VocabSize, CorpusFolder is null ? FSharpOption<string>.None : FSharpOption<string>.Some(CorpusFolder), Layers, DModel, Heads, Ctx, Batch, Steps, LearningRate, Warmup, EvalEvery, CheckpointEvery, LogEvery, Seed,
         Out ?? throw new ArgumentException("Out must be set", nameof(Out)), Resume);
 }
 
@@ -89,7 +92,9 @@ public static class LanguageModelTrainer
     /// <summary>
     /// Tokenizes TinyStories into a compact vocabulary (cached), creates a GPT-2-style model of the options' shape and
     /// trains it: AdamW, warm-up then cosine decay, gradient clipping, validation loss, checkpoints and exact resume.
-    /// The model is saved with its tokenizer in <c>Out/model</c>. Invalid options fail with a message naming them.
+    /// The model is saved with its tokenizer in <c>Out/model</c>. Invalid options fail with a message naming them; a
+    /// diverged run fails with the step and the checkpoint to use (and writes no final model); a cancelled one returns
+    /// the model after the steps done.
     /// </summary>
     /// <param name="options">The model, corpus and run.</param>
     /// <param name="device">Where to train; null for the CPU.</param>
@@ -105,9 +110,14 @@ public static class LanguageModelTrainer
         {
             var r = Recipe.trainCancellable(cancel, model, corpus, config);
             model.eval();
+            if (r.Run.Outcome is Transcoders.Training.Trainer.Outcome.Diverged d)
+            {
+                var best = FSharpOption<string>.get_IsSome(r.Run.BestCheckpoint) ? $"; the checkpoint to use: {r.Run.BestCheckpoint.Value}" : "";
+                throw new InvalidOperationException($"training diverged at update {d.step}: {d.message}; no final model was written{best}");
+            }
             var result = new LanguageModelTrainingResult(
                 new LanguageModel(model, new TextTokenizer(corpus.Tokenizer), null),
-                r.ModelDir, r.Run.FinalStep, r.Run.Tokens, r.Run.ElapsedSeconds, r.Run.Losses,
+                r.ModelDir.Value, r.Run.FinalStep, r.Run.Tokens, r.Run.ElapsedSeconds, r.Run.Losses,
                 FSharpOption<double>.get_IsSome(r.ValidationLoss) ? r.ValidationLoss.Value : double.NaN, r.Run.MetricsLog,
                 corpus.Folder);
             return result;

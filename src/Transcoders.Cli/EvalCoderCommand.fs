@@ -12,6 +12,9 @@ type Args =
     | [<MainCommand; ExactlyOnce>] Model of path: string
     | [<Mandatory>] Coders of folders: string list
     | Validation_Tokens of int
+    | Activation_Tokens of int64
+    | Activation_Text of string
+    | Train_Offset of int64
     | Tokens of folder: string
     | Ctx of int
     | Batch of int
@@ -23,6 +26,9 @@ type Args =
             | Model _ -> "the model the coders belong to"
             | Coders _ -> "coder folders (or name.safetensors / name.json paths) saved by train-coder or CoderFile.save"
             | Validation_Tokens _ -> "validation tokens to evaluate on (default 16384): as held-out activation rows and as spliced text"
+            | Activation_Tokens _ -> "activation tokens for L0/FVU/dead features, streamed in constant memory (default: --validation-tokens); count dead features over ≥ 1M"
+            | Activation_Text _ -> "where those tokens come from: validation (default; it repeats when shorter) or train (the training stream after --train-offset tokens)"
+            | Train_Offset _ -> "with --activation-text train: skip this many training tokens in the training run's text order (default 1,048,576: past what 600 steps of 1,024 tokens read)"
             | Tokens _ -> "token shards (a folder with train/ and validation/; default: TinyStories in the model's tokenizer)"
             | Ctx _ -> "tokens per text row (default 128, at most the model's context)"
             | Batch _ -> "rows per model pass in the spliced evaluation (default 16)"
@@ -45,13 +51,39 @@ let run (common: Common.Options) (args: ParseResults<Args>) =
                       yield sprintf "coder '%s': %s" n p ]
         if not problems.IsEmpty then failwithf "the coders do not fit the model:\n  %s" (String.Join("\n  ", problems))
         let tokens = args.GetResult(Validation_Tokens, 16384)
-        let store = CoderPlan.store model (args.TryGetResult Ctx) 4096 None 0L device
+        let streamed = args.Contains Activation_Tokens || args.Contains Activation_Text
+        // the training run's text order (train-coder's default seed) so that an offset skips what training read
+        let store = CoderPlan.store model (args.TryGetResult Ctx) 4096 None 42L device
         let eval =
-            { ActivationRows = int64 tokens
+            { ActivationRows = (if streamed then 0L else int64 tokens)
               SplicedRows = max 1 (tokens / store.Ctx)
               SplicedBatch = args.GetResult(Batch, 16)
               Joint = not (args.Contains No_Joint) }
         let evaluated, joint = CoderJobs.evaluate model text store eval (TrainCoderCommand.printProgress sw) coders
+        let evaluated =
+            if not streamed then evaluated
+            else
+                let source =
+                    match args.GetResult(Activation_Text, "validation").ToLowerInvariant() with
+                    | "validation" -> StreamedEval.ValidationText
+                    | "train" -> StreamedEval.TrainTextFrom(args.GetResult(Train_Offset, 1_048_576L) / int64 (store.PassRows * store.Ctx))
+                    | t -> failwithf "--activation-text: '%s' is not validation or train" t
+                let n = args.GetResult(Activation_Tokens, int64 tokens)
+                printfn "[%6.1fs] streaming %d activation tokens (%A) through %d coder(s)" sw.Elapsed.TotalSeconds n source coders.Length
+                let mutable last = 0L
+                let results =
+                    StreamedEval.evaluate model text store { StreamedEval.StreamedEvalConfig.Default with Source = source; Tokens = n }
+                        (fun t -> if t - last >= 262_144L || t >= n then (last <- t; printfn "[%6.1fs] %d tokens" sw.Elapsed.TotalSeconds t))
+                        coders
+                [ for (name, _, spliced), (_, r) in List.zip evaluated results -> name, Some r, spliced ]
+        printfn ""
+        printfn "dead features (never fired over the activation tokens), per layer:"
+        for name, m, _ in evaluated do
+            match m with
+            | Some e ->
+                printfn "  %s: %s over %d tokens (L0 %.2f, FVU %.4f)" name
+                    (String.Join(" ", e.DeadFractionPerLayer |> Array.map (fun v -> v.ToString("F4", Globalization.CultureInfo.InvariantCulture)))) e.Tokens e.L0 e.Fvu
+            | None -> ()
         let results =
             [ for (name, metrics, spliced), (_, c) in List.zip evaluated coders ->
                 { Name = name; Path = ""; Config = c.Config; Train = None; LastLog = None; Metrics = metrics; Spliced = spliced } ]
@@ -64,6 +96,7 @@ let run (common: Common.Options) (args: ParseResults<Args>) =
         match args.TryGetResult Out with
         | Some out ->
             CoderJobs.writeMetrics out results joint
+            for r in results do SaeLensMetrics.write (Path.Combine(out, r.Name)) (SaeLensMetrics.ofResults r.Metrics r.Spliced)
             printfn "metrics written to %s" out
         | None -> ()
         printfn "(%s)" (Output.seconds sw.Elapsed)

@@ -78,6 +78,9 @@ let intervene (model: Transformer) (tokenizer: Tokenizer) (coders: Coder list) (
     | _ -> ()
 
 let run (common: Common.Options) (args: ParseResults<Args>) =
+    match args.TryGetResult Generate with
+    | Some n when n < 0 -> invalidArg "generate" (sprintf "--generate takes a number of tokens (0 or more), got %d" n)
+    | _ -> ()
     let modelPath = args.GetResult Model
     let device = Common.device common
     let model, tokenizer, tokens = PromptTokens.load modelPath (args.GetResult Prompt) device

@@ -14,6 +14,11 @@ type Command =
     | [<CliPrefix(CliPrefix.None)>] Sweep of ParseResults<SweepCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Trace of ParseResults<TraceCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Intervene of ParseResults<InterveneCommand.Args>
+    | [<CliPrefix(CliPrefix.None)>] Dashboard of ParseResults<DashboardCommand.Args>
+    | [<CliPrefix(CliPrefix.None)>] Plot of ParseResults<PlotCommand.Args>
+    | [<CliPrefix(CliPrefix.None)>] Graph_Page of ParseResults<GraphPageCommand.Args>
+    | [<CliPrefix(CliPrefix.None)>] Export of ParseResults<ExportCommand.ExportArgs>
+    | [<CliPrefix(CliPrefix.None)>] Import of ParseResults<ExportCommand.ImportArgs>
     // The options every command shares (see Common.fs): declared once here, accepted after any command.
     | [<Inherit>] Device of string
     | [<Inherit>] Threads of int
@@ -30,6 +35,11 @@ type Command =
             | Sweep _ -> "sweep coder kind, layer, width and sparsity; write the L0-vs-CE comparison"
             | Trace _ -> "attribution graph of a prediction (pruned, scored, saved) and the paper's computational paths"
             | Intervene _ -> "set, scale or ablate features: next-token changes (free and constrained), graph prediction, generation"
+            | Dashboard _ -> "feature pages (top examples, quantiles, histogram, logit effects, de-embeddings, your texts) and an index"
+            | Plot _ -> "a page of charts: training curves, L0 frontiers, prompt heatmaps, correlations, PCA/t-SNE, importance"
+            | Graph_Page _ -> "the interactive page of a saved attribution graph"
+            | Export _ -> "graph → circuit-tracer / Neuronpedia graph JSON (+ feature files); coder → SAELens layout"
+            | Import _ -> "circuit-tracer graph JSON → graph file; SAELens folder → coder"
             | Device _ -> Common.deviceUsage
             | Threads _ -> Common.threadsUsage
 
@@ -78,6 +88,11 @@ let run (argv: string[]) : int =
             | Some(Sweep a) -> SweepCommand.run common a
             | Some(Trace a) -> TraceCommand.run common a
             | Some(Intervene a) -> InterveneCommand.run common a
+            | Some(Dashboard a) -> DashboardCommand.run common a
+            | Some(Plot a) -> PlotCommand.run common a
+            | Some(Graph_Page a) -> GraphPageCommand.run a
+            | Some(Export a) -> ExportCommand.export a
+            | Some(Import a) -> ExportCommand.import a
             | Some(Device _ | Threads _) | None ->
                 eprintfn "error: no command given (see 'transcoders --help')"
                 1

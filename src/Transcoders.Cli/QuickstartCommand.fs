@@ -63,10 +63,17 @@ let run (common: Common.Options) (args: ParseResults<Args>) =
     use cancel = new CancellationTokenSource(budget)
     let result = TinyStoriesGpt.trainCancellable cancel.Token model prepared config
     TrainLmCommand.printResult result
+    let modelDir =
+        match result.Run.Outcome, result.ModelDir with
+        | Transcoders.Training.Trainer.Diverged (_, message), _ ->
+            eprintfn "%s" message
+            exit 2
+        | _, Some dir -> dir
+        | _, None -> failwith "no model was saved"
     match result.ValidationLoss with
     | Some v -> printfn "validation loss: %.4f nats/token (perplexity %.1f) on the TinyStories V1 validation head" v (exp v)
     | None -> ()
-    printfn "model saved to %s" result.ModelDir
+    printfn "model saved to %s" modelDir
 
     section "3. A story from the trained model (temperature 0.8, top-k 40)"
     // stories are separated by [BEGIN] in the shards, so a story ends where the model starts the next one
@@ -80,19 +87,19 @@ let run (common: Common.Options) (args: ParseResults<Args>) =
 
     section "4. Transcoders on every layer of the trained GPT (TopK, k = 16, 1,024 features; one activation stream)"
     let codersDir = Path.Combine(out, "coders")
-    TrainCoderCommand.train result.ModelDir
+    TrainCoderCommand.train modelDir
         { CoderRunSettings.Default with
             Plan = { CoderPlan.Default with Steps = args.GetResult(Coder_Steps, 600); Width = Some 1024; Activation = Some(TopK 16) }
             Out = Some codersDir; Resume = false; CheckpointEvery = 0; EvalRows = 8192L; SplicedRows = 64 }
-        device |> ignore
+        id None device |> ignore
 
     section "5. Tracing a prediction: attribution graph and computational paths through the transcoders"
     let prompt = "Once upon a time, there was a little girl named Lily. She"
-    let traced, tokenizer, tokens = PromptTokens.load result.ModelDir prompt device
+    let traced, tokenizer, tokens = PromptTokens.load modelDir prompt device
     use _traced = traced
     let coders = CoderFolders.load [ codersDir ] device
     try
-        TraceCommand.trace result.ModelDir traced tokenizer coders tokens None None Transcoders.Circuits.GraphConfig.Default
+        TraceCommand.trace modelDir traced tokenizer coders tokens None None Transcoders.Circuits.GraphConfig.Default
             { Transcoders.Circuits.PruneConfig.Default with Device = device } Transcoders.Circuits.PathSearchOptions.Default 5
             (Path.Combine(out, "graph.safetensors")) |> ignore
     finally
@@ -105,5 +112,18 @@ let run (common: Common.Options) (args: ParseResults<Args>) =
     use _small = small
     let g = Generation.generate small { Generation.GenerateOptions.Greedy with MaxNewTokens = 100 } [| Llama2cTokenizer.Bos |]
     printfn "%s" (Tokenizer.decode tok g.Tokens)
-    printfn "\nquickstart finished in %s" (Output.seconds total.Elapsed)
+
+    section "7. Pages: features, the attribution graph, plots, circuit-tracer's graph JSON (self-contained, offline)"
+    let pagesModel, pagesTokenizer, _ = PromptTokens.load modelDir prompt device
+    use _pagesModel = pagesModel
+    let pageCoders = CoderFolders.load [ codersDir ] device
+    let logs = [ yield! Directory.GetFiles(out, "metrics.jsonl", SearchOption.AllDirectories) |> Array.truncate 1 |> Array.map (fun p -> "GPT training", p)
+                 yield! Directory.GetFiles(codersDir, "log.jsonl", SearchOption.AllDirectories) |> Array.sort |> Array.truncate 1 |> Array.map (fun p -> "transcoder training", p) ]
+    let report =
+        try Transcoders.Views.Interpretability.writeAll pagesModel pagesTokenizer pageCoders
+                { Transcoders.Views.ReportOptions.Create(Path.Combine(out, "pages"), prompt) with
+                    Stories = 200; Device = device; Scan = "quickstart-gpt"; TrainingLogs = List.ofSeq logs } (printfn "%s")
+        finally for c in pageCoders do (c :> IDisposable).Dispose()
+    printfn "\nquickstart finished in %s; pages written (open them in a browser, they work offline):" (Output.seconds total.Elapsed)
+    for p in report.All do printfn "  %s" (Path.GetFullPath p)
     0

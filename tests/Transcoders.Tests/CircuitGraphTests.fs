@@ -47,7 +47,7 @@ let private promptOf (seed: int) (c: TransformerConfig) (length: int) =
     let rng = Random(seed + 77)
     Array.init (max 1 (min c.NCtx length)) (fun _ -> rng.Next c.VocabSize)
 
-let private fullConfig = { GraphConfig.Default with MaxFeatureNodes = None; BatchSize = 3; MemoryBudgetBytes = None }
+let private fullConfig = { GraphConfig.Default with MaxFeatureNodes = None; BatchSize = 3; MemoryBudgetBytes = None; ZeroPositions = [] }
 
 let private throwsWith<'e when 'e :> exn> (f: unit -> unit) (parts: string list) (what: string) =
     let e = Expect.throwsC f id
@@ -204,6 +204,156 @@ let edgeTests =
                 let probs = g.Logits |> Array.sumBy (fun l -> l.Probability)
                 Expect.isTrue (probs >= 0.95 || g.Logits.Length = 10) "logits up to 95% probability or 10"
                 Expect.isTrue (g.Logits.Length <= 10) "at most 10 logits"
+            finally disposeAll coders
+        }
+    ]
+
+/// Edges of two graphs over the same prompt matched by node identity (features by layer, position and feature,
+/// errors, tokens and logits by place): max |a − b| over edges of either, and the nodes only one of them has.
+let private compareGraphs (a: Graph) (b: Graph) =
+    let key (g: Graph) (id: int) =
+        match Graph.node g id with
+        | GraphNode.Feature f -> sprintf "f%d.%d.%d" f.Layer f.Position f.Feature
+        | GraphNode.Error (l, p) -> sprintf "e%d.%d" l p
+        | GraphNode.Token (p, _) -> sprintf "t%d" p
+        | GraphNode.Logit l -> sprintf "l%d" l.Token
+    let edgesOf (g: Graph) = Graph.edges g |> Seq.map (fun (t, s, w) -> (key g t, key g s), float w) |> dict
+    let nodesOf (g: Graph) = Set.ofSeq (seq { for i in 0 .. g.NodeCount - 1 -> key g i })
+    let ea, eb = edgesOf a, edgesOf b
+    let diff =
+        Seq.append ea.Keys eb.Keys |> Seq.distinct
+        |> Seq.map (fun k -> abs ((match ea.TryGetValue k with | true, v -> v | _ -> 0.0) - (match eb.TryGetValue k with | true, v -> v | _ -> 0.0)))
+        |> Seq.fold max 0.0
+    let scale = Seq.append ea.Values eb.Values |> Seq.map abs |> Seq.fold max 0.0
+    diff, scale, Set.difference (nodesOf a) (nodesOf b), Set.difference (nodesOf b) (nodesOf a)
+
+let engineTests =
+    testList "explicit engine" [
+        testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 40 } "= the autograd engine on random models, prompts, batches, zeroed positions, cones and caps (float64: ≤ 1e-6 of the largest edge; float32: ≤ 1e-4)"
+        <| fun (seed: int) (kindIndex: uint8) (clt: bool) (f64: bool) (batch: byte) (zero: byte) (cone: bool) (capped: bool) ->
+            use scope = torch.NewDisposeScope()
+            use m = model seed (kindOf kindIndex) f64
+            let coders = mlpCoders seed m.Config clt
+            try
+                let tokens = promptOf seed m.Config (1 + (seed &&& 0xffff) % 12)
+                use lr = LocalReplacement.create m coders tokens
+                let zeros = [ for p in 0 .. tokens.Length - 1 do if (int zero >>> (p % 8)) &&& 1 = 1 then yield p ] |> List.truncate 3
+                let cap = if capped && lr.Active.Count > 2 then Some (max 1 (lr.Active.Count / 2)) else None
+                let config =
+                    { fullConfig with BatchSize = 1 + int batch % 7; ZeroPositions = zeros; CausalCone = cone
+                                      MaxFeatureNodes = cap; UpdateInterval = 1 }
+                let fast = AttributionGraph.buildFrom lr config
+                let slow = AttributionGraph.buildFrom lr { config with Engine = GraphEngine.Autograd }
+                let diff, scale, onlyFast, onlySlow = compareGraphs fast slow
+                Expect.isEmpty onlyFast (sprintf "nodes only the explicit engine has: %A" onlyFast)
+                Expect.isEmpty onlySlow (sprintf "nodes only the autograd engine has: %A" onlySlow)
+                let tol = if f64 then 1e-6 else 1e-4
+                Expect.isLessThanOrEqual diff (tol * max scale 1e-12) (sprintf "edges differ by %g (largest edge %g)" diff scale)
+                Expect.equal (fast.Features |> Array.map (fun f -> f.Layer, f.Position, f.Feature)) (slow.Features |> Array.map (fun f -> f.Layer, f.Position, f.Feature)) "same feature nodes in the same order"
+            finally disposeAll coders
+
+        testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 15 } "zeroed positions: no feature nodes there, their error nodes have no edges, every other edge unchanged"
+        <| fun (seed: int) (kindIndex: uint8) (clt: bool) (zero: byte) ->
+            use scope = torch.NewDisposeScope()
+            use m = model seed (kindOf kindIndex) true
+            let coders = mlpCoders seed m.Config clt
+            try
+                let tokens = promptOf seed m.Config (2 + (seed &&& 0xffff) % 8)
+                use lr = LocalReplacement.create m coders tokens
+                let zeros = 0 :: [ for p in 1 .. tokens.Length - 1 do if (int zero >>> (p % 8)) &&& 1 = 1 then yield p ]
+                let all = AttributionGraph.buildFrom lr fullConfig
+                let zeroed = AttributionGraph.buildFrom lr { fullConfig with ZeroPositions = zeros }
+                for f in zeroed.Features do
+                    Expect.isFalse (List.contains f.Position zeros) (sprintf "feature at zeroed position %d" f.Position)
+                Expect.equal zeroed.Features.Length (all.Features |> Array.filter (fun f -> not (List.contains f.Position zeros)) |> Array.length) "every other feature stays"
+                for t, s, w in Graph.edges zeroed do
+                    match Graph.node zeroed s with
+                    | GraphNode.Error (_, p) when List.contains p zeros -> failtestf "error node at zeroed position %d has an edge (%g)" p w
+                    | _ -> ()
+                // every edge between nodes both graphs have is the same
+                let index = Graph.featureIndex all
+                let toAll (id: int) =
+                    match Graph.node zeroed id with
+                    | GraphNode.Feature f -> index[(f.Layer, f.Position, f.Feature)]
+                    | GraphNode.Error (l, p) -> Graph.errorNode all l p
+                    | GraphNode.Token (p, _) -> Graph.tokenNode all p
+                    | GraphNode.Logit _ -> all.LogitStart + (id - zeroed.LogitStart)
+                for t, s, w in Graph.edges zeroed do
+                    let e = Graph.edge all (toAll t) (toAll s)
+                    if abs (float (w - e)) > 1e-6 * max 1.0 (abs (float e)) then failtestf "edge %s → %s: %g zeroed, %g not" (Graph.label zeroed s) (Graph.label zeroed t) w e
+            finally disposeAll coders
+
+        testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 10 } "prompts built in a batch = each built alone (zeroed position 0 by default)"
+        <| fun (seed: int) (kindIndex: uint8) (clt: bool) (count: byte) ->
+            use scope = torch.NewDisposeScope()
+            use m = model seed (kindOf kindIndex) false
+            let coders = mlpCoders seed m.Config clt
+            try
+                let prompts = Array.init (2 + int count % 3) (fun i -> promptOf (seed + 31 * i) m.Config (1 + (seed + 7 * i &&& 0xffff) % 10))
+                let config = { fullConfig with ZeroPositions = GraphConfig.Default.ZeroPositions }
+                let many = AttributionGraph.buildMany m coders prompts config
+                Expect.equal many.Length prompts.Length "one graph per prompt"
+                for i in 0 .. prompts.Length - 1 do
+                    let alone = AttributionGraph.build m coders prompts[i] config
+                    Expect.equal many[i].Tokens prompts[i] "the graph's prompt"
+                    Expect.isTrue (many[i].Features |> Array.forall (fun f -> f.Position <> 0)) "no features at position 0"
+                    let diff, scale, onlyMany, onlyAlone = compareGraphs many[i] alone
+                    Expect.isEmpty onlyMany (sprintf "prompt %d: nodes only in the batch: %A" i onlyMany)
+                    Expect.isEmpty onlyAlone (sprintf "prompt %d: nodes only alone: %A" i onlyAlone)
+                    Expect.isLessThanOrEqual diff (1e-5 * max scale 1e-12) (sprintf "prompt %d: edges differ by %g (largest %g)" i diff scale)
+            finally disposeAll coders
+
+        test "bf16 backward: same nodes, edges within 5e-2 of the largest (measured ~1e-2 and below on random models)" {
+            use scope = torch.NewDisposeScope()
+            use m = model 12 GptLike false
+            let coders = mlpCoders 12 m.Config false
+            try
+                let tokens = promptOf 12 m.Config 10
+                use lr = LocalReplacement.create m coders tokens
+                let g32 = AttributionGraph.buildFrom lr fullConfig
+                let g16 = AttributionGraph.buildFrom lr { fullConfig with BackwardDType = Some torch.bfloat16 }
+                let diff, scale, a, b = compareGraphs g16 g32
+                Expect.isEmpty a "same nodes"
+                Expect.isEmpty b "same nodes"
+                Expect.isGreaterThan diff 0.0 "bf16 does change the weights"
+                Expect.isLessThanOrEqual diff (5e-2 * scale) (sprintf "bf16 error %g of the largest edge" (diff / scale))
+            finally disposeAll coders
+        }
+
+        test "BatchSize 0 chooses the largest batch whose estimate fits the budget; the edges do not depend on it" {
+            use scope = torch.NewDisposeScope()
+            use m = model 13 LlamaLike false
+            let coders = mlpCoders 13 m.Config true
+            try
+                let tokens = promptOf 13 m.Config 12
+                use lr = LocalReplacement.create m coders tokens
+                let at b = (AttributionGraph.estimateFor lr { fullConfig with BatchSize = b }).TotalBytes
+                let budget = (at 5 + at 6) / 2L
+                let config = { fullConfig with BatchSize = 0; MemoryBudgetBytes = Some budget }
+                let g = AttributionGraph.buildFrom lr config
+                Expect.equal g.Settings.BatchSize 5 "the largest batch within the budget"
+                Expect.equal (AttributionGraph.estimateFor lr config).TotalBytes (at 5) "estimateFor uses the chosen batch"
+                let fixedBatch = AttributionGraph.buildFrom lr { fullConfig with BatchSize = 2 }
+                let diff, scale, _, _ = compareGraphs g fixedBatch
+                Expect.isLessThanOrEqual diff (1e-5 * scale) "same edges"
+                Expect.throwsT<ArgumentException> (fun () -> AttributionGraph.buildFrom lr { fullConfig with BatchSize = 0; MemoryBudgetBytes = None } |> ignore) "BatchSize 0 needs a budget"
+            finally disposeAll coders
+        }
+
+        test "a build leaves no tensor alive (nothing left to finalizers)" {
+            use m = model 14 GptLike false
+            let coders = mlpCoders 14 m.Config true
+            try
+                let tokens = promptOf 14 m.Config 9
+                use lr = LocalReplacement.create m coders tokens
+                let live () = DisposeScopeManager.Statistics.ThreadTotalLiveCount
+                let before = live ()
+                for config in [ fullConfig; { fullConfig with MaxFeatureNodes = Some 3; UpdateInterval = 1; ZeroPositions = [ 0 ] }
+                                { fullConfig with BackwardDType = Some torch.bfloat16 } ] do
+                    let g = AttributionGraph.buildFrom lr config
+                    Pruning.prune PruneConfig.Default g |> ignore
+                    Pruning.scores g torch.CPU |> ignore
+                    Expect.equal (live ()) before (sprintf "tensors alive after building and pruning (%A, cap %A)" config.BackwardDType config.MaxFeatureNodes)
             finally disposeAll coders
         }
     ]
@@ -371,6 +521,20 @@ let fileTests =
                 use asFloat = (snd (tensors |> List.find (fun (n, _) -> n = "adjacency.targets"))).to_type(torch.float32)
                 write meta (withTensor "adjacency.targets" asFloat)
                 throwsWith<GraphFileError> (fun () -> GraphFile.load path |> ignore) [ "adjacency.targets"; "dtype" ] "wrong dtype"
+                // block sizes whose sums or products overflow int64: a clear error, not a bare OverflowException
+                let blocks = (snd (tensors |> List.find (fun (n, _) -> n = "adjacency.block_targets"))).shape.[0]
+                for sizes in [ Array.init (int blocks) (fun i -> if i = 0 then Int64.MaxValue else 1L); Array.create (int blocks) (1L <<< 62)
+                               Array.init (int blocks) (fun i -> if i = 0 then 1L <<< 40 else 0L) ] do
+                    use huge = torch.tensor(sizes)
+                    for name in [ "adjacency.block_targets"; "adjacency.block_sources" ] do
+                        write meta (withTensor name huge)
+                        throwsWith<GraphFileError> (fun () -> GraphFile.load path |> ignore) [ path; name; "more than the" ] (sprintf "%s = %A" name sizes)
+                // prompt tokens are ids: never negative
+                write (meta.Add("graph", meta["graph"].Replace(sprintf "\"tokens\":[%d," g.Tokens[0], "\"tokens\":[-3,"))) tensors
+                throwsWith<GraphFileError> (fun () -> GraphFile.load path |> ignore) [ path; "tokens[0]"; "negative token id -3" ] "negative token"
+                // scores and description of the wrong kind are refused, not dropped
+                write (meta.Add("graph", meta["graph"].Replace("\"description\":{}", "\"description\":5"))) tensors
+                throwsWith<GraphFileError> (fun () -> GraphFile.load path |> ignore) [ path; "description must be an object" ] "description"
                 for _, t in tensors do t.Dispose()
                 throwsWith<GraphFileError> (fun () -> GraphFile.load (path + ".missing") |> ignore) [ "no such file" ] "missing file"
             finally
@@ -457,6 +621,7 @@ let tests =
     testList "Circuit graphs" [
         localReplacementTests
         edgeTests
+        engineTests
         pruningTests
         memoryTests
         fileTests

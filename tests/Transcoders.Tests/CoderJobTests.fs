@@ -217,6 +217,40 @@ let private runTests =
             expectJobError [ "checkpoint of another run"; "text_seed" ] (fun () -> CoderJobs.run (model.Force()) (text.Force()) jobs changed ignore |> ignore)
         }
 
+        test "coder runs keep several checkpoints; a damaged newest one is skipped, named, and the run resumes exactly" {
+            use straight = new TempDir()
+            use broken = new TempDir()
+            let jobs = tinyJobs 12
+            let noEval (d: string) = { tinyRun d with Eval = { JobEval.Default with ActivationRows = 0L; SplicedRows = 0 }; CheckpointEvery = 3 }
+            CoderJobs.run (model.Force()) (text.Force()) jobs (noEval straight.Path) ignore |> ignore
+            let crash = function
+                | Trained(11, _, _, _) -> failwith "simulated crash"
+                | _ -> ()
+            Expect.throws (fun () -> CoderJobs.run (model.Force()) (text.Force()) jobs (noEval broken.Path) crash |> ignore) "the run stops at step 11"
+            let root = Path.Combine(broken.Path, "checkpoint")
+            Expect.equal (Transcoders.Training.Checkpointing.list root |> List.map fst) [ 3; 6; 9 ] "the newest three checkpoints are kept"
+            let damaged = Path.Combine(root, "step_000009", "buffer.safetensors")
+            let bytes = File.ReadAllBytes damaged
+            bytes[bytes.Length - 5] <- bytes[bytes.Length - 5] ^^^ 0x01uy
+            File.WriteAllBytes(damaged, bytes)
+            let messages = Collections.Generic.List<string>()
+            let r = CoderJobs.run (model.Force()) (text.Force()) jobs (noEval broken.Path) (function Preparing m -> messages.Add m | _ -> ())
+            Expect.equal r.ResumedFrom (Some 6) "resumed from the newest intact checkpoint"
+            let skipped = messages |> Seq.filter (fun m -> m.Contains "skipped checkpoint") |> List.ofSeq
+            Expect.equal skipped.Length 1 "one checkpoint skipped"
+            Expect.stringContains skipped.Head "step_000009" "names it"
+            Expect.stringContains skipped.Head "buffer.safetensors" "names the damaged file"
+            Expect.stringContains skipped.Head "SHA-256" "says what is wrong"
+            for j in jobs do
+                let bytes (root: string) name = File.ReadAllBytes(Path.Combine(root, j.Name, name))
+                Expect.equal (bytes broken.Path "coder.safetensors") (bytes straight.Path "coder.safetensors") (sprintf "%s: the same weights" j.Name)
+                Expect.equal (bytes broken.Path "log.jsonl") (bytes straight.Path "log.jsonl") (sprintf "%s: the same log" j.Name)
+            // nothing intact: an error naming the checkpoint folder
+            for (_, d) in Transcoders.Training.Checkpointing.list root do File.Delete(Path.Combine(d, "manifest.json"))
+            expectJobError [ "no intact checkpoint"; "checkpoint" ] (fun () ->
+                CoderJobs.run (model.Force()) (text.Force()) jobs (noEval broken.Path) ignore |> ignore)
+        }
+
         test "a diverging coder stops the run and keeps the last good checkpoint" {
             use dir = new TempDir()
             let jobs = tinyJobs 12 |> List.map (fun j -> if j.Name = "sae1" then { j with Train = { j.Train with Lr = 1e30 } } else j)
@@ -269,7 +303,7 @@ let private frontierTests =
                 let metrics : EvalResult =
                     { Tokens = 1L; L0 = float ((l0 % 7 + 7) % 7); L0PerLayer = [||]; Mse = 0.0; MsePerLayer = [||]; NormalizedMse = 0.0
                       Fvu = float ((fvu % 5 + 5) % 5); FvuPerLayer = [||]; VarianceExplained = 0.0; CosineSimilarity = 0.0; DeadFraction = 0.0
-                      DenseFraction = 0.0; Frequencies = [||]; Histogram = { Edges = [||]; Counts = [||]; Dead = 0 } }
+                      L1 = 0.0; L2Ratio = 0.0; DeadFractionPerLayer = [||]; DenseFraction = 0.0; Frequencies = [||]; Histogram = { Edges = [||]; Counts = [||]; Dead = 0 } }
                 let spliced : SplicedEval.SplicedMetrics =
                     { Tokens = 1L; Predictions = 1L; CeClean = 0.0; CeSpliced = float ((ce % 5 + 5) % 5); CeAblated = 9.0
                       CeRecovered = 0.0; CeDelta = 0.0; KlToClean = 0.0; KlAblated = 0.0; KlRecovered = 0.0; Top1Agreement = 0.0

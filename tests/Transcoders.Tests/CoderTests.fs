@@ -170,11 +170,6 @@ let configTests =
 /// Runs `f` with torch limited to `n` intra-op threads (restored afterwards). The planted-dictionary runs are
 /// thousands of tiny kernels, where a second thread only adds synchronisation, and on a busy machine OpenMP's
 /// spinning barriers make them several times slower; their tests run sequenced, so no other test sees the change.
-let withThreads (n: int) (f: unit -> 'a) =
-    let before = torch.get_num_threads ()
-    torch.set_num_threads n
-    try f () finally torch.set_num_threads before
-
 let lossTests =
     testList "losses" [
         testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 15 } "each loss term equals its formula computed element by element" <| fun (seed: int) ->
@@ -414,14 +409,15 @@ let deadFeatureTests =
             use c = Coder.create (CoderConfig.transcoder "m" 0 d dSae) dev
             randomise c 9L
             DecoderConstraint.renormalise c
-            use opt = new CoderAdam(c.NamedParameters, 0.9, 0.999, 1e-8)
+            use opt = CoderOptimizer.create c.NamedParameters 0.9 0.999 1e-8
             use stats = new FiringStats(1, dSae, dev)
             // fill the moments
             let x = torch.randn([| 1L; 64L; int64 d |])
             let y = torch.randn([| 1L; 64L; int64 d |])
             let p = c.PassNormalised x
             (Losses.mse p.Prediction y).backward()
-            opt.Step 1e-3
+            opt.SetLearningRate 1e-3
+            opt.Step()
             use dead = torch.zeros([| 1L; int64 dSae |], dtype = torch.ScalarType.Bool)
             dead[0, 2] <- torch.tensor(true)
             dead[0, 7] <- torch.tensor(true)
@@ -541,6 +537,39 @@ let fileTests =
             use back = CoderFile.load (dir.File "ours") dev
             expectClose 1e-5 (back.Forward x) expected "and through our format"
         }
+        test "a paper checkpoint records whether its decoder rows have unit norm, and keeps that through our format" {
+            torch.manual_seed 14L |> ignore
+            use dir = new TempDir()
+            let dIn, dSae, dOut = 6, 10, 5
+            let wEnc, bEnc, bDec, bDecOut = torch.randn(int64 dIn, int64 dSae), torch.randn(int64 dSae), torch.randn(int64 dIn), torch.randn(int64 dOut)
+            let free = torch.randn(int64 dSae, int64 dOut) * 3.0
+            let unit = free / free.square().sum(1L, true).sqrt()
+            for wDec, expected in [ free, Free; unit, UnitNorm ] do
+                let path = dir.File "paper.safetensors"
+                Transcoders.Files.Safetensors.save path Map.empty [ "W_enc", wEnc; "b_enc", bEnc; "W_dec", wDec; "b_dec", bDec; "b_dec_out", bDecOut ]
+                use c = CoderFile.importPaper path "gpt2" 8 dev
+                Expect.equal c.Config.Decoder expected (sprintf "decoder norms recorded as %A" expected)
+                CoderFile.save (dir.File "ours") c
+                use back = CoderFile.load (dir.File "ours") dev
+                Expect.equal back.Config.Decoder expected "and saved as such"
+                use x = torch.randn(4L, int64 dIn)
+                expectClose 1e-5 (back.Forward x) (c.Forward x) "same predictions"
+        }
+        test "non-finite coder weights are refused with the file and key named, unless allowed" {
+            use dir = new TempDir()
+            use c = Coder.create (CoderConfig.transcoder "m" 0 4 6) dev
+            CoderFile.save (dir.File "tc") c
+            let st = dir.File "tc/coder.safetensors"
+            let all = Transcoders.Files.Safetensors.load st dev
+            let meta = (use r = Transcoders.Files.Safetensors.Reader.Open st in r.Metadata)
+            Transcoders.Files.Safetensors.save st meta (all |> List.map (fun (n, t) -> if n = "W_dec" then (let u = t.clone() in u.[2L, 1L] <- torch.tensor(infinity, dtype = torch.float32); n, u) else n, t))
+            let e = Expect.throwsC (fun () -> CoderFile.load (dir.File "tc") dev |> ignore) id
+            Expect.isTrue (e :? CoderFile.CoderFileError) (sprintf "a CoderFileError, got %s" (e.GetType().Name))
+            for fragment in [ st; "'W_dec'"; "non-finite" ] do Expect.stringContains e.Message fragment fragment
+            use allowed = CoderFile.loadWith { Transcoders.Models.LoadOptions.AllowNonFinite = true } (dir.File "tc") dev
+            Expect.isTrue (allowed.StateDict() |> List.exists (fun (_, t) -> not (t.isfinite().all().item<bool> ()))) "allowed: loaded as stored"
+            for _, t in all do t.Dispose()
+        }
         test "files of another format are rejected with the file and key named" {
             use dir = new TempDir()
             let cfg = CoderConfig.transcoder "m" 0 4 6
@@ -609,23 +638,6 @@ let evalTests =
             Expect.equal h.Dead 1 "never fired"
         }
     ]
-
-/// Sparse non-negative codes over `nTrue` features, ~`active` per sample, magnitudes in [0.5, 1.5].
-let sparseCodes (gen: torch.Generator) (b: int) (nTrue: int) (active: float) =
-    let mask = torch.rand([| int64 b; int64 nTrue |], generator = gen).lt(sc (active / float nTrue))
-    let mags = torch.rand([| int64 b; int64 nTrue |], generator = gen).add(sc 0.5)
-    mags * mask
-
-let unitRows (gen: torch.Generator) (n: int) (d: int) =
-    let r = torch.randn([| int64 n; int64 d |], generator = gen)
-    r / r.norm(1, true)
-
-/// Mean over true directions of the best cosine with any learned row.
-let recovery (truth: torch.Tensor) (learned: torch.Tensor) =
-    use _ = torch.no_grad ()
-    let l = learned / learned.norm(1, true).clamp_min(sc 1e-12)
-    let cos = truth.matmul(l.t())
-    cos.amax([| 1L |]).mean().item<float32> () |> float
 
 let plantedTests =
     testSequenced <| testList "training runs" [
@@ -724,19 +736,57 @@ let trainingTests =
             use state = CoderTraining.init tc c
             for i in 0 .. 2 do let x, y = batch i in CoderTraining.step state x y |> ignore
             let coderState = c.StateDict()
-            let optStep, optState = state.Optimizer.StateDict()
+            let optState = state.Optimizer.StateTensors() |> List.map (fun (n, t) -> n, t.clone()) |> Map.ofList
             let since, counts, window, total = state.Stats.StateDict()
             for i in 3 .. 5 do let x, y = batch i in CoderTraining.step state x y |> ignore
             use c2 = Coder.create cfg dev
             c2.LoadStateDict coderState
             use state2 = CoderTraining.init tc c2
-            state2.Optimizer.LoadStateDict(optStep, optState)
+            state2.Optimizer.LoadState optState.TryFind
             state2.Stats.LoadStateDict(since, counts, window, total)
             state2.Step <- 3
             for i in 3 .. 5 do let x, y = batch i in CoderTraining.step state2 x y |> ignore
             for (n, p), (_, p2) in List.zip c.NamedParameters c2.NamedParameters do
                 Expect.equal (values p2) (values p) (sprintf "parameter %s identical after resuming" n)
             Expect.equal (values state2.Stats.TokensSinceFired) (values state.Stats.TokensSinceFired) "firing statistics identical"
+        }
+        test "a run with resampling resumes exactly: the resampling draws depend on (seed, step), not on the generator's history" {
+            let cfg = { CoderConfig.transcoder "m" 0 6 32 with Activation = TopK 1 }
+            let tc = { TrainConfig.Paper with
+                         Steps = 10; Loss = LossConfig.TopK 2; DeadAfterTokens = 24L; Seed = 5L
+                         Resampling = Some { ResampleConfig.Default with EverySteps = 5; Batches = 2 } }
+            let batch (i: int) =
+                use g = new torch.Generator(uint64 (2000 + i))
+                torch.randn([| 8L; 6L |], generator = g), torch.randn([| 8L; 6L |], generator = g)
+            let train (state: TrainState) (steps: int seq) =
+                [ for i in steps do let x, y = batch i in yield (CoderTraining.stepWith state batch x y).Resampled ]
+            Transcoders.Tensors.Device.seed 3L
+            use c = Coder.create cfg dev
+            let initial = c.StateDict()
+            use state = CoderTraining.init tc c
+            let resampledStraight = train state [ 0 .. 9 ]
+            Expect.isGreaterThan resampledStraight[9] 0 "features were resampled at step 9, after the interruption"
+            // the same run, interrupted after step 6 (after one resampling, before the next) and continued in a fresh
+            // state from copies of the state dicts, with the random generators disturbed in between
+            Transcoders.Tensors.Device.seed 3L
+            use c1 = Coder.create cfg dev
+            c1.LoadStateDict initial
+            use first = CoderTraining.init tc c1
+            train first [ 0 .. 6 ] |> ignore
+            let coderState = c1.StateDict()
+            let optState = first.Optimizer.StateTensors() |> List.map (fun (n, t) -> n, t.clone()) |> Map.ofList
+            let since, counts, window, total = first.Stats.StateDict()
+            Transcoders.Tensors.Device.seed 12345L
+            torch.randn(100L) |> ignore
+            use c2 = Coder.create cfg dev
+            c2.LoadStateDict coderState
+            use second = CoderTraining.init tc c2
+            second.Optimizer.LoadState optState.TryFind
+            second.Stats.LoadStateDict(since, counts, window, total)
+            second.Step <- 7
+            train second [ 7 .. 9 ] |> ignore
+            for (n, p), (_, p2) in List.zip c.NamedParameters c2.NamedParameters do
+                Expect.equal (values p2) (values p) (sprintf "parameter %s identical after resuming" n)
         }
         test "a NaN loss stops training with a clear error" {
             let cfg = CoderConfig.transcoder "m" 0 4 8

@@ -200,6 +200,31 @@ module Fixtures =
               "W_dec_0", p("fc_out.weight").t().unsqueeze(1)
               "b_dec", p("fc_out.bias").unsqueeze(0) ]
 
+    // ---- threads and planted dictionaries
+
+    /// Runs `f` with torch using `n` CPU threads, then restores the count.
+    let withThreads (n: int) (f: unit -> 'a) =
+        let before = torch.get_num_threads ()
+        torch.set_num_threads n
+        try f () finally torch.set_num_threads before
+
+    /// Sparse non-negative codes over `nTrue` features, ~`active` per sample, magnitudes in [0.5, 1.5].
+    let sparseCodes (gen: torch.Generator) (b: int) (nTrue: int) (active: float) =
+        let mask = torch.rand([| int64 b; int64 nTrue |], generator = gen).lt(sc (active / float nTrue))
+        let mags = torch.rand([| int64 b; int64 nTrue |], generator = gen).add(sc 0.5)
+        mags * mask
+
+    let unitRows (gen: torch.Generator) (n: int) (d: int) =
+        let r = torch.randn([| int64 n; int64 d |], generator = gen)
+        r / r.norm(1, true)
+
+    /// Mean over true directions of the best cosine with any learned row.
+    let recovery (truth: torch.Tensor) (learned: torch.Tensor) =
+        use _ = torch.no_grad ()
+        let l = learned / learned.norm(1, true).clamp_min(sc 1e-12)
+        let cos = truth.matmul(l.t())
+        cos.amax([| 1L |]).mean().item<float32> () |> float
+
     // ---- child processes
 
     /// The `dotnet` host running the tests (DOTNET_HOST_PATH when set).

@@ -9,6 +9,7 @@ let all =
         ElfTests.tests
         TorchTests.tests
         SafetensorsTests.tests
+        SafetensorsTests.pathsTests
         TokenizerTests.tests
         CorpusTests.tests
         BatchesTests.tests
@@ -24,11 +25,15 @@ let all =
         CircuitPathTests.tests
         CircuitStoriesTests.tests
         CoderJobTests.tests
+        CoderQualityTests.tests
         FacadeTests.tests
         FacadeCircuitTests.tests
         SharedCoreTests.tests
         CliTests.tests
         TrainingTests.tests
+        KillTests.tests
+        FuzzTests.tests
+        ViewsTests.tests
     ]
 
 [<EntryPoint>]

@@ -250,5 +250,136 @@ let inspectionTests =
             throwsCheckpoint (fun () -> ModelFiles.detect empty.Path) [ "config.json" ]
     ]
 
+/// Rewrites a safetensors file with `edit` applied to its (name, tensor) list; the metadata is kept.
+let private rewrite (path: string) (edit: (string * torch.Tensor) list -> (string * torch.Tensor) list) =
+    let metadata = (use r = Safetensors.Reader.Open path in r.Metadata)
+    let all = Safetensors.load path cpu
+    try Safetensors.save path metadata (edit all)
+    finally for _, t in all do t.Dispose()
+
+/// Replaces the dtype string of one tensor in a safetensors header (same length, so the bytes stay in place).
+let private relabel (path: string) (name: string) (from: string) (into: string) =
+    let bytes = File.ReadAllBytes path
+    let n = int (BitConverter.ToUInt64(bytes, 0))
+    let header = Text.Encoding.UTF8.GetString(bytes, 8, n)
+    let key = sprintf "\"%s\":{\"dtype\":\"%s\"" name from
+    let at = header.IndexOf key
+    Expect.isGreaterThanOrEqual at 0 (sprintf "%s found in the header" key)
+    let edited = header.Substring(0, at) + sprintf "\"%s\":{\"dtype\":\"%s\"" name into + header.Substring(at + key.Length)
+    File.WriteAllBytes(path, Array.concat [ bytes.[.. 7]; Text.Encoding.UTF8.GetBytes edited; bytes.[8 + n ..] ])
+
+let loadingCheckTests =
+    testList "checks before loading" [
+        testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 30 } "parameterShapes lists the model's parameters and parameterCount counts them, without building it"
+        <| fun (seed: int) (kindIndex: uint8) ->
+            let c = randomConfig seed kinds.[int kindIndex % 3]
+            use m = Transformer.create c cpu
+            let built = Transformer.parameters m |> List.map (fun (n, p) -> n, List.ofArray p.shape)
+            let computed = TransformerConfig.parameterShapes c |> List.map (fun (n, s) -> n, List.ofArray s)
+            Expect.equal computed built "names, shapes and order"
+            Expect.equal (computed |> List.sumBy (fun (_, s) -> List.fold (*) 1L s)) (TransformerConfig.parameterCount c) "parameterCount"
+
+        testCase "a GPT-2 bias longer or shorter than the config says is refused by name, before any native call" <| fun () ->
+            for delta in [ 1L; -1L; 64L ] do
+                use dir = new TempDir()
+                copyFolder (fixture "hf-gpt2-tiny") dir.Path
+                let weights = dir.File "model.safetensors"
+                rewrite weights (List.map (fun (n, t) ->
+                    if n = "transformer.h.1.attn.c_attn.bias" then n, (if delta > 0L then torch.cat([| t; torch.ones(delta) |], 0L) else t.narrow(0L, 0L, t.shape.[0] + delta))
+                    else n, t))
+                throwsCheckpoint (fun () -> HuggingFace.load dir.Path cpu)
+                    [ weights; "'transformer.h.1.attn.c_attn.bias'"; sprintf "has shape [%d]" (192L + delta); "expects [192]"; dir.File "config.json" ]
+
+        testCase "a config asking for millions of positions, tokens or layers fails on the headers at once" <| fun () ->
+            use dir = new TempDir()
+            copyFolder (fixture "hf-gpt2-tiny") dir.Path
+            let config = dir.File "config.json"
+            let original = File.ReadAllText config
+            let cases =
+                [ "n_positions", 10_000_000, [ "'transformer.wpe.weight'"; "[64, 64]"; "expects [10000000, 64]" ]
+                  "n_positions", Int32.MaxValue, [ "'transformer.wpe.weight'"; sprintf "expects [%d, 64]" Int32.MaxValue ]
+                  "vocab_size", 100_000_000, [ "'transformer.wte.weight'"; "[512, 64]"; "expects [100000000, 64]" ]
+                  "n_layer", 1_000_000, [ "asks for 1000000 layers"; "weights hold only" ]
+                  "n_inner", 1 <<< 30, [ "'transformer.h.0.mlp.c_fc.weight'"; sprintf "expects [64, %d]" (1 <<< 30) ] ]
+            for field, value, fragments in cases do
+                File.WriteAllText(config, original)
+                editJson config (fun o -> o.[field] <- JsonValue.Create value)
+                throwsCheckpoint (fun () -> HuggingFace.load dir.Path cpu) (config :: fragments)
+            // our format: a learned n_ctx far beyond pos_embed, a rotary n_ctx far beyond the weights
+            let c = { randomConfig 8 GptLike with Biases = Biases.All }
+            use m = randomModel 8 c
+            use own = new TempDir()
+            Checkpoint.save own.Path Checkpoint.Metadata.Empty m
+            editJson (own.File "config.json") (fun o -> o.["config"].AsObject().["n_ctx"] <- JsonValue.Create 50_000_000)
+            throwsCheckpoint (fun () -> Checkpoint.load own.Path cpu) [ Checkpoint.weightsPath own.Path; "'pos_embed.weight'"; "expects [50000000, " ]
+            use llama = new TempDir()
+            copyFolder (fixture "hf-llama-tiny") llama.Path
+            editJson (llama.File "config.json") (fun o -> o.["max_position_embeddings"] <- JsonValue.Create 100_000_000)
+            throwsCheckpoint (fun () -> HuggingFace.load llama.Path cpu) [ llama.File "config.json"; "max_position_embeddings 100000000"; "rotary tables" ]
+            editJson (llama.File "config.json") (fun o -> o.["max_position_embeddings"] <- JsonValue.Create 4096)
+            use ok = HuggingFace.load llama.Path cpu
+            Expect.equal ok.Config.NCtx 4096 "a plausible context length still loads"
+
+        testCase "integer and boolean dtypes cannot hold a weight; F64 and F16 are converted" <| fun () ->
+            let c = randomConfig 9 GptLike
+            use m = randomModel 9 c
+            use dir = new TempDir()
+            Checkpoint.save dir.Path Checkpoint.Metadata.Empty m
+            let weights = Checkpoint.weightsPath dir.Path
+            let original = File.ReadAllBytes weights
+            for dtype, name in [ torch.int32, "I32"; torch.uint8, "U8"; torch.ScalarType.Bool, "BOOL"; torch.int64, "I64" ] do
+                File.WriteAllBytes(weights, original)
+                rewrite weights (List.map (fun (n, t) -> if n = "ln_final.weight" then n, t.to_type dtype else n, t))
+                throwsCheckpoint (fun () -> Checkpoint.load dir.Path cpu) [ weights; "'ln_final.weight'"; sprintf "stored as %s" name; "floating-point" ]
+            // the same F32 bytes relabelled I32 (no conversion at all): refused, not reinterpreted
+            File.WriteAllBytes(weights, original)
+            relabel weights "ln_final.weight" "F32" "I32"
+            throwsCheckpoint (fun () -> Checkpoint.load dir.Path cpu) [ weights; "'ln_final.weight'"; "stored as I32" ]
+            // wider and narrower floats load (F64 exactly)
+            File.WriteAllBytes(weights, original)
+            rewrite weights (List.map (fun (n, t) -> n, t.to_type torch.float64))
+            use wide = fst (Checkpoint.load dir.Path cpu)
+            for (n, a), (_, b) in List.zip (Transformer.parameters m) (Transformer.parameters wide) do
+                Expect.isTrue (identical a b) (sprintf "%s identical through F64" n)
+            File.WriteAllBytes(weights, original)
+            rewrite weights (List.map (fun (n, t) -> n, t.to_type torch.float16))
+            use half = fst (Checkpoint.load dir.Path cpu)
+            Expect.isLessThan (maxDiff (m.get_parameter "embed.weight") (half.get_parameter "embed.weight")) 0.01 "F16 converted"
+
+        testCase "non-finite weights are refused with the file and tensor named, unless allowed" <| fun () ->
+            let c = randomConfig 10 LlamaLike
+            use m = randomModel 10 c
+            use dir = new TempDir()
+            Checkpoint.save dir.Path Checkpoint.Metadata.Empty m
+            let weights = Checkpoint.weightsPath dir.Path
+            for bad in [ nan; infinity; -infinity ] do
+                rewrite weights (List.map (fun (n, t) ->
+                    if n = "blocks.0.attn.k.weight" then (let u = t.clone() in u.view(-1L).[1L] <- torch.tensor(bad, dtype = torch.float32); n, u) else n, t))
+                throwsCheckpoint (fun () -> Checkpoint.load dir.Path cpu) [ weights; "'blocks.0.attn.k.weight'"; "1 non-finite value"; "AllowNonFinite" ]
+                throwsCheckpoint (fun () -> ModelFiles.load dir.Path cpu) [ weights; "'blocks.0.attn.k.weight'" ]
+                use allowed = fst (Checkpoint.loadWith { AllowNonFinite = true } dir.Path cpu)
+                let k = allowed.get_parameter "blocks.0.attn.k.weight"
+                Expect.isFalse (k.view(-1L).[1L].isfinite().item<bool> ()) "allowed: the value as stored"
+            // Hugging Face names the file's tensor
+            use hf = new TempDir()
+            copyFolder (fixture "hf-gpt2-tiny") hf.Path
+            rewrite (hf.File "model.safetensors") (List.map (fun (n, t) ->
+                if n = "transformer.wte.weight" then (let u = t.clone() in u.[3L, 5L] <- torch.tensor(nan, dtype = torch.float32); n, u) else n, t))
+            throwsCheckpoint (fun () -> HuggingFace.load hf.Path cpu) [ hf.File "model.safetensors"; "'transformer.wte.weight'"; "non-finite" ]
+            use allowedHf = HuggingFace.loadWith { AllowNonFinite = true } hf.Path cpu
+            Expect.isTrue ((allowedHf.get_parameter "embed.weight").[3L, 5L].isnan().item<bool> ()) "loaded as stored"
+
+        testCase "a tied model whose file holds a different lm_head is refused" <| fun () ->
+            use dir = new TempDir()
+            copyFolder (fixture "hf-llama-tiny") dir.Path
+            editJson (dir.File "config.json") (fun o -> o.["tie_word_embeddings"] <- JsonValue.Create true)
+            throwsCheckpoint (fun () -> HuggingFace.load dir.Path cpu) [ dir.File "model.safetensors"; "'lm_head.weight' differs from 'model.embed_tokens.weight'"; "tie_word_embeddings" ]
+            rewrite (dir.File "model.safetensors") (fun all ->
+                let embed = all |> List.find (fst >> (=) "model.embed_tokens.weight") |> snd
+                all |> List.map (fun (n, t) -> if n = "lm_head.weight" then n, embed.clone() else n, t))
+            use tied = HuggingFace.load dir.Path cpu
+            Expect.isTrue tied.Config.TiedUnembed "the same matrix: tied"
+    ]
+
 let tests =
-    testList "Model files" [ ownFormatTests; huggingFaceTests; llama2cTests; inspectionTests ]
+    testList "Model files" [ ownFormatTests; huggingFaceTests; llama2cTests; inspectionTests; loadingCheckTests ]

@@ -528,3 +528,22 @@ let tests =
             Expect.throwsT<ObjectDisposedException> (fun () -> r.Tensor "t" |> ignore) "a disposed reader refuses reads"
         }
     ]
+
+/// Where the shipped data is found (`Paths`), from hosts outside the checkout too.
+let pathsTests =
+    testList "data folder" [
+        test "found beside the library when neither the host's folder nor the current one leads to it (dotnet fsi elsewhere)" {
+            use host = new TempDir() // stands for dotnet fsi's own folder and a current folder outside the checkout
+            use lib = new TempDir() // stands for the library's build folder
+            Directory.CreateDirectory(Path.Combine(lib.Path, "data")) |> ignore
+            Expect.equal (Paths.locateData host.Path (Some lib.Path) host.Path) (Some(Path.Combine(lib.Path, "data"))) "beside the library"
+            Expect.equal (Paths.locateData host.Path None host.Path) None "nowhere to be found"
+            Directory.CreateDirectory(Path.Combine(host.Path, "data")) |> ignore
+            Expect.equal (Paths.locateData host.Path (Some lib.Path) host.Path) (Some(Path.Combine(host.Path, "data"))) "beside the host first, as before"
+            let libDir = (Paths.libraryDir ()).Value
+            Expect.isTrue (File.Exists(Path.Combine(libDir, "Transcoders.dll"))) "libraryDir is the folder of Transcoders.dll"
+            Expect.isTrue (Directory.Exists(Path.Combine(libDir, "data"))) "the build copies data/ beside the library"
+            use elsewhere = new TempDir()
+            Expect.equal (Paths.locateData elsewhere.Path (Some libDir) elsewhere.Path) (Some(Path.Combine(libDir, "data"))) "found from outside the checkout"
+        }
+    ]

@@ -136,8 +136,23 @@ let private gpt2Tests =
                 Gpt2Tokenizer.decode g ids = Encoding.UTF8.GetString(Gpt2Tokenizer.decodeBytes g ids))
         test "a lone surrogate is encoded as U+FFFD (text a file can hold never has one)" {
             let g = Gpt2Tokenizer.get ()
-            for s, replaced in [ "x\uD800y", "x\uFFFDy"; "\uDC00", "\uFFFD"; "ab\uD83D", "ab\uFFFD" ] do
-                Expect.sequenceEqual (Gpt2Tokenizer.encode g s) (Gpt2Tokenizer.encode g replaced) (sprintf "%A" s)
+            // Built at run time: the F# compiler turns a surrogate escape in a string literal into U+FFFD already.
+            let text (parts: obj list) =
+                String.Concat [ for p in parts -> match p with :? int as c -> string (char c) | p -> string p ]
+            let cases =
+                [ text [ "x"; 0xD800; "y" ], "x\uFFFDy"; text [ 0xDC00 ], "\uFFFD"; text [ "ab"; 0xD83D ], "ab\uFFFD"
+                  text [ 0xDE00; 0xD83D ], "\uFFFD\uFFFD"                          // a low then a high: two lone ones
+                  text [ "a"; 0xD83D; 0xDE00; 0xDC00; " b" ], "a\U0001F600\uFFFD b" ] // a pair kept, the extra low replaced
+            for s, replaced in cases do
+                Expect.isTrue (s |> Seq.exists Char.IsSurrogate) (sprintf "%A really holds a surrogate" s)
+                Expect.equal (Gpt2Tokenizer.replaceLoneSurrogates s) replaced "replaced as tiktoken does"
+                let ids = Gpt2Tokenizer.encode g s
+                Expect.sequenceEqual ids (Gpt2Tokenizer.encode g replaced) (sprintf "%A" s)
+                Expect.sequenceEqual (Gpt2Tokenizer.decodeBytes g ids) (Encoding.UTF8.GetBytes replaced) "the bytes of U+FFFD, EF BF BD"
+            // tiktoken encodes "x\ud800y" as the text "x\ufffdy": bytes x, EF BF BD, y
+            let lone = Gpt2Tokenizer.encode g (text [ "x"; 0xD800; "y" ])
+            Expect.sequenceEqual (Gpt2Tokenizer.decodeBytes g lone) [| 0x78uy; 0xEFuy; 0xBFuy; 0xBDuy; 0x79uy |] "x EF BF BD y"
+            Expect.sequenceEqual (Gpt2Tokenizer.encodeAllowingSpecial g (text [ 0xD800; "<|endoftext|>"; 0xDFFF ])) (Gpt2Tokenizer.encodeAllowingSpecial g "\uFFFD<|endoftext|>\uFFFD") "around a special token"
         }
         test "ids outside the vocabulary are refused by name" {
             let g = Gpt2Tokenizer.get ()

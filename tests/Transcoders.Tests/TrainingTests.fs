@@ -130,6 +130,19 @@ let scheduleTests =
             Expect.isNonEmpty (problems (Constant -1.0)) "negative lr"
             Expect.isNonEmpty (problems (WarmupLinearDecay(1.0, 0, 10, 1.5))) "ratio > 1"
         }
+        test "warmup-fraction-decay (the coders' schedule): warmup times a linear decay over the last fraction" {
+            let s = WarmupFractionDecay(2.0, 10, 100, 0.2, 0.0)
+            Expect.floatClose Accuracy.veryHigh (lrAt s 0) 0.2 "first warmup step"
+            Expect.floatClose Accuracy.veryHigh (lrAt s 9) 2.0 "end of warm-up"
+            Expect.floatClose Accuracy.veryHigh (lrAt s 79) 2.0 "constant until 80% of the run"
+            Expect.floatClose Accuracy.veryHigh (lrAt s 90) 1.0 "half-way through the decay"
+            Expect.floatClose Accuracy.veryHigh (lrAt s 100) 0.0 "floor at total"
+            let overlap = WarmupFractionDecay(1.0, 50, 10, 0.5, 0.5)
+            Expect.floatClose Accuracy.veryHigh (lrAt overlap 7) (8.0 / 50.0 * (1.0 - 0.5 * 0.4)) "warmup past the decay's start: the factors multiply"
+            validate overlap
+            Expect.equal (Schedule.ofJson (Schedule.toJson s)) s "JSON round trip"
+            Expect.isNonEmpty (problems (WarmupFractionDecay(1.0, 5, 10, 1.5, 0.0))) "fraction > 1"
+        }
         testProperty "rates stay in [0, peak], at least peak·minRatio after warmup; warmup rises, decay falls" <| fun (seed: int) ->
             let rng = Random seed
             let total = rng.Next(1, 400)
@@ -297,6 +310,38 @@ let loopTests =
             Expect.equal (List.map fst logB) [ 2; 4; 5; 6; 8; 10 ] "the resumed log keeps the first half's records (its end at 5) and continues"
             for (step, values) in logB do
                 if step <> 5 && step <> 6 then Expect.equal values logA[step] (sprintf "record %d as in the straight run" step)
+        }
+
+        test "a run that crashes and resumes writes the metrics log an uninterrupted run writes (wall-clock fields aside)" {
+            // records every 4 updates, checkpoints every 3: the checkpoints at 3, 6 and 9 fall inside a window, so the
+            // resumed run's next record must average updates from before the crash too
+            use dirA = new TempDir()
+            use dirB = new TempDir()
+            let cfg (d: string) = { config d 12 with LogEvery = 4; CheckpointEvery = 3; EvalEvery = 0 }
+            use a = new TinyProblem(3L)
+            let ra = Trainer.run (cfg dirA.Path) a.Objective
+            use b = new TinyProblem(3L)
+            let crashing = { b.Objective with Loss = fun i -> (if i = 7 then failwith "simulated crash"); b.Loss i }
+            Expect.throws (fun () -> Trainer.run (cfg dirB.Path) crashing |> ignore) "the run crashes in update 8"
+            Expect.equal (Metrics.read (Trainer.metricsPath dirB.Path) |> List.map (fun r -> r.Step)) [ 4 ] "logged up to the crash"
+            use b2 = new TinyProblem(77L)
+            let rb = Trainer.run (cfg dirB.Path) b2.Objective
+            Expect.equal rb.StartStep 6 "resumed from the checkpoint at 6, inside the window 4..8"
+            let strip (r: Metrics.Record) = { r with TokensPerSecond = 0.0; ElapsedSeconds = 0.0 }
+            let la = Metrics.read ra.MetricsLog |> List.map strip
+            let lb = Metrics.read rb.MetricsLog |> List.map strip
+            Expect.equal (lb |> List.map (fun r -> r.Step)) [ 4; 8; 12 ] "the records of the uninterrupted run"
+            for (x, y) in List.zip la lb do
+                Expect.equal (BitConverter.DoubleToInt64Bits y.Loss) (BitConverter.DoubleToInt64Bits x.Loss)
+                    (sprintf "record %d: the mean loss over the same 4 updates, bit for bit" x.Step)
+                Expect.equal y x (sprintf "record %d: every field as in the uninterrupted run" x.Step)
+            let withoutTime (l: string) =
+                let o = Nodes.JsonNode.Parse(l).AsObject()
+                o.Remove "tokens_per_s" |> ignore
+                o.Remove "elapsed_s" |> ignore
+                o.ToJsonString()
+            Expect.sequenceEqual (readLines rb.MetricsLog |> Array.map withoutTime) (readLines ra.MetricsLog |> Array.map withoutTime)
+                "the log's lines are byte for byte the same without throughput and elapsed time"
         }
 
         test "a NaN loss stops cleanly and keeps the last good checkpoint" {
@@ -472,6 +517,122 @@ let checkpointTests =
             File.WriteAllText(Path.Combine(root, Checkpointing.LatestFile), "step_000042")
             let e5 = throwsWith<Checkpointing.CheckpointError> (fun () -> Checkpointing.tryLatest root |> ignore)
             Expect.stringContains e5.Message "step_000042" "names the missing folder"
+        }
+
+        test "every checkpoint file's size and SHA-256 are in a manifest written last; damage is reported by file" {
+            use dir = new TempDir()
+            use prob = new TinyProblem(13L)
+            Trainer.run { config dir.Path 5 with CheckpointEvery = 0 } prob.Objective |> ignore
+            let ck = (Checkpointing.tryLatest (Trainer.checkpointsDir dir.Path)).Value
+            let manifest = Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(ck, Checkpointing.ManifestFile)))
+            Expect.equal (manifest["step"].GetValue<int>()) 5 "the manifest records the step"
+            for f in [ Checkpointing.ModelFile; Checkpointing.OptimizerFile; Checkpointing.TrainerFile ] do
+                let e = manifest["files"][f]
+                Expect.equal (e["sha256"].GetValue<string>()) (Checkpointing.sha256 (Path.Combine(ck, f))) (sprintf "%s: its SHA-256" f)
+                Expect.equal (e["bytes"].GetValue<int64>()) (FileInfo(Path.Combine(ck, f)).Length) (sprintf "%s: its size" f)
+            Expect.isTrue (match Checkpointing.verify ck with Ok info -> info.Step = 5 | Error _ -> false) "intact"
+            // one flipped bit in the optimizer state
+            let opt = Path.Combine(ck, Checkpointing.OptimizerFile)
+            let bytes = File.ReadAllBytes opt
+            bytes[bytes.Length - 3] <- bytes[bytes.Length - 3] ^^^ 0x10uy
+            File.WriteAllBytes(opt, bytes)
+            match Checkpointing.verify ck with
+            | Ok _ -> failtest "a flipped bit in the optimizer state went unnoticed"
+            | Error (path, problem) ->
+                Expect.equal (Path.GetFileName path) Checkpointing.OptimizerFile "names the damaged file"
+                Expect.stringContains problem "SHA-256" "says what is wrong"
+            let e = throwsWith<Checkpointing.CheckpointError> (fun () -> Checkpointing.load ck (prob.Parameters |> List.map (fun (n, p) -> n, p :> Tensor)) [] (new Optim.AdamW(prob.Parameters, Optim.AdamWConfig.Default)) |> ignore)
+            Expect.stringContains e.Message Checkpointing.OptimizerFile "load refuses it, naming the file"
+            bytes[bytes.Length - 3] <- bytes[bytes.Length - 3] ^^^ 0x10uy
+            File.WriteAllBytes(opt, bytes)
+            // trainer.json edited to another step, with its checksum in the manifest updated to match
+            let trainer = Path.Combine(ck, Checkpointing.TrainerFile)
+            let t = Nodes.JsonNode.Parse(File.ReadAllText trainer)
+            t["step"] <- Nodes.JsonValue.Create 4
+            File.WriteAllText(trainer, t.ToJsonString())
+            match Checkpointing.verify ck with
+            | Ok _ -> failtest "an edited trainer.json went unnoticed"
+            | Error (path, problem) ->
+                Expect.equal (Path.GetFileName path) Checkpointing.TrainerFile "names trainer.json"
+                Expect.stringContains problem "damaged" "its size or checksum differs from the manifest's"
+            let entry = manifest["files"][Checkpointing.TrainerFile]
+            entry["sha256"] <- Nodes.JsonValue.Create(Checkpointing.sha256 trainer)
+            entry["bytes"] <- Nodes.JsonValue.Create(FileInfo(trainer).Length)
+            File.WriteAllText(Path.Combine(ck, Checkpointing.ManifestFile), manifest.ToJsonString())
+            match Checkpointing.verify ck with
+            | Ok _ -> failtest "trainer.json's step disagrees with the manifest, and was accepted"
+            | Error (_, problem) -> Expect.stringContains problem "records step 4, but the manifest records step 5" "the steps are cross-checked"
+        }
+
+        test "resume skips damaged or incomplete newer checkpoints, says which and why, and continues exactly" {
+            use dirA = new TempDir()
+            use dirB = new TempDir()
+            let cfg (d: string) = { config d 15 with CheckpointEvery = 5; KeepCheckpoints = 0 }
+            use a = new TinyProblem(14L)
+            let ra = Trainer.run (cfg dirA.Path) a.Objective
+            use b = new TinyProblem(14L)
+            let crashing = { b.Objective with Loss = fun i -> (if i = 12 then failwith "simulated crash"); b.Loss i }
+            Expect.throws (fun () -> Trainer.run (cfg dirB.Path) crashing |> ignore) "the run crashes in update 13"
+            let root = Trainer.checkpointsDir dirB.Path
+            Expect.equal (Checkpointing.list root |> List.map fst) [ 5; 10 ] "checkpoints at 5 and 10"
+            // the newest: a flipped byte in its optimizer state; a leftover folder without a manifest, newer still
+            let opt = Path.Combine(root, "step_000010", Checkpointing.OptimizerFile)
+            let bytes = File.ReadAllBytes opt
+            bytes[bytes.Length / 2] <- bytes[bytes.Length / 2] ^^^ 0xFFuy
+            File.WriteAllBytes(opt, bytes)
+            let incomplete = Path.Combine(root, "step_000012")
+            Directory.CreateDirectory incomplete |> ignore
+            File.Copy(Path.Combine(root, "step_000005", Checkpointing.ModelFile), Path.Combine(incomplete, Checkpointing.ModelFile))
+            use b2 = new TinyProblem(99L)
+            let rb = Trainer.run (cfg dirB.Path) b2.Objective
+            Expect.equal rb.StartStep 5 "resumed from the newest intact checkpoint"
+            Expect.equal (rb.Skipped |> List.map (fst >> Path.GetFileName)) [ "step_000012"; "step_000010" ] "the skipped ones, newest first"
+            let why = rb.Skipped |> List.map snd
+            Expect.stringContains why[0] Checkpointing.ManifestFile "the incomplete one has no manifest"
+            Expect.stringContains why[1] Checkpointing.OptimizerFile "the damaged one: which file"
+            Expect.stringContains why[1] "SHA-256" "and what is wrong"
+            for ((n, pa), (_, pb)) in List.zip a.Parameters b2.Parameters do
+                Expect.isTrue (bitEqual (pa.detach()) (pb.detach())) (sprintf "%s as in the uninterrupted run" n)
+            Expect.equal (rb.Losses |> Array.map BitConverter.DoubleToInt64Bits) (ra.Losses[5..] |> Array.map BitConverter.DoubleToInt64Bits) "same losses"
+            // nothing intact at all: an error naming the folder and each problem
+            for (_, d) in Checkpointing.list root do File.Delete(Path.Combine(d, Checkpointing.ManifestFile))
+            use b3 = new TinyProblem(99L)
+            let e = throwsWith<Checkpointing.CheckpointError> (fun () -> Trainer.run (cfg dirB.Path) b3.Objective |> ignore)
+            Expect.equal e.path root "names the checkpoints folder"
+            Expect.stringContains e.Message "no intact checkpoint" "says why it cannot resume"
+            Expect.stringContains e.Message "step_000015" "lists the checkpoints it looked at"
+        }
+
+        test "pruning keeps the lowest-loss checkpoint once the loss has risen well above it" {
+            use dir = new TempDir()
+            use prob = new TinyProblem(15L, dropout = 0.0)
+            // from update 6 on, the loss is 100 times larger: the checkpoints after it are not the ones to use
+            let obj = { prob.Objective with Loss = fun i -> if i >= 6 then prob.Loss i * 100.0 else prob.Loss i }
+            let r = Trainer.run { config dir.Path 12 with CheckpointEvery = 2; KeepCheckpoints = 2 } obj
+            let root = Trainer.checkpointsDir dir.Path
+            // a checkpoint's loss is the mean over the updates since the one before; when the loss rose (checkpoint 8)
+            // the checkpoints kept were 4 and 6
+            let lossAt (s: int) = (r.Losses[s - 2] + r.Losses[s - 1]) / 2.0
+            let best = if lossAt 4 < lossAt 6 then 4 else 6
+            Expect.equal (Checkpointing.list root |> List.map fst) [ best; 10; 12 ] "the newest two, and the best one before the rise"
+            Expect.equal (r.BestCheckpoint |> Option.map Path.GetFileName) (Some(Checkpointing.dirName best)) "the one to use"
+            let recorded = Trainer.checkpointLoss (Checkpointing.verified (Path.Combine(root, Checkpointing.dirName best)))
+            Expect.floatClose Accuracy.veryHigh recorded (lossAt best) "the checkpoint records its loss"
+        }
+
+        test "non-finite numbers are written as null and read back as NaN (metrics, coder logs, trainer state)" {
+            let line = Transcoders.Coders.CoderTraining.logLine
+                           { Transcoders.Coders.StepLog.Step = 3; Tokens = 12L; Lr = 1e-3; SparsityCoefficient = nan; Loss = infinity; Reconstruction = 1.0
+                             Sparsity = 0.0; PreAct = 0.0; Auxiliary = 0.0; L0 = 2.0; Fvu = nan; DeadFraction = 0.0; Resampled = 0 }
+            Expect.stringContains line "\"fvu\":null" "NaN as null"
+            let back = Transcoders.Coders.CoderTraining.parseLogLine "test" line
+            Expect.isTrue (Double.IsNaN back.Fvu && Double.IsNaN back.Loss && back.Reconstruction = 1.0) "read back as NaN"
+            Expect.isTrue (Double.IsNaN(JsonNumbers.ofElement (JsonDocument.Parse("\"NaN\"").RootElement))) "older logs' \"NaN\" strings too"
+            use dir = new TempDir()
+            let log = dir.File "log.jsonl"
+            File.WriteAllText(log, line + "\n" + line.Replace("\"step\":3", "\"step\":5") + "\n{\"step\":6,\"loss\":1.")
+            Metrics.truncate log (fun s -> s < 5)
+            Expect.equal (File.ReadAllLines log) [| line |] "truncation keeps the earlier steps and drops a partial line"
         }
 
         test "resuming with a different trajectory config or starting Fresh over checkpoints is refused" {

@@ -112,7 +112,8 @@ module GraphFile =
         | None -> fail "no 'format' metadata: not an attribution graph file"
         match meta.TryFind "version" |> Option.map Int32.TryParse with
         | Some (true, v) when v >= 1 && v <= FormatVersion -> ()
-        | Some (true, v) -> fail "version %d is newer than this library reads (%d)" v FormatVersion
+        | Some (true, v) when v > FormatVersion -> fail "version %d is newer than this library reads (%d)" v FormatVersion
+        | Some (true, v) -> fail "version %d is not a version of this format (1..%d)" v FormatVersion
         | _ -> fail "missing or unreadable 'version' metadata"
         let root =
             match meta.TryFind "graph" with
@@ -127,11 +128,12 @@ module GraphFile =
             match tryProp o name with
             | Some v -> v
             | None -> fail "field '%s' is missing" name
+        let show (n: JsonNode) = if isNull n then "null" else n.ToJsonString()
         let intOf (what: string) (n: JsonNode) : int =
-            try n.GetValue<int>() with _ -> fail "%s must be an integer (got %s)" what (n.ToJsonString())
+            try n.GetValue<int>() with _ -> fail "%s must be an integer (got %s)" what (show n)
         let floatOf (what: string) (n: JsonNode) : float =
             if isNull n then nan
-            else try n.GetValue<float>() with _ -> fail "%s must be a number (got %s)" what (n.ToJsonString())
+            else try n.GetValue<float>() with _ -> fail "%s must be a number (got %s)" what (show n)
         let arrayOf (what: string) (n: JsonNode) : JsonArray =
             match n with
             | :? JsonArray as a -> a
@@ -140,6 +142,9 @@ module GraphFile =
         if nLayers < 1 then fail "n_layers must be positive (got %d)" nLayers
         let tokens = arrayOf "tokens" (field root "tokens") |> Seq.mapi (fun i t -> intOf (sprintf "tokens[%d]" i) t) |> Array.ofSeq
         if tokens.Length = 0 then fail "tokens is empty"
+        match tokens |> Array.tryFindIndex (fun t -> t < 0) with
+        | Some i -> fail "tokens[%d] is the negative token id %d" i tokens[i]
+        | None -> ()
         let p = tokens.Length
         let tokenStrings =
             arrayOf "token_strings" (field root "token_strings")
@@ -192,11 +197,13 @@ module GraphFile =
             | Some (:? JsonObject as so) ->
                 Some { Replacement = floatOf "scores.replacement" (tryProp so "replacement" |> Option.toObj)
                        Completeness = floatOf "scores.completeness" (tryProp so "completeness" |> Option.toObj) }
-            | _ -> None
+            | Some other -> fail "scores must be an object or null (got %s)" (other.ToJsonString())
+            | None -> None
         let description =
             match tryProp root "description" with
             | Some (:? JsonObject as d) -> d |> Seq.map (fun kv -> kv.Key, (try kv.Value.GetValue<string>() with _ -> fail "description.%s must be a string" kv.Key)) |> Map.ofSeq
-            | _ -> Map.empty
+            | Some other -> fail "description must be an object of strings (got %s)" (other.ToJsonString())
+            | None -> Map.empty
         // the adjacency
         let tensor (name: string) (dtype: torch.ScalarType) =
             if not (reader.Contains name) then fail "tensor '%s' is missing" name
@@ -218,10 +225,22 @@ module GraphFile =
         if blockTargets.Length <> blockSources.Length then
             fail "adjacency.block_targets has %d blocks but adjacency.block_sources %d" blockTargets.Length blockSources.Length
         if Array.exists (fun n -> n < 0L) blockTargets || Array.exists (fun n -> n < 0L) blockSources then fail "negative block sizes"
-        if Array.sum blockTargets <> int64 targets.Length then
-            fail "the blocks have %d target rows in all but adjacency.targets holds %d" (Array.sum blockTargets) targets.Length
-        if Array.sum blockSources <> int64 sources.Length then
-            fail "the blocks have %d source columns in all but adjacency.sources holds %d" (Array.sum blockSources) sources.Length
+        // Sizes are bounded by the id arrays before any product is taken: a corrupt size must not overflow.
+        let total (what: string) (sizes: int64[]) (available: int) =
+            let mutable sum = 0L
+            for k in 0 .. sizes.Length - 1 do
+                if sizes[k] > int64 available - sum then
+                    fail "%s[%d] = %d: the blocks would need more than the %d entries %s holds" what k sizes[k] available
+                        (if what.EndsWith "targets" then "adjacency.targets" else "adjacency.sources")
+                sum <- sum + sizes[k]
+            sum
+        let rows = total "adjacency.block_targets" blockTargets targets.Length
+        if rows <> int64 targets.Length then
+            fail "the blocks have %d target rows in all but adjacency.targets holds %d" rows targets.Length
+        let columns = total "adjacency.block_sources" blockSources sources.Length
+        if columns <> int64 sources.Length then
+            fail "the blocks have %d source columns in all but adjacency.sources holds %d" columns sources.Length
+        // each block is at most targets.Length × sources.Length (< 2^62), and so is their sum
         let cells = Array.map2 (*) blockTargets blockSources |> Array.sum
         if cells <> int64 weights.Length then
             fail "the blocks have %d weights in all but adjacency.weights holds %d" cells weights.Length

@@ -45,13 +45,14 @@ type NodeChanges =
 /// frozen at their values on this prompt. Its residual stream is linear in the feature activations, the errors and
 /// the embeddings, and on the prompt itself it computes exactly the original logits.
 ///
-/// Attention is frozen by pinning each layer's queries and keys (`attn.hook_q`, `attn.hook_k`) to the clean run's
-/// detached values: the pattern is a function of them alone, so it is frozen too, while memory stays linear in the
-/// prompt length (no [heads, p, p] pattern is stored, and fused attention kernels still run). Normalisations are
-/// frozen by pinning `hook_scale`. Tensors are in the model's dtype on its device; the object owns them (dispose it).
+/// In hooked runs (`runWith`, interventions) attention is frozen by pinning each layer's queries and keys
+/// (`attn.hook_q`, `attn.hook_k`) to the clean run's detached values: the pattern is a function of them alone, so it
+/// is frozen too, and fused attention kernels still run. Normalisations are frozen by pinning `hook_scale`. The clean
+/// patterns themselves ([heads, p, p] per layer) are kept for the explicit transpose of the frozen network
+/// (`FrozenLinear`), which attribution graphs use instead of autograd. Tensors are in the model's dtype on its device; the object owns them (dispose it).
 /// The model and coders are borrowed.
 type LocalReplacement internal (model: Transformer, coders: Coder list, sites: MlpCoderSite[], tokens: int[],
-                                queries: torch.Tensor[], keys: torch.Tensor[], scales: (string * torch.Tensor) list,
+                                queries: torch.Tensor[], keys: torch.Tensor[], patterns: torch.Tensor[], scales: (string * torch.Tensor) list,
                                 mlpIn: torch.Tensor[], mlpOut: torch.Tensor[], errors: torch.Tensor[],
                                 embedding: torch.Tensor, active: ActiveFeatures, activeLayerStart: int[],
                                 activeTensors: torch.Tensor * torch.Tensor * torch.Tensor * torch.Tensor,
@@ -70,6 +71,9 @@ type LocalReplacement internal (model: Transformer, coders: Coder list, sites: M
     /// Clean queries [1, p, h, e] and keys [1, p, kv, e] per layer (before any rotation).
     member _.Queries = queries
     member _.Keys = keys
+    /// Clean attention patterns [h, p, p] per layer (query × key; after rotation, softmax and the causal mask): what
+    /// the frozen attention multiplies the values by.
+    member _.Patterns = patterns
     /// Clean normalisation scales by hook name ([1, p, 1] each).
     member _.Scales = scales
     /// Clean MLP inputs [p, d] per layer.
@@ -94,7 +98,7 @@ type LocalReplacement internal (model: Transformer, coders: Coder list, sites: M
             if not disposed then
                 disposed <- true
                 let all =
-                    [ yield! queries; yield! keys; yield! (scales |> List.map snd); yield! mlpIn; yield! mlpOut
+                    [ yield! queries; yield! keys; yield! patterns; yield! (scales |> List.map snd); yield! mlpIn; yield! mlpOut
                       yield! errors; yield embedding; yield lastLogits
                       let (a, b, c, d) = activeTensors in yield! [ a; b; c; d ] ]
                 for t in all do t.Dispose()
@@ -205,93 +209,122 @@ module LocalReplacement =
                     s <- s + m
         out
 
-    /// The local replacement model of `tokens` (checked against the context and vocabulary; not empty) with these
-    /// coders in place of the MLPs. Runs the model once and encodes every layer's MLP input.
-    let create (model: Transformer) (coders: Coder list) (tokens: int[]) : LocalReplacement =
-        let c = model.Config
+    let private checkTokens (c: TransformerConfig) (tokens: int[]) =
         if isNull (box tokens) || tokens.Length = 0 then invalidArg "tokens" "the prompt is empty: give at least one token"
         if tokens.Length > c.NCtx then
             invalidArg "tokens" (sprintf "the prompt has %d tokens, more than the model's context length n_ctx = %d" tokens.Length c.NCtx)
         match tokens |> Array.tryFindIndex (fun t -> t < 0 || t >= c.VocabSize) with
         | Some i -> invalidArg "tokens" (sprintf "token %d at position %d is outside the vocabulary (0..%d)" tokens[i] i (c.VocabSize - 1))
         | None -> ()
+
+    /// The local replacement models of several prompts (each checked as `create` does) from ONE clean forward pass
+    /// over all of them, right-padded to the longest: causal attention keeps every prompt's positions independent of
+    /// the padding and of the other prompts, so each result equals `create` on that prompt alone (up to the rounding
+    /// of batched matrix products). The caller disposes every result.
+    let createMany (model: Transformer) (coders: Coder list) (prompts: int[][]) : LocalReplacement[] =
+        let c = model.Config
+        if isNull (box prompts) || prompts.Length = 0 then invalidArg "prompts" "no prompts: give at least one"
+        for t in prompts do checkTokens c t
         if model.training && c.Dropout > 0.0 then
             invalidArg "model" "the model is in training mode with dropout: call model.eval() before building a local replacement model"
         let sites = sites c coders
         let dtype = modelDType model
         let device = model.Device
-        let nL, p = c.NLayers, tokens.Length
+        let nL = c.NLayers
+        let width = prompts |> Array.map Array.length |> Array.max
         let hasScale = c.Norm <> NoNorm
         use _ = torch.no_grad ()
         use scope = torch.NewDisposeScope()
         let names =
             [ yield HookNames.residPre 0
               for l in 0 .. nL - 1 do
-                  yield! [ HookNames.attnQ l; HookNames.attnK l; HookNames.mlpIn l; HookNames.mlpOut l ]
+                  yield! [ HookNames.attnQ l; HookNames.attnK l; HookNames.pattern l; HookNames.mlpIn l; HookNames.mlpOut l ]
                   if hasScale then yield! [ HookNames.ln1Scale l; HookNames.ln2Scale l ]
               if hasScale && c.FinalNorm then yield HookNames.lnFinalScale ]
-        let tokenTensor = torch.tensor(tokens |> Array.map int64, device = device).unsqueeze 0
+        let padded = prompts |> Array.collect (fun t -> Array.init width (fun i -> if i < t.Length then int64 t[i] else 0L))
+        let tokenTensor = torch.tensor(padded, device = device).reshape(int64 prompts.Length, int64 width)
         let r = Transformer.run model { RunOptions.Default with Cache = Set.ofList names } tokenTensor
-        let keep (t: torch.Tensor) = t.DetachFromDisposeScope()
-        let queries = Array.init nL (fun l -> keep (r[HookNames.attnQ l].contiguous()))
-        let keys = Array.init nL (fun l -> keep (r[HookNames.attnK l].contiguous()))
-        let scales =
-            [ if hasScale then
-                  for l in 0 .. nL - 1 do
-                      yield HookNames.ln1Scale l, keep (r[HookNames.ln1Scale l].contiguous())
-                      yield HookNames.ln2Scale l, keep (r[HookNames.ln2Scale l].contiguous())
-                  if c.FinalNorm then yield HookNames.lnFinalScale, keep (r[HookNames.lnFinalScale].contiguous()) ]
-        let mlpIn = Array.init nL (fun l -> keep (r[HookNames.mlpIn l].reshape(int64 p, -1L).contiguous()))
-        let mlpOut = Array.init nL (fun l -> keep (r[HookNames.mlpOut l].reshape(int64 p, -1L).contiguous()))
-        let embedding = keep (r[HookNames.residPre 0].reshape(int64 p, -1L).contiguous())
-        let lastLogits = keep (r.Logits.Value[0L, -1L].contiguous())
-        // feature activations, layer by layer, in chunks of positions (the dense [chunk, d_sae] is transient)
-        let layersL, posL, featL, valL = ResizeArray<int>(), ResizeArray<int>(), ResizeArray<int>(), ResizeArray<float>()
-        let starts = Array.zeroCreate (nL + 1)
-        for l in 0 .. nL - 1 do
-            starts[l] <- layersL.Count
-            let site = sites[l]
-            let coder = coders[site.CoderIndex]
-            let chunk = max 1 (int (16_777_216L / int64 site.DSae))
-            let mutable s = 0
-            while s < p do
-                let m = min chunk (p - s)
+        let results = ResizeArray<LocalReplacement>()
+        try
+            for i in 0 .. prompts.Length - 1 do
                 use inner = torch.NewDisposeScope()
-                let x = mlpIn[l].narrow(0, int64 s, int64 m)
-                let acts = Splicing.encodeLayer coder site.LayerIndex x
-                let nz = acts.nonzero().cpu()
-                let n = int nz.shape[0]
-                if n > 0 then
-                    let idx = nz.data<int64>().ToArray()
-                    let flat = torch.tensor(Array.init n (fun k -> idx[2 * k] * int64 site.DSae + idx[2 * k + 1]), device = acts.device)
-                    let vals = acts.reshape(-1L).index_select(0L, flat).to_type(torch.float64).cpu().data<float>().ToArray()
-                    for k in 0 .. n - 1 do
-                        layersL.Add l
-                        posL.Add(s + int idx[2 * k])
-                        featL.Add(int idx[2 * k + 1])
-                        valL.Add vals[k]
-                s <- s + m
-        starts[nL] <- layersL.Count
-        let active = { Layer = layersL.ToArray(); Position = posL.ToArray(); Feature = featL.ToArray(); Activation = valL.ToArray() }
-        let activeTensors =
-            keep (torch.tensor(active.Layer |> Array.map int64, device = device)),
-            keep (torch.tensor(active.Position |> Array.map int64, device = device)),
-            keep (torch.tensor(active.Feature |> Array.map int64, device = device)),
-            keep (torch.tensor(active.Activation, device = device).to_type(dtype))
-        // errors: y − (Σ a·W_dec + b_dec + skip(x)), all in the model's dtype
-        let lr0 = new LocalReplacement(model, coders, sites, tokens, queries, keys, scales, mlpIn, mlpOut, [||], embedding, active, starts, activeTensors, lastLogits)
-        let _, posT, featT, valT = activeTensors
-        let errors =
-            Array.init nL (fun l ->
-                use inner = torch.NewDisposeScope()
-                let coder, j = coders[sites[l].CoderIndex], sites[l].LayerIndex
-                let recon = decodeInto lr0 p l active.Layer posT featT valT
-                let bias = coder.BDec.select(0, int64 j).``to``(dtype, device).div(torch.tensor(coder.Config.Scale.Out[j], dtype = dtype, device = device))
-                let recon = recon.add(bias)
-                let recon = match skipPath lr0 l with Some f -> recon.add(f mlpIn[l]) | None -> recon
-                keep (mlpOut[l].sub(recon).MoveToOuterDisposeScope()))
-        r.Logits |> Option.iter (fun t -> t.Dispose())
-        new LocalReplacement(model, coders, sites, tokens, queries, keys, scales, mlpIn, mlpOut, errors, embedding, active, starts, activeTensors, lastLogits)
+                let tokens = Array.copy prompts[i]
+                let p = tokens.Length
+                let bi, pp = int64 i, int64 p
+                let keep (t: torch.Tensor) = t.contiguous().DetachFromDisposeScope()
+                // [1, p, ...] slices of the batch
+                let row (t: torch.Tensor) = t.narrow(0, bi, 1L).narrow(1, 0L, pp)
+                let queries = Array.init nL (fun l -> keep (row r[HookNames.attnQ l]))
+                let keys = Array.init nL (fun l -> keep (row r[HookNames.attnK l]))
+                let patterns = Array.init nL (fun l -> keep (r[HookNames.pattern l].select(0, bi).narrow(1, 0L, pp).narrow(2, 0L, pp)))
+                let scales =
+                    [ if hasScale then
+                          for l in 0 .. nL - 1 do
+                              yield HookNames.ln1Scale l, keep (row r[HookNames.ln1Scale l])
+                              yield HookNames.ln2Scale l, keep (row r[HookNames.ln2Scale l])
+                          if c.FinalNorm then yield HookNames.lnFinalScale, keep (row r[HookNames.lnFinalScale]) ]
+                let flat (t: torch.Tensor) = row(t).reshape(pp, -1L)
+                let mlpIn = Array.init nL (fun l -> keep (flat r[HookNames.mlpIn l]))
+                let mlpOut = Array.init nL (fun l -> keep (flat r[HookNames.mlpOut l]))
+                let embedding = keep (flat r[HookNames.residPre 0])
+                let lastLogits = keep (r.Logits.Value[bi, pp - 1L])
+                // feature activations, layer by layer, in chunks of positions (the dense [chunk, d_sae] is transient)
+                let layersL, posL, featL, valL = ResizeArray<int>(), ResizeArray<int>(), ResizeArray<int>(), ResizeArray<float>()
+                let starts = Array.zeroCreate (nL + 1)
+                for l in 0 .. nL - 1 do
+                    starts[l] <- layersL.Count
+                    let site = sites[l]
+                    let coder = coders[site.CoderIndex]
+                    let chunk = max 1 (int (16_777_216L / int64 site.DSae))
+                    let mutable s = 0
+                    while s < p do
+                        let m = min chunk (p - s)
+                        use chunkScope = torch.NewDisposeScope()
+                        let x = mlpIn[l].narrow(0, int64 s, int64 m)
+                        let acts = Splicing.encodeLayer coder site.LayerIndex x
+                        let nz = acts.nonzero().cpu()
+                        let n = int nz.shape[0]
+                        if n > 0 then
+                            let idx = nz.data<int64>().ToArray()
+                            let flatIdx = torch.tensor(Array.init n (fun k -> idx[2 * k] * int64 site.DSae + idx[2 * k + 1]), device = acts.device)
+                            let vals = acts.reshape(-1L).index_select(0L, flatIdx).to_type(torch.float64).cpu().data<float>().ToArray()
+                            for k in 0 .. n - 1 do
+                                layersL.Add l
+                                posL.Add(s + int idx[2 * k])
+                                featL.Add(int idx[2 * k + 1])
+                                valL.Add vals[k]
+                        s <- s + m
+                starts[nL] <- layersL.Count
+                let active = { Layer = layersL.ToArray(); Position = posL.ToArray(); Feature = featL.ToArray(); Activation = valL.ToArray() }
+                let activeTensors =
+                    keep (torch.tensor(active.Layer |> Array.map int64, device = device)),
+                    keep (torch.tensor(active.Position |> Array.map int64, device = device)),
+                    keep (torch.tensor(active.Feature |> Array.map int64, device = device)),
+                    keep (torch.tensor(active.Activation, device = device).to_type(dtype))
+                // errors: y − (Σ a·W_dec + b_dec + skip(x)), all in the model's dtype
+                let lr0 = new LocalReplacement(model, coders, sites, tokens, queries, keys, patterns, scales, mlpIn, mlpOut, [||], embedding, active, starts, activeTensors, lastLogits)
+                let _, posT, featT, valT = activeTensors
+                let errors =
+                    Array.init nL (fun l ->
+                        use errScope = torch.NewDisposeScope()
+                        let coder, j = coders[sites[l].CoderIndex], sites[l].LayerIndex
+                        let recon = decodeInto lr0 p l active.Layer posT featT valT
+                        let bias = coder.BDec.select(0, int64 j).``to``(dtype, device).div(torch.tensor(coder.Config.Scale.Out[j], dtype = dtype, device = device))
+                        let recon = recon.add(bias)
+                        let recon = match skipPath lr0 l with Some f -> recon.add(f mlpIn[l]) | None -> recon
+                        mlpOut[l].sub(recon).DetachFromDisposeScope())
+                results.Add(new LocalReplacement(model, coders, sites, tokens, queries, keys, patterns, scales, mlpIn, mlpOut, errors, embedding, active, starts, activeTensors, lastLogits))
+            (r :> IDisposable).Dispose()
+            results.ToArray()
+        with _ ->
+            for x in results do (x :> IDisposable).Dispose()
+            reraise ()
+
+    /// The local replacement model of `tokens` (checked against the context and vocabulary; not empty) with these
+    /// coders in place of the MLPs. Runs the model once and encodes every layer's MLP input.
+    let create (model: Transformer) (coders: Coder list) (tokens: int[]) : LocalReplacement =
+        checkTokens model.Config tokens
+        (createMany model coders [| tokens |])[0]
 
     /// Hooks that freeze attention (queries and keys) and normalisation scales at their clean values for a pass over
     /// `batch` copies of the first `prefix` positions, and keep the MLPs' own computation out of autograd (their
@@ -380,3 +413,109 @@ module LocalReplacement =
         let logits, ins = runWith lr NodeChanges.None
         for t in ins do t.Dispose()
         logits
+
+/// The transpose of the local replacement model's linear map, prepared once per prompt: with attention patterns and
+/// normalisation scales frozen and every MLP replaced by a constant (plus a skip transcoder's linear path), a block
+/// maps its input stream x to x + O·(P ⊗ V)·N₁(x) + S·N₂(x + …), so the gradient of any linear read-out flows back
+/// through explicit matrix products: no forward pass, no autograd graph, nothing of Q, K, softmax or the MLPs.
+///
+/// Gradients are laid out [rows, positions, d] (rows: the targets of one batch). Positions beyond a prefix never
+/// matter (attention is causal), so every method takes the first `P` positions of the prompt. Everything is in
+/// `DType` (the model's dtype, or bfloat16 for a cheaper, less exact pass); the object owns its tensors.
+type FrozenLinear internal (nLayers: int, norm: Normalization, nHeads: int, nKvHeads: int, dHead: int,
+                            wO: torch.Tensor[], wV: torch.Tensor[], patterns: torch.Tensor[], patternsOwned: bool,
+                            ln1: torch.Tensor[], ln2: torch.Tensor[], skip: torch.Tensor option[], dtype: torch.ScalarType) =
+    let mutable disposed = false
+
+    member _.NLayers = nLayers
+    member _.DType = dtype
+
+    /// Nᵀg for a frozen normalisation with per-position factor a = w / s ([1, p, d]): LayerNorm centres g ⊙ a over
+    /// the last axis, RMSNorm multiplies, no normalisation passes g on.
+    member private _.NormT(factors: torch.Tensor[], layer: int, g: torch.Tensor) : torch.Tensor =
+        match norm with
+        | NoNorm -> g.alias()
+        | RMSNorm -> g.mul(factors[layer].narrow(1, 0L, g.shape[1]))
+        | LayerNorm ->
+            let y = g.mul(factors[layer].narrow(1, 0L, g.shape[1]))
+            y.sub_(y.mean([| -1L |], true))
+
+    /// ∂/∂(block input) of a read-out of ln1's output: N₁ᵀ g, g [n, P, d].
+    member this.Ln1T(layer: int, g: torch.Tensor) = this.NormT(ln1, layer, g)
+
+    /// ∂/∂(resid_mid) of a read-out of the MLP input (ln2's output): N₂ᵀ g, g [n, P, d].
+    member this.Ln2T(layer: int, g: torch.Tensor) = this.NormT(ln2, layer, g)
+
+    /// N₂ᵀ applied to single vectors v [k, d] read at positions [k] (int64): the injection of an encoder direction.
+    member _.Ln2TAt(layer: int, positions: torch.Tensor, v: torch.Tensor) : torch.Tensor =
+        match norm with
+        | NoNorm -> v.alias()
+        | RMSNorm -> v.mul(ln2[layer].select(0, 0L).index_select(0L, positions))
+        | LayerNorm ->
+            let y = v.mul(ln2[layer].select(0, 0L).index_select(0L, positions))
+            y.sub_(y.mean([| -1L |], true))
+
+    /// The skip path's transpose (skip transcoders): g ↦ g·(s_in/s_out·W_skip), or None.
+    member _.SkipT(layer: int, g: torch.Tensor) : torch.Tensor option =
+        skip[layer] |> Option.map (fun w -> g.matmul(w))
+
+    /// The attention sublayer's transpose with the pattern frozen: g [n, P, d] at its output ↦ the gradient at ln1's
+    /// output: W_Vᵀ-side of Pᵀ·(g W_O) per head (grouped-query heads summed onto their key/value head).
+    member _.AttentionT(layer: int, g: torch.Tensor) : torch.Tensor =
+        use scope = torch.NewDisposeScope()
+        let n, p, d = g.shape[0], g.shape[1], g.shape[2]
+        let h, kv, e = int64 nHeads, int64 nKvHeads, int64 dHead
+        let gz = g.reshape(n * p, d).matmul(wO[layer])                              // [n·P, h·e]
+        let gz = gz.view(n, p, h, e).permute(2L, 1L, 0L, 3L).contiguous().view(h, p, n * e)
+        let pt = patterns[layer].narrow(1, 0L, p).narrow(2, 0L, p).transpose(1L, 2L)  // [h, P(keys), P(queries)]
+        let gv = pt.bmm(gz)                                                         // [h, P, n·e]
+        let gv = if kv = h then gv else gv.view(kv, h / kv, p, n * e).sum(1L)
+        let gv = gv.view(kv, p, n, e).permute(2L, 1L, 0L, 3L).contiguous().view(n * p, kv * e)
+        gv.matmul(wV[layer]).view(n, p, d).MoveToOuterDisposeScope()
+
+    interface IDisposable with
+        member _.Dispose() =
+            if not disposed then
+                disposed <- true
+                for t in Array.concat [ wO; wV; ln1; ln2 ] do t.Dispose()
+                if patternsOwned then for t in patterns do t.Dispose()
+                for s in skip do s |> Option.iter (fun t -> t.Dispose())
+
+[<RequireQualifiedAccess>]
+module FrozenLinear =
+
+    /// The transpose of `lr`'s frozen network in `dtype` (None: the model's dtype). The patterns are shared with `lr`
+    /// when the dtype is the model's (dispose the result before `lr`).
+    let create (lr: LocalReplacement) (dtype: torch.ScalarType option) : FrozenLinear =
+        let c = lr.Model.Config
+        let dtype = defaultArg dtype lr.DType
+        let device = lr.Device
+        let nL = c.NLayers
+        use _ = torch.no_grad ()
+        use scope = torch.NewDisposeScope()
+        let ps = Transformer.parameters lr.Model |> dict
+        let weight (name: string) = (ps[name] :> torch.Tensor).detach().``to``(dtype, device).contiguous().DetachFromDisposeScope()
+        let wO = Array.init nL (fun l -> weight (sprintf "blocks.%d.attn.o.weight" l))
+        let wV = Array.init nL (fun l -> weight (sprintf "blocks.%d.attn.v.weight" l))
+        let shared = dtype = lr.DType
+        let patterns = if shared then lr.Patterns else lr.Patterns |> Array.map (fun t -> t.``to``(dtype).DetachFromDisposeScope())
+        let factors (which: string) (scaleName: int -> string) =
+            Array.init nL (fun l ->
+                match c.Norm with
+                | NoNorm -> torch.empty(0L, dtype = dtype, device = device).DetachFromDisposeScope()
+                | _ ->
+                    let w = (ps[sprintf "blocks.%d.%s.weight" l which] :> torch.Tensor).detach().``to``(lr.DType)
+                    let s = lr.Scales |> List.find (fun (n, _) -> n = scaleName l) |> snd         // [1, p, 1]
+                    w.view(1L, 1L, -1L).div(s).``to``(dtype).contiguous().DetachFromDisposeScope())
+        let ln1 = factors "ln1" HookNames.ln1Scale
+        let ln2 = factors "ln2" HookNames.ln2Scale
+        let skip =
+            Array.init nL (fun l ->
+                let site = lr.Sites[l]
+                let coder = lr.Coders[site.CoderIndex]
+                coder.WSkip |> Option.map (fun ws ->
+                    let i = site.LayerIndex
+                    let factor = coder.Config.Scale.In[i] / coder.Config.Scale.Out[i]
+                    ws.select(0, int64 i).detach().``to``(lr.DType, device).mul(torch.tensor(factor, dtype = lr.DType, device = device))
+                        .``to``(dtype).contiguous().DetachFromDisposeScope()))
+        new FrozenLinear(nL, c.Norm, c.NHeads, c.NKvHeads, TransformerConfig.dHead c, wO, wV, patterns, not shared, ln1, ln2, skip, dtype)

@@ -51,37 +51,53 @@ module Pruning =
         g.Logits |> Array.iteri (fun k l -> w[g.LogitStart + k] <- l.Probability)
         torch.tensor(w, device = device)
 
-    /// S(t) = Σ of the scores ≥ t over blocks of scores (float64).
-    let private sumAtLeast (blocks: torch.Tensor[]) (t: float32) =
-        blocks |> Array.sumBy (fun s ->
-            use m = s.ge(sc (float t))
-            use kept = s.mul(m).to_type(torch.float64).sum()
-            kept.item<float> ())
+    /// (Σ of the scores ≥ t, how many) over blocks of scores, the sum in float64.
+    let private massAtLeast (blocks: torch.Tensor[]) (t: float32) =
+        let mutable mass, count = 0.0, 0L
+        for s in blocks do
+            use scope = torch.NewDisposeScope()
+            let m = s.ge(sc (float t))
+            mass <- mass + s.mul(m).sum(torch.float64).item<float> ()
+            count <- count + m.sum().item<int64> ()
+        mass, count
+
+    /// At most this many candidate scores are sorted to find a threshold exactly.
+    let private sortLimit = 4_000_000L
 
     /// The score threshold keeping the smallest set of highest scores whose sum reaches `fraction` of the total
     /// (circuit-tracer's `find_threshold`: the k-th largest score for the least such k), over scores held in any
-    /// number of tensors. Found by bisection over float32 values, so no sort of all scores is needed; never below
-    /// the smallest positive score (zeros are never kept). +∞ when every score is 0.
+    /// number of tensors; never below the smallest positive score (zeros are never kept); +∞ when every score is 0.
+    /// No sort of all scores: scores below (1 − fraction)·total/n cannot matter (all of them together hold less than
+    /// the 1 − fraction left out), bisection on the float bits raises that floor while more than a few million remain,
+    /// and only the candidates above it are sorted.
     let threshold (scores: torch.Tensor[]) (fraction: float) : float32 =
-        let scores = scores |> Array.map (fun s -> s.to_type(torch.float32).reshape(-1L))
-        try
-            let total = scores |> Array.sumBy (fun s -> use t = s.to_type(torch.float64).sum() in t.item<float> ())
-            if not (total > 0.0) then Single.PositiveInfinity
-            else
-                let target = fraction * total
-                let maxScore = scores |> Array.filter (fun s -> s.numel () > 0L) |> Array.map (fun s -> use m = s.max() in m.item<float32> ()) |> Array.max
-                let bits (f: float32) = BitConverter.SingleToInt32Bits f
-                let ofBits (i: int) = BitConverter.Int32BitsToSingle i
-                if sumAtLeast scores maxScore >= target then maxScore
-                else
-                    // invariant: S(lo) ≥ target > S(hi); positive floats are ordered as their bit patterns
-                    let mutable lo, hi = 1, bits maxScore
-                    while hi - lo > 1 do
-                        let mid = lo + (hi - lo) / 2
-                        if sumAtLeast scores (ofBits mid) >= target then lo <- mid else hi <- mid
-                    ofBits lo
-        finally
-            for s in scores do s.Dispose()
+        use scope = torch.NewDisposeScope()
+        let scores = scores |> Array.map (fun s -> s.to_type(torch.float32).reshape(-1L)) |> Array.filter (fun s -> s.numel () > 0L)
+        let total = scores |> Array.sumBy (fun s -> s.sum(torch.float64).item<float> ())
+        if not (total > 0.0) then Single.PositiveInfinity
+        else
+            let target = fraction * total
+            let n = scores |> Array.sumBy (fun s -> s.numel ())
+            let maxScore = scores |> Array.map (fun s -> s.max().item<float32> ()) |> Array.max
+            let bits (f: float32) = BitConverter.SingleToInt32Bits f
+            let ofBits (i: int) = BitConverter.Int32BitsToSingle i
+            // floor: a value every threshold is at least (S(floor) ≥ target), at least the smallest positive float
+            let mutable floor = max (float32 ((1.0 - fraction) * total / float n * (1.0 - 1e-6))) (ofBits 1)
+            let mutable _, count = massAtLeast scores floor
+            let mutable hi = bits maxScore + 1                 // S(ofBits hi) < target (nothing is above the max)
+            while count > sortLimit && hi - bits floor > 1 do
+                let mid = bits floor + (hi - bits floor) / 2
+                let m, c = massAtLeast scores (ofBits mid)
+                if m >= target then
+                    floor <- ofBits mid
+                    count <- c
+                else hi <- mid
+            let candidates = torch.cat(scores |> Array.map (fun s -> s.masked_select(s.ge(sc (float floor)))), 0L)
+            let struct (sorted: torch.Tensor, _) = candidates.sort(descending = true)
+            let cum = sorted.cumsum(0L, torch.float64)
+            let reached: torch.Tensor = cum.ge(sc target).nonzero()
+            let k = if reached.shape[0] > 0L then reached[0L, 0L].item<int64> () else sorted.shape[0] - 1L
+            sorted[k].item<float32> ()
 
     /// Every node's total influence on the logits: w·(Â + Â² + …) with Â the row-normalised |A| and w the logit
     /// probabilities.
@@ -97,7 +113,9 @@ module Pruning =
     /// Prunes a graph: keeps the nodes holding `NodeThreshold` of the total influence on the logits (token and logit
     /// nodes always), then the edges holding `EdgeThreshold` of the influence-weighted edge scores of the graph
     /// restricted to those nodes, then drops feature and error nodes left without outgoing edges and features left
-    /// without incoming ones, until nothing changes. Works on the graph's blocks (no dense N×N matrix).
+    /// without incoming ones, until nothing changes. Works on the graph's blocks (no dense N×N matrix); besides the
+    /// blocks it holds one normalised copy of them (reused for the restricted graph and the edge scores) and the
+    /// edge masks.
     let prune (config: PruneConfig) (g: Graph) : PrunedGraph =
         if not (config.NodeThreshold >= 0.0 && config.NodeThreshold <= 1.0) then
             invalidArg "NodeThreshold" (sprintf "NodeThreshold must be in [0, 1], got %g" config.NodeThreshold)
@@ -105,23 +123,25 @@ module Pruning =
             invalidArg "EdgeThreshold" (sprintf "EdgeThreshold must be in [0, 1], got %g" config.EdgeThreshold)
         let device = config.Device
         let n = g.NodeCount
+        use _ = torch.no_grad ()
         use scope = torch.NewDisposeScope()
         let blocks = Adjacency.toDevice device g
         let w = logitWeights g device
-        let influence = Adjacency.influence n blocks None w
-        // nodes
+        // nodes, by influence on the whole graph
+        let norms = blocks |> Array.map (Adjacency.normalised None)
+        let influence = Adjacency.influenceOver n blocks norms w
         let nodeThreshold = threshold [| influence |] config.NodeThreshold
         let nodeMask = influence.to_type(torch.float32).ge(sc (float nodeThreshold))
         nodeMask.narrow(0, int64 g.TokenStart, int64 (n - g.TokenStart)).fill_(true) |> ignore
-        // edges, on the graph restricted to the kept nodes
-        let prunedInfluence = (Adjacency.influence n blocks (Some nodeMask) w).add(w)
-        let edgeScores =
-            blocks |> Array.map (fun b ->
-                use a = Adjacency.normalised (Some nodeMask) b
-                use f = prunedInfluence.index_select(0L, b.Rows).to_type(torch.float32).unsqueeze 1
-                a.mul(f))
-        let edgeThreshold = threshold edgeScores config.EdgeThreshold
-        let edgeMasks = edgeScores |> Array.map (fun s -> s.ge(sc (float edgeThreshold)))
+        // edges, on the graph restricted to the kept nodes: the normalised copy is rewritten, then scaled to scores
+        for i in 0 .. blocks.Length - 1 do Adjacency.normaliseInto norms[i] (Some nodeMask) blocks[i]
+        let prunedInfluence = (Adjacency.influenceOver n blocks norms w).add(w)
+        for i in 0 .. blocks.Length - 1 do
+            use f = prunedInfluence.index_select(0L, blocks[i].Rows).to_type(torch.float32).unsqueeze 1
+            norms[i].mul_(f) |> ignore
+        let edgeThreshold = threshold norms config.EdgeThreshold
+        let edgeMasks = norms |> Array.map (fun s -> s.ge(sc (float edgeThreshold)))
+        for t in norms do t.Dispose()
         let nodeMask = nodeMask.clone()
         let featureOrError = torch.zeros([| int64 n |], dtype = torch.ScalarType.Bool, device = device)
         featureOrError.narrow(0, 0L, int64 g.TokenStart).fill_(true) |> ignore
@@ -130,16 +150,16 @@ module Pruning =
         let mutable changed = true
         let mutable rounds = 0
         while changed do
+            use round = torch.NewDisposeScope()
             rounds <- rounds + 1
             for i in 0 .. blocks.Length - 1 do
                 let b = blocks[i]
-                let keep = nodeMask.index_select(0L, b.Rows).unsqueeze(1).logical_and(nodeMask.index_select(0L, b.Cols).unsqueeze(0))
-                edgeMasks[i] <- edgeMasks[i].logical_and(keep)
+                edgeMasks[i].logical_and_(nodeMask.index_select(0L, b.Rows).unsqueeze(1)).logical_and_(nodeMask.index_select(0L, b.Cols).unsqueeze(0)) |> ignore
             let hasOut = torch.zeros([| int64 n |], dtype = torch.int64, device = device)
             let hasIn = torch.zeros([| int64 n |], dtype = torch.int64, device = device)
             for i in 0 .. blocks.Length - 1 do
-                hasOut.index_add_(0L, blocks[i].Cols, edgeMasks[i].sum([| 0L |]).to_type(torch.int64), scl 1L) |> ignore
-                hasIn.index_add_(0L, blocks[i].Rows, edgeMasks[i].sum([| 1L |]).to_type(torch.int64), scl 1L) |> ignore
+                hasOut.index_add_(0L, blocks[i].Cols, edgeMasks[i].sum([| 0L |], false, torch.int64), scl 1L) |> ignore
+                hasIn.index_add_(0L, blocks[i].Rows, edgeMasks[i].sum([| 1L |], false, torch.int64), scl 1L) |> ignore
             let drop =
                 featureOrError.logical_and(hasOut.eq(sc 0.0))
                     .logical_or(isFeature.logical_and(hasIn.eq(sc 0.0)))
@@ -150,7 +170,7 @@ module Pruning =
         // cumulative influence per node
         let infl = influence.cpu().data<float>().ToArray()
         let total = Array.sum infl
-        let order = Array.init n id |> Array.sortBy (fun i -> -infl[i], i)
+        let order = Array.init n id |> Array.sortWith (fun a b -> let c = compare infl[b] infl[a] in if c <> 0 then c else compare a b)
         let cumulative = Array.zeroCreate<float> n
         let mutable acc = 0.0
         for i in order do
@@ -158,11 +178,13 @@ module Pruning =
             cumulative[i] <- if total > 0.0 then acc / total else 0.0
         let edges =
             [| for i in 0 .. blocks.Length - 1 do
+                 use step = torch.NewDisposeScope()
                  let b = g.Blocks[i]
-                 let m = edgeMasks[i].cpu().reshape(-1L).data<bool>().ToArray()
+                 let kept = edgeMasks[i].reshape(-1L).nonzero().reshape(-1L).cpu().data<int64>().ToArray()
                  let c = b.Sources.Length
-                 for k in 0 .. m.Length - 1 do
-                     if m[k] then yield { Target = b.Targets[k / c]; Source = b.Sources[k % c]; Weight = b.Weights[k] } |]
+                 for k in kept do
+                     let k = int k
+                     yield { Target = b.Targets[k / c]; Source = b.Sources[k % c]; Weight = b.Weights[k] } |]
         { Graph = g
           NodeMask = nodeMask.cpu().data<bool>().ToArray()
           Edges = edges

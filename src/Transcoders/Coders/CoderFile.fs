@@ -102,10 +102,10 @@ let loadConfig (path: string) : CoderConfig =
     try CoderConfig.ofJson jsonPath (File.ReadAllText jsonPath)
     with CoderConfigError msg -> fail "%s" msg
 
-/// Loads a coder onto `device`. Missing or unexpected keys, shapes that disagree with the config and non-float dtypes
-/// raise `CoderFileError` naming the file and key.
-let load (path: string) (device: torch.Device) : Coder =
-    let stPath, _ = paths path
+/// Loads a coder onto `device`. Missing or unexpected keys, shapes that disagree with the config, non-float dtypes and
+/// (unless `options` allows them) weights holding NaN or ±∞ raise `CoderFileError` naming the file and key.
+let loadWith (options: Transcoders.Models.LoadOptions) (path: string) (device: torch.Device) : Coder =
+    let stPath, jsonPath = paths path
     let cfg = loadConfig path
     if not (File.Exists stPath) then fail "%s: coder weights not found" stPath
     if cfg.InputBias && cfg.Kind <> Sae then
@@ -118,21 +118,28 @@ let load (path: string) (device: torch.Device) : Coder =
         | e -> fail "%s: cannot read safetensors file (%s)" stPath e.Message
     let expected = fileShapes cfg
     let entries = reader.Entries |> List.map (fun e -> e.Name, e) |> dict
+    // every header checked against the config (named, since either file may be the one at fault) before any read
+    let config = sprintf "the config in %s (%s, d_in %d, d_out %d, d_sae %d, %d layer(s))" jsonPath (CoderConfig.kindName cfg.Kind) cfg.DIn cfg.DOut cfg.DSae cfg.NLayers
     for name, shape in expected do
         match entries.TryGetValue name with
         | true, e ->
             if e.Shape <> shape then
-                fail "%s: tensor '%s' has shape %A, but the config (%s, d_in %d, d_out %d, d_sae %d, %d layer(s)) needs %A"
-                    stPath name e.Shape (CoderConfig.kindName cfg.Kind) cfg.DIn cfg.DOut cfg.DSae cfg.NLayers shape
+                fail "%s: tensor '%s' has shape %A, but %s needs %A" stPath name e.Shape config shape
             match e.DType with
             | Safetensors.F32 | Safetensors.F16 | Safetensors.BF16 | Safetensors.F64 -> ()
             | d -> fail "%s: tensor '%s' has dtype %A; a floating-point dtype is needed" stPath name d
-        | _ -> fail "%s: tensor '%s' (shape %A) is missing for a %s with %A activation" stPath name shape (CoderConfig.kindName cfg.Kind) cfg.Activation
+        | _ -> fail "%s: tensor '%s' (shape %A) is missing for a %s with %A activation (%s)" stPath name shape (CoderConfig.kindName cfg.Kind) cfg.Activation config
     let expectedNames = expected |> List.map fst |> set
     for KeyValue(name, _) in entries do
         if not (expectedNames.Contains name) then
-            fail "%s: unexpected tensor '%s' for a %s with %A activation (expected %s)" stPath name (CoderConfig.kindName cfg.Kind) cfg.Activation (String.Join(", ", expectedNames))
-    let read name = reader.Tensor(name, device).to_type(torch.float32)
+            fail "%s: unexpected tensor '%s' for a %s with %A activation (expected %s, from %s)" stPath name (CoderConfig.kindName cfg.Kind) cfg.Activation (String.Join(", ", expectedNames)) jsonPath
+    let read name =
+        let t = reader.Tensor(name, device).to_type(torch.float32)
+        // a BatchTopK threshold of NaN means "not estimated yet" (what a new coder holds); infinities are refused
+        let checkedValues = if name = "batchtopk_threshold" then t.masked_fill(t.isnan(), Scalars.sc 0.0) else t
+        match Transcoders.Models.CheckpointFile.nonFinite options name checkedValues with
+        | Some problem -> fail "%s: %s" stPath problem
+        | None -> t
     let clt = cfg.Kind = CrossLayerTranscoder
     let unsq (t: torch.Tensor) = if clt then t else t.unsqueeze 0
     let internalTensors =
@@ -150,6 +157,9 @@ let load (path: string) (device: torch.Device) : Coder =
           | BatchTopK _ -> yield "batchtopk_threshold", read "batchtopk_threshold"
           | _ -> () ]
     Coder.ofTensors cfg device internalTensors
+
+/// `loadWith LoadOptions.Default`: finite weights only.
+let load (path: string) (device: torch.Device) : Coder = loadWith Transcoders.Models.LoadOptions.Default path device
 
 /// A transcoder from the tensors of the transcoder paper's checkpoints (Dunefsky, Chlenski & Nanda 2024; e.g. the GPT-2
 /// small transcoders `final_sparse_autoencoder_gpt2-small_blocks.{L}.ln2.hook_normalized_24576.pt`, once their
@@ -175,7 +185,14 @@ let ofPaperTensors (model: string) (layer: int) (device: torch.Device) (tensors:
     check "W_dec" wDec [| int64 dSae; int64 dOut |]
     check "b_dec" bIn [| int64 dIn |]
     check "b_dec_out" bOut [| int64 dOut |]
-    let cfg = { CoderConfig.transcoder model layer dIn dSae with DOut = dOut; InputBias = false }
+    // The paper trained with unit-norm decoder rows, but a checkpoint need not have them (and a later
+    // renormalisation would change what the coder computes): record what the rows are.
+    let unitRows =
+        use norms = wDec.square().sum(1L).sqrt()
+        use deviation = norms.sub(Scalars.sc 1.0).abs().max()
+        deviation.item<float32> () <= 1e-3f
+    let decoder = if unitRows then UnitNorm else Free
+    let cfg = { CoderConfig.transcoder model layer dIn dSae with DOut = dOut; InputBias = false; Decoder = decoder }
     let bEnc' = bEnc - bIn.unsqueeze(0).matmul(wEnc).squeeze 0
     Coder.ofTensors cfg device
         [ "W_enc", wEnc.unsqueeze 0; "b_enc", bEnc'.unsqueeze 0; "W_dec_0", wDec.unsqueeze 1; "b_dec", bOut.unsqueeze 0 ]

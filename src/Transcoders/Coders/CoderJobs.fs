@@ -10,6 +10,7 @@ open TorchSharp
 open Transcoders.Activations
 open Transcoders.Files
 open Transcoders.Models
+open Transcoders.Training
 
 /// One coder to train: its name (the folder it is saved in), its configuration and how it is trained. (`Train.LogPath`
 /// is not used: each coder logs to `<Out>/<name>/log.jsonl`.)
@@ -45,13 +46,17 @@ type JobsConfig =
       Cache: DiskCache option
       /// Steps between checkpoints (0: only the final one). Resuming from one continues bit for bit.
       CheckpointEvery: int
-      /// Continue from the checkpoint in `Out` when there is one (it must come from the same run description);
-      /// otherwise a checkpoint there is discarded and training starts over.
+      /// Continue from the newest intact checkpoint in `Out` when there is one (it must come from the same run
+      /// description; damaged newer ones are skipped and named); otherwise the checkpoints there are discarded and
+      /// training starts over.
       Resume: bool
-      Eval: JobEval }
+      Eval: JobEval
+      /// Keep the newest this many checkpoints (0: all), so that a damaged one leaves an older one to resume from.
+      KeepCheckpoints: int }
 
     static member Default(out: string) =
-        { Out = out; Store = StoreConfig.Default; Cache = None; CheckpointEvery = 1000; Resume = true; Eval = JobEval.Default }
+        { Out = out; Store = StoreConfig.Default; Cache = None; CheckpointEvery = 1000; Resume = true; Eval = JobEval.Default
+          KeepCheckpoints = 3 }
 
 /// What a run reports while it works.
 type JobsProgress =
@@ -356,102 +361,92 @@ module CoderJobs =
 
     // ------------------------------------------------------------------------------------------ checkpoints
 
+    // Checkpoints go through Training's `Checkpointing` (atomic folders with a manifest of checksums, the newest
+    // intact one resumed, older ones kept): every coder's parameters under "{name}/" in model.safetensors, its
+    // BatchTopK threshold and firing statistics as buffers, its AdamW state under "{name}/" in
+    // optimizer.safetensors, the shuffle buffer as the extra file buffer.safetensors, and per coder its step,
+    // configuration (with the normalisation scale) and firing-window counters in trainer.json's state.
+
     let private checkpointDir (config: JobsConfig) = Path.Combine(config.Out, "checkpoint")
-    let private latestFile (config: JobsConfig) = Path.Combine(checkpointDir config, "latest.json")
+    let [<Literal>] private BufferFile = "buffer.safetensors"
 
-    let private meta (path: string) (m: Map<string, string>) (key: string) =
-        match m.TryFind key with
-        | Some v -> v
-        | None -> fail "%s: checkpoint metadata lacks '%s'" path key
+    let private prefix (job: CoderJob) = job.Name + "/"
 
-    /// Writes every coder's training state and the buffer's state into `checkpoint/step-N`, then points
-    /// `checkpoint/latest.json` at it (atomically) and removes older checkpoints.
-    let private saveCheckpoint (config: JobsConfig) (step: int) (buffer: ShuffleBuffer) (states: (CoderJob * TrainState) list) =
-        let dir = checkpointDir config
-        let name = sprintf "step-%09d" step
-        let folder = Path.Combine(dir, name)
-        if Directory.Exists folder then Directory.Delete(folder, true)
-        Directory.CreateDirectory folder |> ignore
-        buffer.SaveState(Path.Combine(folder, "buffer.safetensors"))
-        states
-        |> List.iteri (fun i (job, s) ->
-            use scope = torch.NewDisposeScope()
-            let optStep, moments = s.Optimizer.StateDict()
-            let since, counts, window, total = s.Stats.StateDict()
-            let tensors =
-                [ for n, t in s.Coder.StateDict() -> "coder." + n, t
-                  for n, m, v in moments do
-                      yield "adam_m." + n, m
-                      yield "adam_v." + n, v
-                  yield "stats.since_fired", since
-                  yield "stats.counts", counts ]
-            let metadata =
-                Map.ofList
-                    [ "format", "transcoders.coder-train-state"
-                      "name", job.Name
-                      "step", string s.Step
-                      "optimizer_step", string optStep
-                      "window_tokens", string window
-                      "total_tokens", string total
-                      "config", CoderConfig.toJson s.Coder.Config ]
-            Safetensors.save (Path.Combine(folder, sprintf "coder-%03d.safetensors" i)) metadata tensors)
-        let latest = JsonObject()
-        latest["format"] <- "transcoders.coder-run-checkpoint"
-        latest["version"] <- 1
-        latest["step"] <- step
-        latest["folder"] <- name
-        AtomicFile.writeAllText (latestFile config) (json latest)
-        for d in Directory.GetDirectories(dir, "step-*") do
-            if Path.GetFileName d <> name then (try Directory.Delete(d, true) with _ -> ())
+    /// The live tensors of a coder's training state that a checkpoint holds (loading copies into them):
+    /// parameters, and as buffers the BatchTopK threshold and the firing statistics.
+    let private stateTensors (job: CoderJob) (s: TrainState) =
+        let p = prefix job
+        [ for n, t in s.Coder.NamedParameters -> p + n, t :> torch.Tensor ],
+        [ match s.Coder.BatchTopKThreshold with
+          | Some t -> yield p + "batchtopk_threshold", t
+          | None -> ()
+          yield p + "stats.since_fired", s.Stats.TokensSinceFired
+          yield p + "stats.counts", s.Stats.Counts ]
+
+    /// Writes every coder's training state and the buffer's state as the checkpoint after `step` steps, and prunes
+    /// the oldest beyond `KeepCheckpoints`. Returns its folder.
+    let private saveCheckpoint (config: JobsConfig) (description: string) (step: int) (elapsed: float) (buffer: ShuffleBuffer)
+                               (states: (CoderJob * TrainState) list) =
+        let root = checkpointDir config
+        let coders = JsonArray()
+        for job, s in states do
+            let o = JsonObject()
+            o["name"] <- job.Name
+            o["step"] <- s.Step
+            o["config"] <- CoderConfig.toJsonNode s.Coder.Config
+            o["window_tokens"] <- s.Stats.WindowTokens
+            o["total_tokens"] <- s.Stats.TotalTokens
+            coders.Add o
+        let state = JsonObject()
+        state["coders"] <- coders
+        let info: Checkpointing.Info =
+            { Step = step; Tokens = int64 step * config.Store.Buffer.BatchSize; ElapsedSeconds = elapsed
+              Config = JsonNode.Parse(description).AsObject(); Metadata = Map.empty; State = state }
+        let parameters, buffers = states |> List.map (fun (j, s) -> stateTensors j s) |> List.unzip
+        let folder =
+            Checkpointing.saveWith root info (List.concat parameters) (List.concat buffers)
+                [ for j, s in states -> prefix j, s.Optimizer ]
+                [ { File = BufferFile; Write = fun path -> buffer.SaveState path } ]
+        Checkpointing.prune root config.KeepCheckpoints
         folder
 
-    /// The latest checkpoint: its step and folder.
-    let private latestCheckpoint (config: JobsConfig) : (int * string) option =
-        let path = latestFile config
-        if not (File.Exists path) then None
-        else
-            let o =
-                try JsonNode.Parse(File.ReadAllText path).AsObject()
-                with e -> fail "%s: not a checkpoint pointer (%s)" path e.Message
-            let get (k: string) = match o[k] with null -> fail "%s: field '%s' is missing" path k | v -> v
-            if get("format").GetValue<string>() <> "transcoders.coder-run-checkpoint" then fail "%s: not a coder-run checkpoint" path
-            let folder = Path.Combine(checkpointDir config, get("folder").GetValue<string>())
-            if not (Directory.Exists folder) then fail "%s: points at %s, which does not exist" path folder
-            Some(get("step").GetValue<int>(), folder)
-
-    /// A job's training state from a checkpoint file.
-    let private loadState (path: string) (job: CoderJob) (device: torch.Device) : TrainState =
-        if not (File.Exists path) then fail "%s: the checkpoint has no state for coder '%s'" path job.Name
-        use scope = torch.NewDisposeScope()
-        use r = Safetensors.Reader.Open path
-        let m = r.Metadata
-        let get = meta path m
-        if get "format" <> "transcoders.coder-train-state" then fail "%s: not a coder training state" path
-        if get "name" <> job.Name then fail "%s: holds coder '%s', expected '%s'" path (get "name") job.Name
-        let saved = CoderConfig.ofJson (path + " config") (get "config")
-        if { saved with Scale = job.Coder.Scale; FoldedScale = job.Coder.FoldedScale } <> job.Coder then
-            fail "%s: coder '%s' was saved with another configuration" path job.Name
-        let prefixed (p: string) = [ for e in r.Entries do if e.Name.StartsWith p then yield e.Name.Substring p.Length, r.Tensor(e.Name, device) ]
-        let coder = Coder.ofTensors saved device (prefixed "coder.")
-        let state = CoderTraining.init job.Train coder
-        let ms = prefixed "adam_m." |> Map.ofList
-        let vs = prefixed "adam_v." |> Map.ofList
-        state.Optimizer.LoadStateDict(int (get "optimizer_step"), [ for KeyValue(n, mt) in ms -> n, mt, vs[n] ])
-        state.Stats.LoadStateDict(r.Tensor("stats.since_fired", device), r.Tensor("stats.counts", device), int64 (get "window_tokens"), int64 (get "total_tokens"))
-        state.Step <- int (get "step")
-        state
-
-    /// Keeps the lines of a JSONL log whose "step" is below `step` (the lines a resumed run will write again).
-    let private truncateLog (path: string) (step: int) =
-        if File.Exists path then
-            let keep =
-                File.ReadAllLines path
-                |> Array.filter (fun line ->
-                    try
-                        use d = JsonDocument.Parse line
-                        d.RootElement.GetProperty("step").GetInt32() < step
-                    with _ -> false)
-            AtomicFile.writeAllText path (if keep.Length = 0 then "" else String.Join("\n", keep) + "\n")
+    /// Every job's training state from a checkpoint folder (verified against its manifest when loaded).
+    let private loadStates (folder: string) (info: Checkpointing.Info) (jobs: CoderJob list) (device: torch.Device) =
+        let path = Path.Combine(folder, Checkpointing.TrainerFile)
+        let saved =
+            match info.State["coders"] with
+            | :? JsonArray as a -> [ for o in a -> o["name"].GetValue<string>(), o.AsObject() ] |> Map.ofList
+            | _ -> fail "%s: the checkpoint holds no coder states" path
+        let states = Collections.Generic.List<CoderJob * TrainState * JsonObject>()
+        try
+            for job in jobs do
+                let o =
+                    match saved.TryFind job.Name with
+                    | Some o -> o
+                    | None -> fail "%s: the checkpoint has no state for coder '%s'" path job.Name
+                let cfg = CoderConfig.ofJsonNode (sprintf "%s coder '%s'" path job.Name) (o["config"].AsObject())
+                if { cfg with Scale = job.Coder.Scale; FoldedScale = job.Coder.FoldedScale } <> job.Coder then
+                    fail "%s: coder '%s' was saved with another configuration" path job.Name
+                let coder = Coder.create cfg device
+                try states.Add((job, CoderTraining.init job.Train coder, o))
+                with _ ->
+                    (coder :> IDisposable).Dispose()
+                    reraise ()
+            let parameters, buffers = [ for j, s, _ in states -> stateTensors j s ] |> List.unzip
+            (try
+                Checkpointing.loadWith folder (List.concat parameters) (List.concat buffers) [ for j, s, _ in states -> prefix j, s.Optimizer ]
+                |> ignore
+             with Checkpointing.CheckpointError (p, problem) -> fail "%s: %s" p problem)
+            [ for j, s, o in states do
+                  s.Stats.LoadStateDict(s.Stats.TokensSinceFired, s.Stats.Counts, o["window_tokens"].GetValue<int64>(),
+                                        o["total_tokens"].GetValue<int64>())
+                  s.Step <- o["step"].GetValue<int>()
+                  yield j, s ]
+        with _ ->
+            for _, s, _ in states do
+                (s :> IDisposable).Dispose()
+                (s.Coder :> IDisposable).Dispose()
+            reraise ()
 
     // ------------------------------------------------------------------------------------------ evaluation
 
@@ -508,16 +503,16 @@ module CoderJobs =
         | Some e ->
             let m = JsonObject()
             m["tokens"] <- e.Tokens
-            m["l0"] <- e.L0
-            m["l0_per_layer"] <- JsonArray([| for v in e.L0PerLayer -> JsonValue.Create v :> JsonNode |])
-            m["mse"] <- e.Mse
-            m["normalized_mse"] <- e.NormalizedMse
-            m["fvu"] <- e.Fvu
-            m["fvu_per_layer"] <- JsonArray([| for v in e.FvuPerLayer -> JsonValue.Create v :> JsonNode |])
-            m["variance_explained"] <- e.VarianceExplained
-            m["cosine_similarity"] <- e.CosineSimilarity
-            m["dead_fraction"] <- e.DeadFraction
-            m["dense_fraction"] <- e.DenseFraction
+            m["l0"] <- JsonNumbers.node e.L0
+            m["l0_per_layer"] <- JsonArray([| for v in e.L0PerLayer -> JsonNumbers.node v |])
+            m["mse"] <- JsonNumbers.node e.Mse
+            m["normalized_mse"] <- JsonNumbers.node e.NormalizedMse
+            m["fvu"] <- JsonNumbers.node e.Fvu
+            m["fvu_per_layer"] <- JsonArray([| for v in e.FvuPerLayer -> JsonNumbers.node v |])
+            m["variance_explained"] <- JsonNumbers.node e.VarianceExplained
+            m["cosine_similarity"] <- JsonNumbers.node e.CosineSimilarity
+            m["dead_fraction"] <- JsonNumbers.node e.DeadFraction
+            m["dense_fraction"] <- JsonNumbers.node e.DenseFraction
             let h = JsonObject()
             h["edges_log10"] <- JsonArray([| for v in e.Histogram.Edges -> JsonValue.Create v :> JsonNode |])
             h["counts"] <- JsonArray([| for v in e.Histogram.Counts -> JsonValue.Create v :> JsonNode |])
@@ -529,17 +524,17 @@ module CoderJobs =
         | Some s ->
             let m = JsonObject()
             m["tokens"] <- s.Tokens
-            m["ce_clean"] <- s.CeClean
-            m["ce_spliced"] <- s.CeSpliced
-            m["ce_ablated"] <- s.CeAblated
-            m["ce_recovered"] <- s.CeRecovered
-            m["ce_delta"] <- s.CeDelta
-            m["kl_to_clean"] <- s.KlToClean
-            m["kl_ablated"] <- s.KlAblated
-            m["kl_recovered"] <- s.KlRecovered
-            m["top1_agreement_ablated"] <- s.Top1AgreementAblated
-            m["logit_cosine"] <- s.LogitCosine
-            m["top1_agreement"] <- s.Top1Agreement
+            m["ce_clean"] <- JsonNumbers.node s.CeClean
+            m["ce_spliced"] <- JsonNumbers.node s.CeSpliced
+            m["ce_ablated"] <- JsonNumbers.node s.CeAblated
+            m["ce_recovered"] <- JsonNumbers.node s.CeRecovered
+            m["ce_delta"] <- JsonNumbers.node s.CeDelta
+            m["kl_to_clean"] <- JsonNumbers.node s.KlToClean
+            m["kl_ablated"] <- JsonNumbers.node s.KlAblated
+            m["kl_recovered"] <- JsonNumbers.node s.KlRecovered
+            m["top1_agreement_ablated"] <- JsonNumbers.node s.Top1AgreementAblated
+            m["logit_cosine"] <- JsonNumbers.node s.LogitCosine
+            m["top1_agreement"] <- JsonNumbers.node s.Top1Agreement
             o["spliced"] <- m
         | None -> ()
         json o
@@ -573,32 +568,48 @@ module CoderJobs =
         let description = describe store config jobs
         let runFile = Path.Combine(config.Out, "run.json")
         let maxSteps = jobs |> List.map (fun j -> j.Train.Steps) |> List.max
+        let root = checkpointDir config
         let resumeFrom =
-            match latestCheckpoint config with
-            | Some(step, folder) when config.Resume ->
-                let saved = if File.Exists runFile then File.ReadAllText runFile else ""
-                if saved <> description then
-                    let a = saved.Split('\n')
-                    let b = description.Split('\n')
-                    let i = Seq.zip a b |> Seq.tryFindIndex (fun (x, y) -> x <> y) |> Option.defaultValue (min a.Length b.Length)
-                    fail "%s holds a checkpoint of another run (run.json differs at line %d: '%s' here, '%s' now): use another output folder, or start over (JobsConfig.Resume = false; --no-resume on the command line)"
-                        config.Out (i + 1) (if i < a.Length then a[i].Trim() else "") (if i < b.Length then b[i].Trim() else "")
-                Some(step, folder)
-            | Some _ ->
-                Directory.Delete(checkpointDir config, true)
+            if not config.Resume then
+                if Directory.Exists root then Directory.Delete(root, true)
                 None
-            | None -> None
+            else
+                if File.Exists(Path.Combine(root, "latest.json")) then
+                    fail "%s holds a checkpoint of an older version of this program, which cannot be resumed: start over (JobsConfig.Resume = false; --no-resume on the command line)" config.Out
+                let found, skipped =
+                    try Checkpointing.newestIntact root
+                    with Checkpointing.CheckpointError (p, problem) -> fail "%s: %s" p problem
+                for d, why in skipped do
+                    onProgress (Preparing(sprintf "skipped checkpoint %s: %s" d why))
+                match found with
+                | Some(folder, info) ->
+                    let saved = if File.Exists runFile then File.ReadAllText runFile else ""
+                    if saved <> description then
+                        let a = saved.Split('\n')
+                        let b = description.Split('\n')
+                        let i = Seq.zip a b |> Seq.tryFindIndex (fun (x, y) -> x <> y) |> Option.defaultValue (min a.Length b.Length)
+                        fail "%s holds a checkpoint of another run (run.json differs at line %d: '%s' here, '%s' now): use another output folder, or start over (JobsConfig.Resume = false; --no-resume on the command line)"
+                            config.Out (i + 1) (if i < a.Length then a[i].Trim() else "") (if i < b.Length then b[i].Trim() else "")
+                    Some(info.Step, folder, info)
+                | None -> None
         AtomicFile.writeAllText runFile description
         let logPath (j: CoderJob) = Path.Combine(config.Out, j.Name, "log.jsonl")
         let cacheRows = int64 maxSteps * config.Store.Buffer.BatchSize
         let sw = Stopwatch.StartNew()
         let buffer, states, prefetched =
             match resumeFrom with
-            | Some(step, folder) ->
-                onProgress (Preparing(sprintf "resuming from the checkpoint at step %d" step))
-                let buffer = store.ResumeBuffer(Path.Combine(folder, "buffer.safetensors"), ?cache = config.Cache)
-                let states = jobs |> List.mapi (fun i j -> j, loadState (Path.Combine(folder, sprintf "coder-%03d.safetensors" i)) j device)
-                for j in jobs do truncateLog (logPath j) step
+            | Some(step, folder, info) ->
+                onProgress (Preparing(sprintf "resuming from the checkpoint at step %d (%s)" step folder))
+                let states = loadStates folder info jobs device
+                let buffer =
+                    try store.ResumeBuffer(Path.Combine(folder, BufferFile), ?cache = config.Cache)
+                    with _ ->
+                        for _, s in states do
+                            (s :> IDisposable).Dispose()
+                            (s.Coder :> IDisposable).Dispose()
+                        reraise ()
+                // the log lines of steps after the checkpoint are written again
+                for j in jobs do Metrics.truncate (logPath j) (fun s -> s < step)
                 buffer, states, [||]
             | None ->
                 if config.Cache.IsSome then onProgress (Preparing(sprintf "caching %d activation rows" cacheRows))
@@ -623,6 +634,10 @@ module CoderJobs =
                         let coder = Coder.create j.Coder device
                         try
                             CoderTraining.prepare j.Train coder (fun i -> pair j.Coder prefetched[i])
+                            (use _ = torch.NewDisposeScope()
+                             let x, y = pair j.Coder prefetched[0]
+                             let centred = j.Coder.InputBias && j.Train.BiasInit <> Normalisation.ZeroBias
+                             onProgress (Preparing(sprintf "coder '%s': %s" j.Name (Normalisation.meanStdReport coder centred x y))))
                             created.Add((j, CoderTraining.init j.Train coder))
                         with _ ->
                             (coder :> IDisposable).Dispose()
@@ -640,13 +655,14 @@ module CoderJobs =
                     Directory.CreateDirectory(Path.Combine(config.Out, j.Name)) |> ignore
                     AtomicFile.writeAllText (logPath j) ""
                 buffer, states, prefetched
-        let startStep = match resumeFrom with Some(s, _) -> s | None -> 0
+        let startStep = match resumeFrom with Some(s, _, _) -> s | None -> 0
+        let elapsed0 = match resumeFrom with Some(_, _, info) -> info.ElapsedSeconds | None -> 0.0
         let lastLogs = Collections.Generic.Dictionary<string, StepLog>()
-        let mutable lastCheckpoint = resumeFrom |> Option.map fst
+        let mutable lastCheckpoint = resumeFrom |> Option.map (fun (s, folder, _) -> s, folder)
         let writers =
             jobs |> List.map (fun j ->
                 Directory.CreateDirectory(Path.Combine(config.Out, j.Name)) |> ignore
-                j.Name, new StreamWriter(logPath j, true, Text.UTF8Encoding false))
+                j.Name, new Metrics.Log(logPath j))
             |> dict
         try
             try
@@ -666,23 +682,22 @@ module CoderJobs =
                             let log =
                                 try CoderTraining.stepWith state (fun _ -> x, y) x y
                                 with CoderTrainingError msg ->
-                                    fail "coder '%s' stopped: %s. %s" job.Name msg
+                                    fail "coder '%s' stopped: %s. No coder was saved. %s" job.Name msg
                                         (match lastCheckpoint with
-                                         | Some c -> sprintf "The last good checkpoint (step %d) is kept in %s" c (checkpointDir config)
+                                         | Some (c, folder) -> sprintf "The last good checkpoint is %s (step %d)" folder c
                                          | None -> "No checkpoint was written yet")
                             lastLogs[job.Name] <- log
-                            if log.Step % job.Train.LogEvery = 0 || log.Step = job.Train.Steps - 1 || log.Resampled > 0 then
+                            if CoderTraining.isLogged job.Train log then
                                 writers[job.Name].WriteLine(CoderTraining.logLine log)
-                                writers[job.Name].Flush()
                                 logged.Add((job.Name, log))
                     onProgress (Trained(s + 1, maxSteps, int64 (s + 1) * config.Store.Buffer.BatchSize, List.ofSeq logged))
                     let due = s + 1 = maxSteps || (config.CheckpointEvery > 0 && (s + 1) % config.CheckpointEvery = 0)
                     if due && s + 1 >= prefetched.Length then
-                        let folder = saveCheckpoint config (s + 1) buffer states
-                        lastCheckpoint <- Some(s + 1)
+                        let folder = saveCheckpoint config description (s + 1) (elapsed0 + sw.Elapsed.TotalSeconds) buffer states
+                        lastCheckpoint <- Some(s + 1, folder)
                         onProgress (Checkpointed(s + 1, folder))
             finally
-                for w in writers.Values do w.Dispose()
+                for w in writers.Values do (w :> IDisposable).Dispose()
                 for b in prefetched do Batch.dispose b
                 (buffer :> IDisposable).Dispose()
             let trainSeconds = sw.Elapsed.TotalSeconds
@@ -702,22 +717,12 @@ module CoderJobs =
                           LastLog =
                             (match lastLogs.TryGetValue job.Name with
                              | true, l -> Some l
-                             | _ ->
-                                 // resumed at the end: the log's last line
-                                 let lines = File.ReadAllLines(logPath job) |> Array.filter (fun l -> l.Trim() <> "")
-                                 if lines.Length = 0 then None
-                                 else
-                                     use d = JsonDocument.Parse(Array.last lines)
-                                     let e = d.RootElement
-                                     let num (k: string) = match e.GetProperty(k).ValueKind with JsonValueKind.Number -> e.GetProperty(k).GetDouble() | _ -> nan
-                                     Some { Step = e.GetProperty("step").GetInt32(); Tokens = e.GetProperty("tokens").GetInt64(); Lr = num "lr"
-                                            SparsityCoefficient = num "sparsity_coefficient"; Loss = num "loss"; Reconstruction = num "reconstruction"
-                                            Sparsity = num "sparsity"; PreAct = num "pre_act"; Auxiliary = num "auxiliary"; L0 = num "l0"
-                                            Fvu = num "fvu"; DeadFraction = num "dead_fraction"; Resampled = e.GetProperty("resampled").GetInt32() })
+                             | _ -> Metrics.tryLast CoderTraining.parseLogLine (logPath job)) // resumed at the end: the log's last line
                           Metrics = metrics
                           Spliced = spliced } ]
                 for r in results do
                     AtomicFile.writeAllText (Path.Combine(r.Path, "eval.json")) (evalJson r)
+                    SaeLensMetrics.write r.Path (SaeLensMetrics.ofResults r.Metrics r.Spliced)
                     match r.Metrics with
                     | Some e ->
                         use flat = torch.tensor(Array.concat e.Frequencies |> Array.map float32)
@@ -726,7 +731,7 @@ module CoderJobs =
                     | None -> ()
                 writeMetrics config.Out results joint
                 { Coders = results; Joint = joint; Steps = maxSteps; Tokens = int64 maxSteps * config.Store.Buffer.BatchSize
-                  ResumedFrom = resumeFrom |> Option.map fst; TrainSeconds = trainSeconds; EvalSeconds = evalWatch.Elapsed.TotalSeconds }
+                  ResumedFrom = resumeFrom |> Option.map (fun (s, _, _) -> s); TrainSeconds = trainSeconds; EvalSeconds = evalWatch.Elapsed.TotalSeconds }
             finally
                 for _, c in loaded do (c :> IDisposable).Dispose()
         finally

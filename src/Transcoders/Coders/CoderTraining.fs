@@ -5,6 +5,7 @@ open System.IO
 open System.Text.Json
 open TorchSharp
 open Transcoders.Coders.Scalars
+open Transcoders.Training
 
 /// How a coder is trained on activation batches.
 type TrainConfig =
@@ -105,11 +106,12 @@ exception CoderTrainingError of string with
     override this.Message = this.Data0
 
 /// The state of a training run: the coder, its optimiser and firing statistics. Everything a checkpoint needs is
-/// reachable from here (`Coder.StateDict`, `Optimizer.StateDict`, `Stats.StateDict`, `Step`).
+/// reachable from here (`Coder.StateDict`, `Optimizer.StateTensors`, `Stats.StateDict`, `Step`).
 type TrainState =
     { Config: TrainConfig
       Coder: Coder
-      Optimizer: CoderAdam
+      /// Training's AdamW (no weight decay; see `CoderOptimizer`).
+      Optimizer: Optim.AdamW
       Stats: FiringStats
       mutable Step: int }
 
@@ -174,7 +176,7 @@ module CoderTraining =
         | _ -> ()
         { Config = cfg
           Coder = coder
-          Optimizer = new CoderAdam(coder.NamedParameters, cfg.Beta1, cfg.Beta2, cfg.Eps)
+          Optimizer = CoderOptimizer.create coder.NamedParameters cfg.Beta1 cfg.Beta2 cfg.Eps
           Stats = new FiringStats(coder.NLayers, coder.Config.DSae, coder.Device)
           Step = 0 }
 
@@ -270,6 +272,8 @@ module CoderTraining =
         let resampled =
             match cfg.Resampling with
             | Some r when (step + 1) % r.EverySteps = 0 && step <= r.StopAfterStep ->
+                // the draws are a function of (seed, step), so a run resumed from a checkpoint draws the same
+                Transcoders.Tensors.Rng.seed (Trainer.stepSeed cfg.Seed step)
                 let deadNow = state.Stats.Dead cfg.DeadAfterTokens
                 let extra = [ for i in 1 .. r.Batches -> let bx, by = resampleSource (step + i) in normaliseBatch coder bx by ]
                 let rx = torch.cat((extra |> List.map fst |> Array.ofList), 1L)
@@ -290,7 +294,7 @@ module CoderTraining =
         let step = state.Step
         use scope = torch.NewDisposeScope()
         let lambda = sparsityCoefficient cfg step
-        let lr = cfg.Lr * cfg.Schedule.Factor(step, cfg.Steps)
+        let lr = Schedule.lrAt (cfg.Schedule.ToSchedule(cfg.Lr, cfg.Steps)) step
         let f = forwardLoss state x y
         let diag = diagnostics f
         if not (Double.IsFinite diag[0]) then
@@ -304,7 +308,8 @@ module CoderTraining =
         f.Terms.Total.backward()
         Activations.BackwardTensors.release ()
         afterBackward state
-        state.Optimizer.Step lr
+        state.Optimizer.SetLearningRate lr
+        state.Optimizer.Step()
         let resampled = afterStep state f resampleSource (fun name mask -> state.Optimizer.ResetMasked(name, mask))
         { Step = step; Tokens = state.Stats.TotalTokens; Lr = lr; SparsityCoefficient = lambda
           Loss = diag[0]; Reconstruction = diag[1]; Sparsity = diag[2]; PreAct = diag[3]; Auxiliary = diag[4]
@@ -314,27 +319,41 @@ module CoderTraining =
     let step (state: TrainState) (x: torch.Tensor) (y: torch.Tensor) : StepLog =
         stepWith state (fun _ -> x, y) x y
 
-    /// The JSON line of a step log.
+    /// The JSON line of a step log (non-finite numbers as null, as in every metrics log; see `Metrics`).
     let logLine (l: StepLog) : string =
-        use ms = new MemoryStream()
-        (use w = new Utf8JsonWriter(ms)
-         w.WriteStartObject()
-         w.WriteNumber("step", l.Step)
-         w.WriteNumber("tokens", l.Tokens)
-         let num (name: string) (v: float) = if Double.IsFinite v then w.WriteNumber(name, v) else w.WriteString(name, string v)
-         num "lr" l.Lr
-         num "sparsity_coefficient" l.SparsityCoefficient
-         num "loss" l.Loss
-         num "reconstruction" l.Reconstruction
-         num "sparsity" l.Sparsity
-         num "pre_act" l.PreAct
-         num "auxiliary" l.Auxiliary
-         num "l0" l.L0
-         num "fvu" l.Fvu
-         num "dead_fraction" l.DeadFraction
-         w.WriteNumber("resampled", l.Resampled)
-         w.WriteEndObject())
-        Text.Encoding.UTF8.GetString(ms.ToArray())
+        Metrics.jsonLine (fun w ->
+            let num = JsonNumbers.write w
+            w.WriteNumber("step", l.Step)
+            w.WriteNumber("tokens", l.Tokens)
+            num "lr" l.Lr
+            num "sparsity_coefficient" l.SparsityCoefficient
+            num "loss" l.Loss
+            num "reconstruction" l.Reconstruction
+            num "sparsity" l.Sparsity
+            num "pre_act" l.PreAct
+            num "auxiliary" l.Auxiliary
+            num "l0" l.L0
+            num "fvu" l.Fvu
+            num "dead_fraction" l.DeadFraction
+            w.WriteNumber("resampled", l.Resampled))
+
+    /// Reads a line written by `logLine`; `source` names the file in errors.
+    let parseLogLine (source: string) (line: string) : StepLog =
+        Metrics.parseLine source line (fun e ->
+            let prop (k: string) =
+                match e.TryGetProperty k with
+                | true, v -> v
+                | _ -> failwithf "%s: log line without '%s': %s" source k line
+            let num (k: string) = JsonNumbers.ofElement (prop k)
+            { Step = (prop "step").GetInt32(); Tokens = (prop "tokens").GetInt64(); Lr = num "lr"
+              SparsityCoefficient = num "sparsity_coefficient"; Loss = num "loss"; Reconstruction = num "reconstruction"
+              Sparsity = num "sparsity"; PreAct = num "pre_act"; Auxiliary = num "auxiliary"; L0 = num "l0"
+              Fvu = num "fvu"; DeadFraction = num "dead_fraction"; Resampled = (prop "resampled").GetInt32() })
+
+    /// Whether step `s` (0-based) of a run of `steps` steps is logged (every `LogEvery`-th, the last, and any that
+    /// resampled features).
+    let isLogged (cfg: TrainConfig) (l: StepLog) =
+        l.Step % cfg.LogEvery = 0 || l.Step = cfg.Steps - 1 || l.Resampled > 0
 
     /// Trains a prepared coder for `Steps` steps on `source step = (x, target)` (tensors the source creates are disposed
     /// after their step). Writes every `LogEvery`-th step (and the last) to the JSONL log, calls `onLog` with it, and
@@ -343,9 +362,8 @@ module CoderTraining =
         let state = init cfg coder
         let writer =
             cfg.LogPath |> Option.map (fun p ->
-                let full = Path.GetFullPath p
-                Directory.CreateDirectory(Path.GetDirectoryName full) |> ignore
-                new StreamWriter(full, false, Text.UTF8Encoding false))
+                if File.Exists p then File.Delete p
+                new Metrics.Log(p))
         let logs = Collections.Generic.List<StepLog>()
         try
             for s in 0 .. cfg.Steps - 1 do
@@ -353,12 +371,12 @@ module CoderTraining =
                     use scope = torch.NewDisposeScope()
                     let x, y = source s
                     stepWith state source x y
-                if s % cfg.LogEvery = 0 || s = cfg.Steps - 1 || log.Resampled > 0 then
+                if isLogged cfg log then
                     logs.Add log
-                    writer |> Option.iter (fun w -> w.WriteLine(logLine log); w.Flush())
+                    writer |> Option.iter (fun w -> w.WriteLine(logLine log))
                     onLog log
         finally
-            writer |> Option.iter (fun w -> w.Dispose())
+            writer |> Option.iter (fun w -> (w :> IDisposable).Dispose())
         state, List.ofSeq logs
 
     /// `trainWith` without a callback.

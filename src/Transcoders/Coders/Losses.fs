@@ -11,6 +11,10 @@ type Reconstruction =
     | NormalizedMse
     /// Fraction of variance unexplained Σ‖y − ŷ‖² / Σ‖y − ȳ‖² (ȳ the batch mean per layer), as sparsify trains on.
     | Fvu
+    /// Matryoshka (Bussmann et al. 2025; Nabeshima 2024): the first `prefixes[0]` features alone, the first
+    /// `prefixes[1]`, …, and the whole dictionary each reconstruct the target; the term is the mean over those nested
+    /// prefixes of `each`. Prefix sizes ascend, lie in 1..d_sae, and d_sae itself is implied as the last prefix.
+    | Matryoshka of prefixes: int list * each: Reconstruction
 
 /// The sparsity penalty, per token summed over features (and layers), averaged over tokens.
 type Sparsity =
@@ -22,6 +26,9 @@ type Sparsity =
     | Tanh of c: float
     /// Σ_i H(z_i − θ_i) with the JumpReLU straight-through estimator for θ (Gemma Scope "step" L0). JumpReLU only.
     | L0
+    /// (L0 / target − 1)², L0 the mean active features per token and layer through the same estimator: pulls L0 to
+    /// `target` from both sides (Gemma Scope 2's quadratic L0 penalty, made scale-free). JumpReLU only.
+    | L0Target of target: float
 
 /// An auxiliary loss that revives dead features.
 type Auxiliary =
@@ -59,6 +66,17 @@ type LossConfig =
     static member TopK(kAux: int) =
         { Reconstruction = Fvu; Sparsity = NoSparsity; SparsityCoefficient = 0.0
           PreActCoefficient = 0.0; PreActDeadOnly = true; Auxiliary = AuxK(kAux, 1.0 / 32.0) }
+
+    /// Matryoshka BatchTopK (SAELens, dictionary_learning): the TopK recipe with every nested prefix of the dictionary
+    /// reconstructing the target (use it with a `BatchTopK` activation).
+    static member MatryoshkaBatchTopK(prefixes: int list, kAux: int) =
+        { LossConfig.TopK kAux with Reconstruction = Matryoshka(prefixes, Fvu) }
+
+    /// JumpReLU with an L0 penalty pulled to a target L0: MSE + λ·(L0/target − 1)², plus the pre-activation loss on
+    /// dead features so that they can come back above their threshold.
+    static member JumpReLUTargetL0(target: float, lambda: float) =
+        { Reconstruction = Mse; Sparsity = L0Target target; SparsityCoefficient = lambda
+          PreActCoefficient = 3e-6; PreActDeadOnly = true; Auxiliary = NoAuxiliary }
 
 /// Each term of one step's loss (scalar tensors, differentiable). Total = Reconstruction + λ·Sparsity + λ_p·PreAct + Auxiliary.
 type LossTerms =
@@ -120,12 +138,43 @@ module Losses =
         use den' = den.clamp_min 1e-12
         num.div den'
 
-    /// The configured reconstruction term.
+    /// The configured reconstruction term (a Matryoshka term needs the coder's features: `matryoshka`).
     let reconstruction (kind: Reconstruction) (pred: torch.Tensor) (target: torch.Tensor) : torch.Tensor =
         match kind with
         | Mse -> mse pred target
         | NormalizedMse -> normalizedMse pred target
         | Fvu -> fvu pred target
+        | Matryoshka _ -> invalidArg "kind" "a Matryoshka reconstruction decodes prefixes of the features: use Losses.matryoshka"
+
+    /// The nested prefix sizes of a Matryoshka term on `dSae` features, d_sae last; raises on sizes out of order or range.
+    let matryoshkaPrefixes (prefixes: int list) (dSae: int) : int list =
+        if prefixes |> List.exists (fun m -> m < 1 || m > dSae) then
+            invalidArg "prefixes" (sprintf "Matryoshka prefix sizes must lie in 1..d_sae=%d (got %A)" dSae prefixes)
+        if prefixes |> List.pairwise |> List.exists (fun (a, b) -> b <= a) then
+            invalidArg "prefixes" (sprintf "Matryoshka prefix sizes must ascend strictly (got %A)" prefixes)
+        if List.isEmpty prefixes || List.last prefixes <> dSae then prefixes @ [ dSae ] else prefixes
+
+    /// The prediction [L, B, d_out] of the first `m` features alone (biases and skip path kept): the full prediction
+    /// minus the decoded contribution of features m..d_sae−1.
+    let prefixPrediction (coder: Coder) (pass: CoderPass) (m: int) : torch.Tensor =
+        let dSae = int64 coder.Config.DSae
+        if int64 m >= dSae then pass.Prediction.alias()
+        else
+            use rest = pass.Acts.narrow(2, int64 m, dSae - int64 m)
+            use pad = torch.nn.functional.pad(rest, [| int64 m; 0L |])
+            use tail = coder.DecodeNoBias pad
+            pass.Prediction.sub tail
+
+    /// The Matryoshka term: the mean over the nested prefixes of `each` on each prefix's prediction.
+    let matryoshka (each: Reconstruction) (prefixes: int list) (coder: Coder) (pass: CoderPass) (target: torch.Tensor) : torch.Tensor =
+        let ms = matryoshkaPrefixes prefixes coder.Config.DSae
+        let terms =
+            [ for m in ms ->
+                use p = prefixPrediction coder pass m
+                reconstruction each p target ]
+        use stacked = torch.stack(terms, 0)
+        for t in terms do t.Dispose()
+        stacked.mean()
 
     /// mean_t Σ_{ℓ,i} |a_i| (·‖W_dec,i‖ when `decoderNorms` [L, d_sae] is given).
     let l1 (acts: torch.Tensor) (decoderNorms: torch.Tensor option) : torch.Tensor =
@@ -150,6 +199,14 @@ module Losses =
         use th = threshold.unsqueeze 1
         use h = Activations.step pre th bandwidth
         sumLayersFeatures h
+
+    /// (L0/target − 1)² with L0 = mean_t of Σ_i H(z_i − θ_i), averaged over layers; differentiable in θ.
+    let l0Target (pre: torch.Tensor) (threshold: torch.Tensor) (bandwidth: float) (target: float) : torch.Tensor =
+        if not (target > 0.0) then invalidArg "target" (sprintf "the target L0 must be positive (got %g)" target)
+        use total = l0 pre threshold bandwidth
+        use perLayer = total.div(sc (float pre.shape[0]))
+        use rel = perLayer.div(sc target).sub(sc 1.0)
+        rel.square ()
 
     /// Anthropic's pre-activation loss mean_t Σ_{ℓ,i} ReLU(θ_i − z_i)·‖W_dec,i‖, restricted to `mask` [L, d_sae] when given.
     let preAct (pre: torch.Tensor) (threshold: torch.Tensor) (decoderNorms: torch.Tensor) (mask: torch.Tensor option) : torch.Tensor =
@@ -243,7 +300,10 @@ module Losses =
 
     /// All terms of the configured loss. `sparsityCoefficient` is λ after warm-up; `dead` [L, d_sae] marks dead features.
     let compute (cfg: LossConfig) (sparsityCoefficient: float) (coder: Coder) (pass: CoderPass) (target: torch.Tensor) (dead: torch.Tensor) : LossTerms =
-        let recon = reconstruction cfg.Reconstruction pass.Prediction target
+        let recon =
+            match cfg.Reconstruction with
+            | Matryoshka(prefixes, each) -> matryoshka each prefixes coder pass target
+            | r -> reconstruction r pass.Prediction target
         let needNorms =
             match cfg.Sparsity with
             | L1 true | Tanh _ -> true
@@ -263,6 +323,10 @@ module Losses =
                 match coder.Config.Activation with
                 | JumpReLU j -> (use th = threshold () in l0 pass.Pre th j.Bandwidth)
                 | a -> invalidArg "cfg" (sprintf "LossConfig.Sparsity = L0 needs a JumpReLU coder (this one uses %A)" a)
+            | L0Target target ->
+                match coder.Config.Activation with
+                | JumpReLU j -> (use th = threshold () in l0Target pass.Pre th j.Bandwidth target)
+                | a -> invalidArg "cfg" (sprintf "LossConfig.Sparsity = L0Target needs a JumpReLU coder (this one uses %A)" a)
         let pre =
             if cfg.PreActCoefficient > 0.0 then
                 use th = threshold ()

@@ -186,9 +186,15 @@ let isCheckpoint (dir: string) =
             | _ -> false
         with _ -> false)
 
+/// A short description of the dimensions a configuration asks for, for errors that compare it with a file.
+let internal describeConfig (path: string) (c: TransformerConfig) =
+    sprintf "%s (d_model %d, n_layers %d, n_heads %d, n_kv_heads %d, d_mlp %d, n_ctx %d, vocab_size %d)"
+        path c.DModel c.NLayers c.NHeads c.NKvHeads c.DMlp c.NCtx c.VocabSize
+
 /// Loads a folder written by `save` onto `device`: the model, with parameters bit-identical to the
-/// saved ones, and the metadata.
-let load (dir: string) (device: torch.Device) : Transformer * Metadata =
+/// saved ones, and the metadata. Every tensor's name, shape and dtype is checked against config.json
+/// before the model is allocated; weights holding NaN or ±∞ are refused unless `options` allows them.
+let loadWith (options: LoadOptions) (dir: string) (device: torch.Device) : Transformer * Metadata =
     let config, meta = readConfig dir
     let path = weightsPath dir
     if not (File.Exists path) then raise (CheckpointError(path, "file not found (a checkpoint folder holds config.json and model.safetensors)"))
@@ -196,9 +202,23 @@ let load (dir: string) (device: torch.Device) : Transformer * Metadata =
     match reader.Metadata.TryFind "format" with
     | Some f when f <> FormatName -> raise (CheckpointError(path, sprintf "safetensors metadata says format '%s', expected '%s'" f FormatName))
     | _ -> ()
+    CheckpointFile.checkLayerCount path (describeConfig (configPath dir) config) config reader.Entries.Length
+    let expected = TransformerConfig.parameterShapes config
+    let names = expected |> List.map fst |> set
+    match reader.Entries |> List.filter (fun e -> not (names.Contains e.Name)) with
+    | [] -> ()
+    | extra ->
+        raise (CheckpointError(path, sprintf "unexpected tensor %s: a model of %s has no such parameter"
+                                         (extra |> List.truncate 8 |> List.map (fun e -> sprintf "'%s' %s" e.Name (Shape.show e.Shape)) |> String.concat ", ")
+                                         (describeConfig (configPath dir) config)))
+    CheckpointFile.checkEntries path (describeConfig (configPath dir) config) expected reader.Entries
+    CheckpointFile.checkRotaryBudget (configPath dir) "config.n_ctx" config (reader.Entries |> List.sumBy (fun e -> e.ByteLength))
     let m = Transformer.create config device
-    try CheckpointFile.copyInto path m (seq { for e in reader.Entries -> e.Name, reader.Tensor(e.Name, device) })
+    try CheckpointFile.copyInto (Some options) path m (seq { for e in reader.Entries -> e.Name, reader.Tensor(e.Name, device) })
     with _ ->
         m.Dispose()
         reraise ()
     m, meta
+
+/// `loadWith LoadOptions.Default`: finite weights only.
+let load (dir: string) (device: torch.Device) : Transformer * Metadata = loadWith LoadOptions.Default dir device

@@ -77,13 +77,82 @@ type JsonFields(path: string, element: JsonElement, prefix: string) =
             if v.ValueKind <> JsonValueKind.Array then fail name (sprintf "must be an array of strings, got %s" (v.GetRawText()))
             [ for x in v.EnumerateArray() -> asString name x ])
 
+/// What the loaders of models and coders accept beyond well-formed files.
+type LoadOptions =
+    { /// Accept weights holding NaN or ±∞. Off by default: such a tensor is refused, naming the file and the tensor.
+      AllowNonFinite: bool }
+
+    /// Finite weights only.
+    static member Default = { AllowNonFinite = false }
+
 module internal CheckpointFile =
+
+    /// Whether a stored dtype can hold a floating-point parameter (it is converted to the parameter's dtype).
+    let isFloat (d: Transcoders.Files.Safetensors.DType) =
+        match d with
+        | Transcoders.Files.Safetensors.F32 | Transcoders.Files.Safetensors.F16
+        | Transcoders.Files.Safetensors.BF16 | Transcoders.Files.Safetensors.F64 -> true
+        | _ -> false
+
+    /// The problem with a non-finite tensor, or None when every value is finite (or `options` allows them).
+    let nonFinite (options: LoadOptions) (name: string) (t: torch.Tensor) : string option =
+        if options.AllowNonFinite || not (t.is_floating_point ()) then None
+        else
+            use finite = torch.isfinite t
+            use all = finite.all ()
+            if all.item<bool> () then None
+            else
+                use bad = finite.logical_not().sum()
+                Some (sprintf "tensor '%s' holds %d non-finite value(s) (NaN or ±∞); LoadOptions.AllowNonFinite loads it anyway" name (bad.item<int64> ()))
+
+    /// Raises CheckpointError naming `path` and the tensor when `t` holds NaN or ±∞ (unless `options` allows them).
+    let checkFinite (options: LoadOptions) (path: string) (name: string) (t: torch.Tensor) =
+        match nonFinite options name t with
+        | Some problem -> raise (CheckpointError(path, problem))
+        | None -> ()
+
+    /// Checks a file's header entries (in file order) against the tensors a configuration needs, before anything is
+    /// allocated: each expected tensor has the expected shape and a floating-point dtype, and none is missing.
+    /// `describe` says which configuration asked for the shapes (e.g. "config.json (d_model 64, ...)"). Entries the
+    /// configuration does not name are left to the caller.
+    let checkEntries (path: string) (describe: string) (expected: (string * int64[]) list) (entries: Transcoders.Files.Safetensors.Entry list) =
+        let shapes = dict expected
+        for e in entries do
+            match shapes.TryGetValue e.Name with
+            | true, shape ->
+                if e.Shape <> shape then
+                    raise (CheckpointError(path, sprintf "tensor for '%s' has shape %s, the model expects %s (as %s asks)" e.Name (Shape.show e.Shape) (Shape.show shape) describe))
+                if not (isFloat e.DType) then
+                    raise (CheckpointError(path, sprintf "tensor '%s' is stored as %s, which cannot hold a floating-point parameter (F32, F16, BF16 or F64 expected)" e.Name e.DType.Name))
+            | _ -> ()
+        let present = entries |> List.map (fun e -> e.Name) |> set
+        match expected |> List.filter (fun (n, _) -> not (present.Contains n)) with
+        | [] -> ()
+        | missing ->
+            raise (CheckpointError(path, sprintf "no tensor for parameter(s) %s (needed by %s)"
+                                             (missing |> List.map (fun (n, s) -> sprintf "%s %s" n (Shape.show s)) |> String.concat ", ") describe))
+
+    /// Refuses a configuration with more layers than the files have tensors (each layer needs several), before the
+    /// list of expected tensors is built: a config.json claiming a million layers fails at once.
+    let checkLayerCount (path: string) (describe: string) (c: TransformerConfig) (tensorCount: int) =
+        if c.NLayers > tensorCount then
+            raise (CheckpointError(path, sprintf "%s asks for %d layers, but the weights hold only %d tensors" describe c.NLayers tensorCount))
+
+    /// Refuses a configuration whose rotary tables would be larger than the weights themselves (plus 64 MiB):
+    /// no tensor bounds the context length of a rotary model, so the file's size does.
+    let checkRotaryBudget (path: string) (field: string) (c: TransformerConfig) (weightBytes: int64) =
+        let tables = TransformerConfig.rotaryTableBytes c
+        let budget = weightBytes + (64L <<< 20)
+        if tables > budget then
+            raise (CheckpointError(path, sprintf "%s %d asks for rotary tables of %d bytes (n_ctx × d_head %d × 4 bytes × cos and sin), more than the %d bytes of weights allow: a corrupt or implausible context length"
+                                             field c.NCtx tables (TransformerConfig.dHead c) weightBytes))
 
     /// Copies `tensors` (name → tensor, any float dtype, any device) into the model's parameters of the
     /// same names, converting to the parameter's dtype and device. Fails naming `path` when a name is
     /// unknown, a parameter is left without a value, or a shape differs. Takes ownership of the tensors:
     /// each is disposed once copied (so a lazy sequence holds one at a time).
-    let copyInto (path: string) (m: Transformer) (tensors: seq<string * torch.Tensor>) =
+    /// With `options`, each tensor is also checked for non-finite values (naming it) before it is copied.
+    let copyInto (options: LoadOptions option) (path: string) (m: Transformer) (tensors: seq<string * torch.Tensor>) =
         let parameters = Transformer.parameters m |> dict
         let assigned = System.Collections.Generic.HashSet<string>()
         use _ = torch.no_grad ()
@@ -94,6 +163,9 @@ module internal CheckpointFile =
           | true, p ->
               if p.shape <> t.shape then
                   raise (CheckpointError(path, sprintf "tensor for '%s' has shape %s, the model expects %s" name (Shape.show t.shape) (Shape.show p.shape)))
+              if not (t.is_floating_point ()) then
+                  raise (CheckpointError(path, sprintf "tensor for '%s' has dtype %A, which cannot hold a floating-point parameter" name t.dtype))
+              options |> Option.iter (fun o -> checkFinite o path name t)
               if not (assigned.Add name) then raise (CheckpointError(path, sprintf "two tensors for parameter '%s'" name))
               p.copy_(t) |> ignore
         let missing = parameters.Keys |> Seq.filter (assigned.Contains >> not) |> List.ofSeq

@@ -106,12 +106,23 @@ let private openWeights (dir: string) : Map<string, Safetensors.Reader> * Safete
             [ for p in map.Element.EnumerateObject() ->
                 if p.Value.ValueKind <> Text.Json.JsonValueKind.String then map.Fail(p.Name, "must be a file name")
                 p.Name, p.Value.GetString() ]
-        let readers = files |> List.map snd |> List.distinct |> List.map (fun file -> file, Safetensors.Reader.Open(Path.Combine(dir, file))) |> Map.ofList
+        let opened = Collections.Generic.List<string * Safetensors.Reader>()
+        try
+            for file in files |> List.map snd |> List.distinct do
+                opened.Add((file, Safetensors.Reader.Open(Path.Combine(dir, file))))
+        with _ ->
+            for _, r in opened do (r :> IDisposable).Dispose()
+            reraise ()
+        let readers = opened |> Map.ofSeq
         let table =
-            files |> List.map (fun (name, file) ->
-                let r = readers.[file]
-                if not (r.Contains name) then raise (CheckpointError(index, sprintf "'%s' is listed in %s but that file does not hold it" name file))
-                name, r)
+            try
+                files |> List.map (fun (name, file) ->
+                    let r = readers.[file]
+                    if not (r.Contains name) then raise (CheckpointError(index, sprintf "'%s' is listed in %s but that file does not hold it" name file))
+                    name, r)
+            with _ ->
+                for r in readers.Values do (r :> IDisposable).Dispose()
+                reraise ()
         Map.ofList table, List.ofSeq readers.Values
     elif File.Exists(Path.Combine(dir, "pytorch_model.bin")) then
         raise (CheckpointError(dir, "only pytorch_model.bin is present: this loader reads safetensors weights (model.safetensors); convert the checkpoint first"))
@@ -119,6 +130,47 @@ let private openWeights (dir: string) : Map<string, Safetensors.Reader> * Safete
 
 /// Buffers some HF checkpoints carry that are not parameters.
 let private ignorable = Regex(@"(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$")
+
+/// The HF tensors a configuration needs, with their shapes as HF stores them (GPT-2's Conv1D as [in, out]).
+/// `gpt2Prefix` is "transformer." for `GPT2LMHeadModel` files, "" for `GPT2Model` ones.
+let private expectedTensors (fam: Family) (c: TransformerConfig) (gpt2Prefix: string) : (string * int64[]) list =
+    let d, e = int64 c.DModel, int64 (TransformerConfig.dHead c)
+    let h, kv, m, v = int64 c.NHeads, int64 c.NKvHeads, int64 c.DMlp, int64 c.VocabSize
+    match fam with
+    | Gpt2 ->
+        let hf name = gpt2Prefix + name
+        let conv1d name (inputs: int64) (outputs: int64) = [ hf (name + ".weight"), [| inputs; outputs |]; hf (name + ".bias"), [| outputs |] ]
+        [ yield hf "wte.weight", [| v; d |]
+          yield hf "wpe.weight", [| int64 c.NCtx; d |]
+          for l in 0 .. c.NLayers - 1 do
+              let p = sprintf "h.%d." l
+              yield hf (p + "ln_1.weight"), [| d |]
+              yield hf (p + "ln_1.bias"), [| d |]
+              yield! conv1d (p + "attn.c_attn") d (3L * d)
+              yield! conv1d (p + "attn.c_proj") d d
+              yield hf (p + "ln_2.weight"), [| d |]
+              yield hf (p + "ln_2.bias"), [| d |]
+              yield! conv1d (p + "mlp.c_fc") d m
+              yield! conv1d (p + "mlp.c_proj") m d
+          yield hf "ln_f.weight", [| d |]
+          yield hf "ln_f.bias", [| d |]
+          if not c.TiedUnembed then yield "lm_head.weight", [| v; d |] ]
+    | Llama ->
+        let linear name outputs inputs bias = [ yield name + ".weight", [| outputs; inputs |]; if bias then yield name + ".bias", [| outputs |] ]
+        [ yield "model.embed_tokens.weight", [| v; d |]
+          for l in 0 .. c.NLayers - 1 do
+              let p = sprintf "model.layers.%d." l
+              yield p + "input_layernorm.weight", [| d |]
+              yield! linear (p + "self_attn.q_proj") (h * e) d c.Biases.Qkv
+              yield! linear (p + "self_attn.k_proj") (kv * e) d c.Biases.Qkv
+              yield! linear (p + "self_attn.v_proj") (kv * e) d c.Biases.Qkv
+              yield! linear (p + "self_attn.o_proj") d (h * e) c.Biases.AttnOut
+              yield p + "post_attention_layernorm.weight", [| d |]
+              yield! linear (p + "mlp.gate_proj") m d c.Biases.MlpIn
+              yield! linear (p + "mlp.up_proj") m d c.Biases.MlpIn
+              yield! linear (p + "mlp.down_proj") d m c.Biases.MlpOut
+          yield "model.norm.weight", [| d |]
+          if not c.TiedUnembed then yield "lm_head.weight", [| v; d |] ]
 
 /// (our name, tensor) pairs from HF tensors, for one family. `get` loads an HF tensor (the caller
 /// disposes nothing: every returned tensor is consumed by the copy).
@@ -180,29 +232,63 @@ let private convert (fam: Family) (c: TransformerConfig) (has: string -> bool) (
     }
 
 /// Loads a Hugging Face checkpoint folder as a Transformer on `device`. Fails clearly on an unsupported
-/// architecture or option, a missing or unexpected tensor, or a shape that disagrees with config.json.
-let load (dir: string) (device: torch.Device) : Transformer =
+/// architecture or option, a missing or unexpected tensor, a shape that disagrees with config.json, a dtype
+/// that cannot hold a weight, or (unless `options` allows them) a weight holding NaN or ±∞. Every tensor is
+/// checked against the configuration from the files' headers before the model is allocated.
+let loadWith (options: LoadOptions) (dir: string) (device: torch.Device) : Transformer =
     let fam, _, config = readConfig dir
+    let configFile = Path.Combine(dir, "config.json")
     let table, readers = openWeights dir
     try
-        let used = Collections.Generic.HashSet<string>()
-        let get name =
+        let describe = Checkpoint.describeConfig configFile config
+        let weightFiles = readers |> List.map (fun r -> r.Path) |> String.concat ", "
+        CheckpointFile.checkLayerCount weightFiles describe config table.Count
+        let gpt2Prefix = if table.ContainsKey "transformer.wte.weight" then "transformer." else ""
+        let expected = expectedTensors fam config gpt2Prefix
+        let tiedHead = config.TiedUnembed && table.ContainsKey "lm_head.weight"
+        let checkedNames = (expected |> List.map fst) @ (if tiedHead then [ "lm_head.weight" ] else [])
+        let shapes = dict (expected @ [ "lm_head.weight", [| int64 config.VocabSize; int64 config.DModel |] ])
+        let shapeOf name = shapes.[name]
+        // every header checked against the configuration before anything is allocated
+        for name in checkedNames do
             match table.TryFind name with
-            | Some r ->
-                used.Add name |> ignore
-                r.Tensor(name, torch.CPU)
-            | None -> raise (CheckpointError(dir, sprintf "tensor '%s' is missing from the weights" name))
+            | None ->
+                raise (CheckpointError(weightFiles, sprintf "tensor '%s' is missing from the weights (shape %s, needed by %s)" name (Shape.show (shapeOf name)) describe))
+            | Some r -> CheckpointFile.checkEntries r.Path describe [ name, shapeOf name ] [ r.Info name ]
+        let known = set checkedNames
+        let unexpected = table |> Map.toList |> List.filter (fun (k, _) -> not (known.Contains k) && not (ignorable.IsMatch k))
+        if not unexpected.IsEmpty then
+            let r = snd unexpected.Head
+            raise (CheckpointError(r.Path, sprintf "unexpected tensors for a %s model of %s: %s" (match fam with Gpt2 -> "GPT-2" | Llama -> "Llama") describe
+                                               (unexpected |> List.truncate 8 |> List.map fst |> String.concat ", ")))
+        // a tied model whose file also holds a head of its own: it must be the embedding (else tying would discard it)
+        if tiedHead then
+            let embedName = match fam with Gpt2 -> gpt2Prefix + "wte.weight" | Llama -> "model.embed_tokens.weight"
+            let headReader = table.["lm_head.weight"]
+            use head = headReader.TensorAs("lm_head.weight", torch.float32)
+            use embed = table.[embedName].TensorAs(embedName, torch.float32)
+            use same = head.eq(embed).all()
+            if not (same.item<bool> ()) then
+                raise (CheckpointError(headReader.Path, sprintf "'lm_head.weight' differs from '%s', but %s ties them (tie_word_embeddings): which one is meant?" embedName configFile))
+        let weightBytes = readers |> List.sumBy (fun r -> r.Entries |> List.sumBy (fun e -> e.ByteLength))
+        CheckpointFile.checkRotaryBudget configFile "max_position_embeddings" config weightBytes
+        let get name =
+            let r = table.[name]
+            let t = r.Tensor(name, torch.CPU)
+            match CheckpointFile.nonFinite options name t with
+            | Some problem ->
+                t.Dispose()
+                raise (CheckpointError(r.Path, problem))
+            | None -> t
         let m = Transformer.create config device
         try
-            CheckpointFile.copyInto dir m (convert fam config table.ContainsKey get dir)
-            let tiedHead = config.TiedUnembed && table.ContainsKey "lm_head.weight"
-            let unexpected =
-                table |> Map.keys |> Seq.filter (fun k -> not (used.Contains k) && not (ignorable.IsMatch k) && not (tiedHead && k = "lm_head.weight")) |> List.ofSeq
-            if not unexpected.IsEmpty then
-                raise (CheckpointError(dir, sprintf "unexpected tensors for a %s model: %s" (match fam with Gpt2 -> "GPT-2" | Llama -> "Llama") (unexpected |> List.truncate 8 |> String.concat ", ")))
+            CheckpointFile.copyInto None dir m (convert fam config table.ContainsKey get dir)
         with _ ->
             m.Dispose()
             reraise ()
         m
     finally
         for r in readers do (r :> IDisposable).Dispose()
+
+/// `loadWith LoadOptions.Default`: finite weights only.
+let load (dir: string) (device: torch.Device) : Transformer = loadWith LoadOptions.Default dir device

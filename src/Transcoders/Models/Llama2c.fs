@@ -48,8 +48,26 @@ let private layout (h: Header) : (string option * int64) list =
       yield None, int64 h.SeqLen * hd / 2L // freq_cis_imag
       if not h.SharedClassifier then yield Some "unembed.weight", int64 h.VocabSize * d ]
 
+/// The file size the header implies (None when it overflows 64 bits: no file is that long).
+let private tryExpectedBytes (h: Header) =
+    try
+        let mutable total = headerBytes
+        // checked: a corrupt header can make the sizes overflow and wrap to a plausible length
+        let d, hd, l = int64 h.Dim, int64 (h.Dim / h.NHeads), int64 h.NLayers
+        let q, kv, m, v = Checked.(*) (int64 h.NHeads) hd, Checked.(*) (int64 h.NKvHeads) hd, int64 h.HiddenDim, int64 h.VocabSize
+        let sizes =
+            [ v, d; l, d; l, Checked.(*) q d; l, Checked.(*) kv d; l, Checked.(*) kv d; l, Checked.(*) d q; l, d
+              l, Checked.(*) m d; l, Checked.(*) d m; l, Checked.(*) m d; 1L, d
+              int64 h.SeqLen, hd / 2L; int64 h.SeqLen, hd / 2L; (if h.SharedClassifier then 0L else v), d ]
+        for count, size in sizes do total <- Checked.(+) total (Checked.(*) 4L (Checked.(*) count size))
+        Some total
+    with :? OverflowException -> None
+
 /// The file size the header implies.
-let expectedBytes (h: Header) = headerBytes + 4L * (layout h |> List.sumBy snd)
+let expectedBytes (h: Header) =
+    match tryExpectedBytes h with
+    | Some n -> n
+    | None -> Int64.MaxValue
 
 /// Reads and validates the header (not the tensors); fails naming the file when it is not a
 /// llama2.c version-0 checkpoint or its size disagrees with the header.
@@ -66,22 +84,26 @@ let readHeader (path: string) : Header =
         raise (CheckpointError(path, sprintf "a llama2.c versioned export (magic 'ak42', version %d); only the legacy version-0 export is supported (export.py --version 0)" ints.[1]))
     let names = [| "dim"; "hidden_dim"; "n_layers"; "n_heads"; "n_kv_heads"; "vocab_size"; "seq_len" |]
     ints |> Array.iteri (fun i v ->
-        if (i = 5 && v = 0) || (i <> 5 && v <= 0) then
+        if (i = 5 && (v = 0 || v = Int32.MinValue)) || (i <> 5 && v <= 0) then
             raise (CheckpointError(path, sprintf "not a llama2.c checkpoint: header field %s = %d (header %s)" names.[i] v (Shape.show (Array.map int64 ints)))))
     let h =
         { Dim = ints.[0]; HiddenDim = ints.[1]; NLayers = ints.[2]; NHeads = ints.[3]; NKvHeads = ints.[4]
           VocabSize = abs ints.[5]; SeqLen = ints.[6]; SharedClassifier = ints.[5] > 0 }
     if h.Dim % h.NHeads <> 0 || h.NHeads % h.NKvHeads <> 0 || (h.Dim / h.NHeads) % 2 <> 0 then
         raise (CheckpointError(path, sprintf "not a llama2.c checkpoint: dim %d, n_heads %d, n_kv_heads %d do not divide into even heads" h.Dim h.NHeads h.NKvHeads))
-    let expected = expectedBytes h
+    let expected =
+        match tryExpectedBytes h with
+        | Some n -> n
+        | None -> raise (CheckpointError(path, sprintf "not a llama2.c checkpoint: the header %s implies more than 2^63 bytes" (Shape.show (Array.map int64 ints))))
     if length <> expected then
         let what = if length < expected then "truncated" else "longer than its header says"
         raise (CheckpointError(path, sprintf "%s: the header (dim %d, hidden %d, layers %d, heads %d/%d, vocab %d%s, seq_len %d) implies %d bytes, the file has %d"
                                          what h.Dim h.HiddenDim h.NLayers h.NHeads h.NKvHeads h.VocabSize (if h.SharedClassifier then " tied" else " untied") h.SeqLen expected length))
     h
 
-/// Loads a llama2.c checkpoint as a Transformer on `device`.
-let load (path: string) (device: torch.Device) : Transformer =
+/// Loads a llama2.c checkpoint as a Transformer on `device` (the header is checked against the file's size
+/// before anything is allocated); weights holding NaN or ±∞ are refused unless `options` allows them.
+let loadWith (options: LoadOptions) (path: string) (device: torch.Device) : Transformer =
     let h = readHeader path
     let m = Transformer.create (config h) device
     let shapes = Transformer.parameters m |> List.map (fun (n, p) -> n, p.shape) |> dict
@@ -98,8 +120,11 @@ let load (path: string) (device: torch.Device) : Transformer =
               | None -> f.Seek(count * 4L, SeekOrigin.Current) |> ignore
               | Some name ->
                   yield name, torch.tensor((read count: float32[]), ReadOnlySpan<int64>(shapes.[name]), device = torch.CPU) }
-    try CheckpointFile.copyInto path m tensors
+    try CheckpointFile.copyInto (Some options) path m tensors
     with _ ->
         m.Dispose()
         reraise ()
     m
+
+/// `loadWith LoadOptions.Default`: finite weights only.
+let load (path: string) (device: torch.Device) : Transformer = loadWith LoadOptions.Default path device

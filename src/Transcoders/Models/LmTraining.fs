@@ -72,26 +72,19 @@ let objective (model: Transformer) (train: int[]) (validation: int[]) (c: LmTrai
         Evaluate = (if validation.Length > c.Ctx && c.ValidationSequences > 0 then Some evaluate else None)
         Metadata = Map [ "model_config", System.Text.Encoding.UTF8.GetString(Checkpoint.configJson model.Config Checkpoint.Metadata.Empty) ] }
 
-/// What a finished training run gives back.
+/// What a training run gives back.
 type LmTrainResult =
     { Run: Trainer.TrainResult
-      /// Validation loss of the final model (nats per token), None without validation data.
+      /// Validation loss of the final model (nats per token; NaN when it is not finite), None without validation
+      /// data or when the run diverged.
       ValidationLoss: float option
-      /// The final model in our checkpoint format (with the tokenizer), `<OutputDir>/model`.
-      ModelDir: string }
+      /// The final model in our checkpoint format (with the tokenizer), `<OutputDir>/model`: after all steps, or
+      /// after the steps done when the run was cancelled (its summary says how many). A diverged run writes no
+      /// final model: `Run.LastCheckpoint` is the one to use.
+      ModelDir: string option }
 
-/// Trains `model` in place and saves it, with its tokenizer and a summary of the run, to `<OutputDir>/model`.
-let trainCancellable (cancel: System.Threading.CancellationToken) (model: Transformer) (tokenizer: Tokenizer) (train: int[]) (validation: int[]) (c: LmTrainConfig) : LmTrainResult =
-    match problems model.Config c with
-    | [] -> ()
-    | ps -> invalidArg "config" (sprintf "invalid language-model training config: %s" (String.concat "; " ps))
-    model.train ()
-    let run = Trainer.runCancellable cancel c.Train (objective model train validation c)
-    let valLoss =
-        if validation.Length > c.Ctx && c.ValidationSequences > 0 then
-            Some(validationLoss model validation c.BatchSize c.Ctx c.ValidationSequences)
-        else None
-    model.eval ()
+/// The "training" summary saved with the final model (non-finite losses as null: JSON has no NaN).
+let summaryJson (run: Trainer.TrainResult) (valLoss: float option) (c: LmTrainConfig) : JsonObject =
     let summary = JsonObject()
     summary["steps"] <- JsonValue.Create run.FinalStep
     summary["tokens"] <- JsonValue.Create run.Tokens
@@ -99,14 +92,35 @@ let trainCancellable (cancel: System.Threading.CancellationToken) (model: Transf
     summary["ctx"] <- JsonValue.Create c.Ctx
     summary["seed"] <- JsonValue.Create c.Train.Seed
     summary["schedule"] <- Schedule.toJson c.Train.Schedule
-    (match valLoss with Some v -> summary["val_loss"] <- JsonValue.Create v | None -> ())
-    if run.Losses.Length > 0 then summary["final_train_loss"] <- JsonValue.Create run.Losses[run.Losses.Length - 1]
-    let meta: Checkpoint.Metadata =
-        { Tokenizer = Some(JsonSerializer.SerializeToElement(Tokenizer.toJson tokenizer))
-          Training = Some(JsonSerializer.SerializeToElement summary) }
-    let dir = Path.Combine(c.Train.OutputDir, "model")
-    Checkpoint.save dir meta model
-    { Run = run; ValidationLoss = valLoss; ModelDir = dir }
+    (match valLoss with Some v -> summary["val_loss"] <- JsonNumbers.node v | None -> ())
+    if run.Losses.Length > 0 then summary["final_train_loss"] <- JsonNumbers.node run.Losses[run.Losses.Length - 1]
+    summary
+
+/// Trains `model` in place and saves it with its tokenizer and a summary of the run to `<OutputDir>/model`,
+/// unless the run diverged: then no final model is written (see `LmTrainResult`).
+let trainCancellable (cancel: System.Threading.CancellationToken) (model: Transformer) (tokenizer: Tokenizer) (train: int[]) (validation: int[]) (c: LmTrainConfig) : LmTrainResult =
+    match problems model.Config c with
+    | [] -> ()
+    | ps -> invalidArg "config" (sprintf "invalid language-model training config: %s" (String.concat "; " ps))
+    model.train ()
+    let run = Trainer.runCancellable cancel c.Train (objective model train validation c)
+    match run.Outcome with
+    | Trainer.Completed
+    | Trainer.Cancelled _ ->
+        let valLoss =
+            if validation.Length > c.Ctx && c.ValidationSequences > 0 then
+                Some(validationLoss model validation c.BatchSize c.Ctx c.ValidationSequences)
+            else None
+        model.eval ()
+        let meta: Checkpoint.Metadata =
+            { Tokenizer = Some(JsonSerializer.SerializeToElement(Tokenizer.toJson tokenizer))
+              Training = Some(JsonSerializer.SerializeToElement(summaryJson run valLoss c)) }
+        let dir = Path.Combine(c.Train.OutputDir, "model")
+        Checkpoint.save dir meta model
+        { Run = run; ValidationLoss = valLoss; ModelDir = Some dir }
+    | Trainer.Diverged _ ->
+        model.eval ()
+        { Run = run; ValidationLoss = None; ModelDir = None }
 
 /// Trains `model` in place (see `trainCancellable`), to the last configured step.
 let train model tokenizer train validation c = trainCancellable System.Threading.CancellationToken.None model tokenizer train validation c

@@ -54,9 +54,13 @@ let inspect (path: string) : Inspection =
     { Path = path; Kind = kind; Config = config; ParameterCount = TransformerConfig.parameterCount config
       Tokenizer = meta.Tokenizer; Training = meta.Training }
 
-/// Loads any supported checkpoint onto `device`, with our format's metadata when there is some.
-let load (path: string) (device: torch.Device) : Transformer * Checkpoint.Metadata =
+/// Loads any supported checkpoint onto `device`, with our format's metadata when there is some. Weights holding
+/// NaN or ±∞ are refused unless `options` allows them.
+let loadWith (options: LoadOptions) (path: string) (device: torch.Device) : Transformer * Checkpoint.Metadata =
     match detect path with
-    | Native -> Checkpoint.load path device
-    | HuggingFace _ -> HuggingFace.load path device, Checkpoint.Metadata.Empty
-    | Llama2c -> Llama2c.load path device, Checkpoint.Metadata.Empty
+    | Native -> Checkpoint.loadWith options path device
+    | HuggingFace _ -> HuggingFace.loadWith options path device, Checkpoint.Metadata.Empty
+    | Llama2c -> Llama2c.loadWith options path device, Checkpoint.Metadata.Empty
+
+/// `loadWith LoadOptions.Default`: finite weights only.
+let load (path: string) (device: torch.Device) : Transformer * Checkpoint.Metadata = loadWith LoadOptions.Default path device

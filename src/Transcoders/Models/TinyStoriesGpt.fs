@@ -32,6 +32,8 @@ type Settings =
       EvalEvery: int
       /// Checkpoint every this many steps (0: only at the end).
       CheckpointEvery: int
+      /// A metrics.jsonl record every this many steps.
+      LogEvery: int
       /// Seed of initialisation and batches.
       Seed: int64
       /// Output folder: checkpoints/, metrics.jsonl, model/.
@@ -44,7 +46,7 @@ type Settings =
     /// `runs/tinystories-gpt`.
     static member Default =
         { Files = None; VocabSize = 4096; CorpusFolder = None; Layers = 4; DModel = 128; Heads = 4; Ctx = 128; Batch = 16; Steps = 1500
-          Lr = 2e-3; Warmup = 100; EvalEvery = 250; CheckpointEvery = 500; Seed = 0L
+          Lr = 2e-3; Warmup = 100; EvalEvery = 250; CheckpointEvery = 500; LogEvery = 10; Seed = 0L
           Out = Path.Combine("runs", "tinystories-gpt"); Resume = false }
 
 /// The model configuration and training settings of `s` for a corpus of `vocabSize` tokens.
@@ -59,7 +61,7 @@ let configs (s: Settings) (vocabSize: int) : TransformerConfig * LmTraining.LmTr
             Schedule = Schedule.WarmupCosine(s.Lr, min s.Warmup s.Steps, s.Steps, 0.1)
             EvalEvery = s.EvalEvery
             CheckpointEvery = s.CheckpointEvery
-            LogEvery = 10
+            LogEvery = s.LogEvery
             OutputDir = s.Out
             Seed = s.Seed
             Resume = (if s.Resume then Trainer.Latest else Trainer.Fresh)
@@ -81,7 +83,7 @@ let create (s: Settings) (corpus: TinyStories.Prepared) (device: TorchSharp.torc
     Transformer.create modelConfig device, config
 
 /// Trains `model` on the corpus (stopping early, with a checkpoint, when `cancel` is signalled); the model is saved
-/// with its tokenizer in `<Out>/model`.
+/// with its tokenizer in `<Out>/model` unless the run diverged (see `LmTraining.LmTrainResult`).
 let trainCancellable (cancel: CancellationToken) (model: Transformer) (corpus: TinyStories.Prepared) (config: LmTraining.LmTrainConfig)
                      : LmTraining.LmTrainResult =
     let train, validation = TinyStories.tokens corpus

@@ -120,6 +120,8 @@ module TransformerConfig =
               if d > 0 && d % 2 <> 0 then yield sprintf "rotary embeddings need an even head size, got d_head %d" d
               if not (theta > 1.0) || System.Double.IsInfinity theta then
                   yield sprintf "rotary base theta must be a finite number above 1, got %g" theta
+              if d > 0 && c.NCtx > 0 && int64 c.NCtx * int64 (d / 2) > int64 System.Int32.MaxValue then
+                  yield sprintf "n_ctx %d × d_head/2 %d rotary angles exceed the 2^31 a table can hold" c.NCtx (d / 2)
           | Learned -> ()
           if c.Norm <> NoNorm && (not (c.NormEps > 0.0) || System.Double.IsInfinity c.NormEps) then
               yield sprintf "norm_eps must be a small positive number, got %g" c.NormEps
@@ -155,6 +157,46 @@ module TransformerConfig =
           VocabSize = 10000; Norm = NoNorm; NormEps = 1e-5; FinalNorm = false; Positions = Learned
           Mlp = Plain Relu; Biases = { Qkv = false; AttnOut = true; MlpIn = true; MlpOut = true; Unembed = true }
           TiedUnembed = false; InitRange = 0.02; Dropout = 0.0 }
+
+    /// The parameters a model of this configuration has, as (name, shape) in the order `Transformer.parameters`
+    /// lists them, computed without building the model: loaders check a file's shapes against it before they
+    /// allocate anything.
+    let parameterShapes (c: TransformerConfig) : (string * int64[]) list =
+        let d, e = int64 c.DModel, int64 (dHead c)
+        let h, kv, m, v = int64 c.NHeads, int64 c.NKvHeads, int64 c.DMlp, int64 c.VocabSize
+        let norm (kind: Normalization) prefix =
+            [ if kind <> NoNorm then yield prefix + ".weight", [| d |]
+              if kind = LayerNorm then yield prefix + ".bias", [| d |] ]
+        let linear name (outputs: int64) (inputs: int64) bias =
+            [ yield name + ".weight", [| outputs; inputs |]
+              if bias then yield name + ".bias", [| outputs |] ]
+        [ yield "embed.weight", [| v; d |]
+          match c.Positions with
+          | Learned -> yield "pos_embed.weight", [| int64 c.NCtx; d |]
+          | Rotary _ -> ()
+          for l in 0 .. c.NLayers - 1 do
+              let b = sprintf "blocks.%d." l
+              yield! norm c.Norm (b + "ln1")
+              yield! linear (b + "attn.q") (h * e) d c.Biases.Qkv
+              yield! linear (b + "attn.k") (kv * e) d c.Biases.Qkv
+              yield! linear (b + "attn.v") (kv * e) d c.Biases.Qkv
+              yield! linear (b + "attn.o") d (h * e) c.Biases.AttnOut
+              yield! norm c.Norm (b + "ln2")
+              yield! linear (b + "mlp.fc_in") m d c.Biases.MlpIn
+              match c.Mlp with
+              | Gated _ -> yield! linear (b + "mlp.fc_gate") m d c.Biases.MlpIn
+              | Plain _ -> ()
+              yield! linear (b + "mlp.fc_out") d m c.Biases.MlpOut
+          yield! norm (if c.FinalNorm then c.Norm else NoNorm) "ln_final"
+          if not c.TiedUnembed then yield "unembed.weight", [| v; d |]
+          if c.Biases.Unembed then yield "unembed.bias", [| v |] ]
+
+    /// Bytes of the rotary cos and sin tables a model of this configuration builds (0 with learned positions):
+    /// 2 × n_ctx × d_head/2 float32 values.
+    let rotaryTableBytes (c: TransformerConfig) : int64 =
+        match c.Positions with
+        | Rotary _ -> 2L * 4L * int64 c.NCtx * int64 (dHead c / 2)
+        | Learned -> 0L
 
     /// Number of parameters a model of this configuration has (tied matrices counted once).
     let parameterCount (c: TransformerConfig) : int64 =

@@ -159,11 +159,27 @@ let private shared =
 /// The shipped GPT-2 tokenizer (`data/tokenizers/gpt2`), loaded once and cached.
 let get () : Gpt2Bpe = shared.Force()
 
-/// Token ids of `text`, with `<|endoftext|>` treated as plain text (tiktoken's `encode_ordinary`).
+/// `text` with every lone UTF-16 surrogate (a high one not followed by a low one, a low one not preceded by a
+/// high one) replaced by U+FFFD, as tiktoken's `encode` does (it round-trips Python's surrogates through UTF-16
+/// with errors="replace"). Text without lone surrogates is returned as it is.
+let replaceLoneSurrogates (text: string) : string =
+    if isNull text || text.AsSpan().IndexOfAnyInRange(char 0xD800, char 0xDFFF) < 0 then text
+    else
+        let chars = text.ToCharArray()
+        let mutable i = 0
+        while i < chars.Length do
+            if Char.IsHighSurrogate chars[i] && i + 1 < chars.Length && Char.IsLowSurrogate chars[i + 1] then i <- i + 2
+            else
+                if Char.IsSurrogate chars[i] then chars[i] <- char 0xFFFD
+                i <- i + 1
+        String(chars)
+
+/// Token ids of `text`, with `<|endoftext|>` treated as plain text (tiktoken's `encode_ordinary`). A lone
+/// surrogate is encoded as U+FFFD (bytes EF BF BD), as tiktoken does.
 let encode (t: Gpt2Bpe) (text: string) : int[] =
     if String.IsNullOrEmpty text then [||]
     else
-        t.Bpe.EncodeToIds text |> Seq.toArray
+        t.Bpe.EncodeToIds(replaceLoneSurrogates text) |> Seq.toArray
 
 /// Token ids of `text` where each `<|endoftext|>` becomes id 50256 (tiktoken's `encode` with it allowed).
 let encodeAllowingSpecial (t: Gpt2Bpe) (text: string) : int[] =

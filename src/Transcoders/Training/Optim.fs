@@ -1,5 +1,5 @@
 /// AdamW with decoupled weight decay on matrices only, gradient clipping by global norm, and the
-/// optimizer state as named tensors (for checkpoints).
+/// optimizer state as named tensors (for checkpoints). The one optimizer of the language-model and coder trainers.
 module Transcoders.Training.Optim
 
 open System
@@ -63,8 +63,17 @@ let clipGradNorm (parameters: Parameter seq) (maxNorm: float) : float =
     if not (maxNorm > 0.0) then invalidArg "maxNorm" (sprintf "maxNorm must be > 0, got %g" maxNorm)
     torch.nn.utils.clip_grad_norm_(parameters, maxNorm, 2.0)
 
-/// AdamW over named parameters, in two parameter groups: weight decay for those `decay` selects,
-/// none for the rest. The learning rate is set per step (`SetLearningRate`).
+/// AdamW over named parameters: Adam (Kingma & Ba, bias-corrected) with decoupled weight decay (Loshchilov & Hutter)
+/// for the parameters `decay` selects and none for the rest. The learning rate is set per step (`SetLearningRate`).
+/// One optimizer serves the language-model trainer and the sparse-coder trainer (which decays nothing, and resets the
+/// moments of resampled features through `ResetMasked`).
+///
+/// The update of a parameter p with gradient g at its t-th step, at rate lr and decay λ:
+///     p ← p·(1 − lr·λ)                                   (only when λ > 0)
+///     m ← m + (1 − β1)·(g − m)                           (one lerp: β1·m + (1 − β1)·g)
+///     v ← β2·v + (1 − β2)·g²
+///     p ← p − lr·(√bc2/bc1)·m/(√v + ε·√bc2)              (= lr·m̂/(√v̂ + ε) with bc_i = 1 − β_i^t; one pass fewer)
+/// Parameters without a gradient are skipped (their step count does not advance), as in PyTorch.
 type AdamW(parameters: (string * Parameter) seq, config: AdamWConfig, ?decay: string -> Parameter -> bool) =
     do
         match problems config with
@@ -80,33 +89,18 @@ type AdamW(parameters: (string * Parameter) seq, config: AdamWConfig, ?decay: st
             if not p.requires_grad then invalidArg "parameters" (sprintf "parameter '%s' does not require a gradient" n)
     let decay = defaultArg decay decays
     let decayed, plain = named |> Array.partition (fun (n, p) -> decay n p)
-    let group (ps: (string * Parameter)[]) (wd: float) =
-        let o = AdamW.Options()
-        o.LearningRate <- Nullable 0.0
-        o.InitialLearningRate <- 0.0
-        o.beta1 <- Nullable config.Beta1
-        o.beta2 <- Nullable config.Beta2
-        o.eps <- Nullable config.Eps
-        o.weight_decay <- Nullable wd
-        o.amsgrad <- Nullable false
-        o.maximize <- Nullable false
-        AdamW.ParamGroup(ps |> Array.map snd, o)
-    // Parameter order inside the optimizer: the decayed group, then the other; states follow it.
-    let ordered = Array.append decayed plain
-    let groups =
-        [| if decayed.Length > 0 then group decayed config.WeightDecay
-           if plain.Length > 0 then group plain 0.0 |]
-    let inner = new Modules.AdamW(groups, 0.0, config.Beta1, config.Beta2, config.Eps, config.WeightDecay, false, false)
+    let decayedNames = decayed |> Array.map fst |> Set.ofArray
+    /// Per parameter: the parameter, its first and second moments, its weight decay, its step count.
     let states =
-        let st = inner.state_dict().State
-        if st.Count <> ordered.Length then
-            failwithf "AdamW: expected %d parameter states, TorchSharp holds %d" ordered.Length st.Count
-        // TorchSharp creates the state with zeros_like inside whatever dispose scope is open; it must outlive it.
-        for s in st do
-            let s = s :?> Modules.AdamW.State
-            s.exp_avg.DetachFromDisposeScope() |> ignore
-            s.exp_avg_sq.DetachFromDisposeScope() |> ignore
-        Array.init ordered.Length (fun i -> fst ordered[i], st[i] :?> Modules.AdamW.State) |> Map.ofArray
+        named
+        |> Array.map (fun (n, p) ->
+            use _ = torch.no_grad ()
+            // the moments outlive any dispose scope open while the optimizer is created
+            let m = torch.zeros_like(p).DetachFromDisposeScope()
+            let v = torch.zeros_like(p).DetachFromDisposeScope()
+            n, (p, m, v, (if decayedNames.Contains n then config.WeightDecay else 0.0), ref 0L))
+    let byName = dict states
+    let sc (x: float) : Scalar = Scalar.op_Implicit x
     let mutable lr = 0.0
 
     /// The parameters, in the order given.
@@ -116,37 +110,79 @@ type AdamW(parameters: (string * Parameter) seq, config: AdamWConfig, ?decay: st
     /// Names of the parameters that get none.
     member _.NotDecayed = plain |> Array.map fst
     member _.Config = config
-    /// TorchSharp's optimizer underneath.
-    member _.Inner = inner
 
     /// The learning rate the next `Step` uses.
     member _.LearningRate = lr
     member _.SetLearningRate(value: float) =
         if not (Double.IsFinite value) || value < 0.0 then invalidArg "value" (sprintf "learning rate must be finite and >= 0, got %g" value)
         lr <- value
-        for g in inner.ParamGroups do g.LearningRate <- value
 
-    /// Zeroes every gradient (in place, keeping the buffers).
-    member _.ZeroGrad() = inner.zero_grad ()
+    /// Zeroes every gradient (in place, keeping the buffers; parameters without one are skipped).
+    member _.ZeroGrad() =
+        for _, p in named do
+            let g = p.grad
+            if not (isNull g) then
+                use g = g
+                g.zero_() |> ignore
 
-    /// One AdamW update of every parameter that has a gradient.
-    member _.Step() = inner.step () |> ignore
+    /// One AdamW update of every parameter that has a gradient, at `LearningRate`.
+    member _.Step() =
+        use _ = torch.no_grad ()
+        use scope = torch.NewDisposeScope()
+        let b1, b2, eps = config.Beta1, config.Beta2, config.Eps
+        // lerp_ takes its weight as a tensor of the parameter's dtype and device: one per kind
+        let weights = Collections.Generic.Dictionary<struct (torch.ScalarType * string), torch.Tensor>()
+        let weight (p: torch.Tensor) =
+            let key = struct (p.dtype, p.device.ToString())
+            match weights.TryGetValue key with
+            | true, w -> w
+            | _ ->
+                let w = torch.tensor(1.0 - b1, dtype = p.dtype, device = p.device)
+                weights[key] <- w
+                w
+        for _, (p, m, v, wd, count) in states do
+            let g = p.grad
+            if not (isNull g) then
+                use g = g
+                count.Value <- count.Value + 1L
+                let t = float count.Value
+                let bc1 = 1.0 - Math.Pow(b1, t)
+                let bc2 = 1.0 - Math.Pow(b2, t)
+                if wd > 0.0 then p.mul_(sc (1.0 - lr * wd)) |> ignore
+                m.lerp_(g, weight p) |> ignore
+                v.mul_(sc b2).addcmul_(g, g, value = sc (1.0 - b2)) |> ignore
+                use denom = v.sqrt()
+                denom.add_(sc (eps * Math.Sqrt bc2)) |> ignore
+                p.addcdiv_(m, denom, value = sc (-lr * Math.Sqrt bc2 / bc1)) |> ignore
 
     /// The number of updates applied to a parameter so far.
     member _.StepCount(name: string) =
-        match states.TryFind name with
-        | Some s -> s.step
-        | None -> invalidArg "name" (sprintf "no parameter named '%s' in the optimizer" name)
+        match byName.TryGetValue name with
+        | true, (_, _, _, _, count) -> count.Value
+        | _ -> invalidArg "name" (sprintf "no parameter named '%s' in the optimizer" name)
+
+    /// The first and second moments of a parameter (the live tensors, not copies).
+    member _.Moments(name: string) : torch.Tensor * torch.Tensor =
+        match byName.TryGetValue name with
+        | true, (_, m, v, _, _) -> m, v
+        | _ -> invalidArg "name" (sprintf "no parameter named '%s' in the optimizer" name)
+
+    /// Zeroes both moments of parameter `name` where `mask` (bool, broadcastable to the parameter) is true: the
+    /// entries of a sparse coder's resampled features start afresh.
+    member this.ResetMasked(name: string, mask: torch.Tensor) =
+        use _ = torch.no_grad ()
+        let m, v = this.Moments name
+        m.masked_fill_(mask, sc 0.0) |> ignore
+        v.masked_fill_(mask, sc 0.0) |> ignore
 
     /// The optimizer state as named tensors (views of the live state, not copies): for each parameter
     /// `{name}.exp_avg`, `{name}.exp_avg_sq` (same shape as the parameter) and `{name}.step` (0-d int64).
     /// The `step` tensors are new; dispose them (or create them inside a dispose scope).
     member _.StateTensors() : (string * torch.Tensor) list =
-        [ for (n, _) in named do
-              let s = states[n]
-              yield n + ".exp_avg", s.exp_avg
-              yield n + ".exp_avg_sq", s.exp_avg_sq
-              yield n + ".step", torch.tensor(s.step, dtype = torch.int64) ]
+        [ for (n, (_, m, v, _, count)) in states do
+              yield n + ".exp_avg", m
+              yield n + ".exp_avg_sq", v
+              yield n + ".step", torch.tensor(count.Value, dtype = torch.int64) ]
 
     /// Replaces the state with tensors looked up by the names `StateTensors` uses. Every tensor is
     /// checked (present, shape, dtype) before anything changes; a problem raises InvalidDataException
@@ -164,19 +200,21 @@ type AdamW(parameters: (string * Parameter) seq, config: AdamWConfig, ?decay: st
                     bad (sprintf "optimizer state '%s' has dtype %A, expected %A" key t.dtype expectType)
                 t
         let loaded =
-            [ for (n, _) in named do
-                  let s = states[n]
-                  let m = need (n + ".exp_avg") s.exp_avg.shape s.exp_avg.dtype
-                  let v = need (n + ".exp_avg_sq") s.exp_avg_sq.shape s.exp_avg_sq.dtype
+            [ for (n, (_, m0, v0, _, count)) in states do
+                  let m = need (n + ".exp_avg") m0.shape m0.dtype
+                  let v = need (n + ".exp_avg_sq") v0.shape v0.dtype
                   let k = need (n + ".step") [||] torch.int64
-                  let count = k.item<int64>()
-                  if count < 0L then bad (sprintf "optimizer state '%s.step' is negative (%d)" n count)
-                  yield s, m, v, count ]
+                  let steps = k.item<int64>()
+                  if steps < 0L then bad (sprintf "optimizer state '%s.step' is negative (%d)" n steps)
+                  yield m0, v0, count, m, v, steps ]
         use _ = torch.no_grad ()
-        for (s, m, v, count) in loaded do
-            s.exp_avg.copy_(m) |> ignore
-            s.exp_avg_sq.copy_(v) |> ignore
-            s.step <- count
+        for (m0, v0, count, m, v, steps) in loaded do
+            m0.copy_(m) |> ignore
+            v0.copy_(v) |> ignore
+            count.Value <- steps
 
     interface IDisposable with
-        member _.Dispose() = inner.Dispose()
+        member _.Dispose() =
+            for _, (_, m, v, _, _) in states do
+                m.Dispose()
+                v.Dispose()

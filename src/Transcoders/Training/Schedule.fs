@@ -19,6 +19,12 @@ type Schedule =
     /// the peak until `total - decay`, then a straight line down to lr·minRatio over the last `decay` steps.
     /// `decay = 0` is warmup followed by a constant rate.
     | WarmupStableDecay of lr: float * warmup: int * total: int * decay: int * minRatio: float
+    /// The sparse-coder schedule (the transcoder paper: warmup, then constant; Anthropic: a linear decay over the
+    /// last ~20%): a warmup factor min(1, (i+1)/warmup) times a decay factor that is 1 until step
+    /// total·(1 − decayFraction) and then falls linearly to minRatio at `total`. Unlike the schedules above the
+    /// decay's length is a fraction of the run and the warmup may run past the decay's start or past `total`
+    /// (the two factors multiply). `decayFraction = 0` is warmup followed by a constant rate.
+    | WarmupFractionDecay of lr: float * warmup: int * total: int * decayFraction: float * minRatio: float
 
 /// The peak (nominal) learning rate of a schedule.
 let peak (schedule: Schedule) =
@@ -26,7 +32,8 @@ let peak (schedule: Schedule) =
     | Constant lr
     | WarmupCosine (lr, _, _, _)
     | WarmupLinearDecay (lr, _, _, _)
-    | WarmupStableDecay (lr, _, _, _, _) -> lr
+    | WarmupStableDecay (lr, _, _, _, _)
+    | WarmupFractionDecay (lr, _, _, _, _) -> lr
 
 /// Problems with a schedule's values, as readable messages (empty when valid).
 let problems (schedule: Schedule) : string list =
@@ -44,6 +51,11 @@ let problems (schedule: Schedule) : string list =
         lrOk lr @ warmTotal w t @ ratioOk r
         @ [ if d < 0 then sprintf "decay must be >= 0, got %d" d
             if w + d > t then sprintf "warmup (%d) + decay (%d) must not exceed total (%d)" w d t ]
+    | WarmupFractionDecay (lr, w, t, f, r) ->
+        lrOk lr @ ratioOk r
+        @ [ if w < 0 then sprintf "warmup must be >= 0, got %d" w
+            if t < 0 then sprintf "total must be >= 0, got %d" t
+            if not (f >= 0.0 && f <= 1.0) then sprintf "decayFraction must be in [0, 1], got %g" f ]
 
 /// Raises ArgumentException listing every problem when the schedule is invalid.
 let validate (schedule: Schedule) =
@@ -76,6 +88,15 @@ let lrAt (schedule: Schedule) (step: int) : float =
         if step < w then lr * warmupFactor w step
         elif d = 0 || step < decayStart then lr
         else lr * (r + (1.0 - r) * (1.0 - progress decayStart t step))
+    | WarmupFractionDecay (lr, w, t, f, r) ->
+        let warm = if w > 0 then min 1.0 (float (step + 1) / float w) else 1.0
+        let decay =
+            if f <= 0.0 then 1.0
+            else
+                let start = float t * (1.0 - f)
+                if float step < start then 1.0
+                else 1.0 - (1.0 - r) * min 1.0 ((float step - start) / max 1.0 (float t - start))
+        lr * (warm * decay)
 
 /// The schedule as a JSON object: `{"kind": "warmup_cosine", "lr": ..., "warmup": ..., ...}`.
 let toJson (schedule: Schedule) : JsonObject =
@@ -93,6 +114,10 @@ let toJson (schedule: Schedule) : JsonObject =
     | WarmupStableDecay (lr, w, t, d, r) ->
         set "kind" (JsonValue.Create "warmup_stable_decay"); set "lr" (JsonValue.Create lr)
         set "warmup" (JsonValue.Create w); set "total" (JsonValue.Create t); set "decay" (JsonValue.Create d)
+        set "min_ratio" (JsonValue.Create r)
+    | WarmupFractionDecay (lr, w, t, f, r) ->
+        set "kind" (JsonValue.Create "warmup_fraction_decay"); set "lr" (JsonValue.Create lr)
+        set "warmup" (JsonValue.Create w); set "total" (JsonValue.Create t); set "decay_fraction" (JsonValue.Create f)
         set "min_ratio" (JsonValue.Create r)
     o
 
@@ -114,6 +139,7 @@ let ofJson (node: JsonNode) : Schedule =
         | "warmup_cosine" -> WarmupCosine(f "lr", i "warmup", i "total", f "min_ratio")
         | "warmup_linear_decay" -> WarmupLinearDecay(f "lr", i "warmup", i "total", f "min_ratio")
         | "warmup_stable_decay" -> WarmupStableDecay(f "lr", i "warmup", i "total", i "decay", f "min_ratio")
-        | k -> failwithf "schedule: unknown kind '%s' (expected constant, warmup_cosine, warmup_linear_decay or warmup_stable_decay)" k
+        | "warmup_fraction_decay" -> WarmupFractionDecay(f "lr", i "warmup", i "total", f "decay_fraction", f "min_ratio")
+        | k -> failwithf "schedule: unknown kind '%s' (expected constant, warmup_cosine, warmup_linear_decay, warmup_stable_decay or warmup_fraction_decay)" k
     validate schedule
     schedule

@@ -18,7 +18,9 @@ open Transcoders.Training.Schedule
 type Resume =
     /// At step 0. An output folder that already holds checkpoints is an error (nothing is overwritten).
     | Fresh
-    /// From the checkpoint `checkpoints/latest` points to, or at step 0 when there is none.
+    /// From the newest intact checkpoint (every file matching its manifest), skipping damaged or incomplete newer
+    /// ones (`TrainResult.Skipped` says which and why), or at step 0 when there is none. Checkpoint folders of
+    /// which none is intact are an error.
     | Latest
     /// From this checkpoint folder.
     | From of checkpoint: string
@@ -219,7 +221,8 @@ type Outcome =
     /// All configured steps done.
     | Completed
     /// The loss or gradient norm was NaN/Inf at update `step` (0-based); that update was not applied
-    /// and nothing was checkpointed after the last good checkpoint.
+    /// and nothing was checkpointed after the last good checkpoint (`TrainResult.LastCheckpoint`, the one to use;
+    /// the message names it). The parameters in memory are those of the last update applied: not a result.
     | Diverged of step: int * message: string
     /// Stopped on request after `step` updates (checkpointed there).
     | Cancelled of step: int
@@ -235,9 +238,20 @@ type TrainResult =
       Losses: float[]
       /// The newest checkpoint folder, if any.
       LastCheckpoint: string option
+      /// The checkpoint to use after `Diverged`: of those kept, the one taken at the lowest training loss (the
+      /// mean over the updates since the checkpoint before it). Pruning keeps it once a newer checkpoint's loss is
+      /// more than `RisenFactor` times its loss, so a run that diverges slowly still has a good one to offer.
+      BestCheckpoint: string option
+      /// Newer checkpoints passed over when resuming (folder, why: a file missing, truncated or not matching its
+      /// checksum), newest first.
+      Skipped: (string * string) list
       MetricsLog: string
       Tokens: int64
       ElapsedSeconds: float }
+
+/// A checkpoint whose training loss is more than this many times a kept older one's is taken after the loss
+/// rose: pruning then keeps the older one (see `TrainResult.BestCheckpoint`).
+let [<Literal>] RisenFactor = 1.5
 
 /// The checkpoints folder of a run's output folder.
 let checkpointsDir (outputDir: string) = Path.Combine(outputDir, "checkpoints")
@@ -258,6 +272,52 @@ let private checkCompatible (dir: string) (saved: JsonObject) (current: TrainCon
             sprintf "cannot resume from %s exactly: the configuration differs (%s). Use the same settings, or start a fresh run in another folder."
                 dir (String.concat "; " differs))
 
+/// The sums behind the next metrics record: the updates since the previous record. Part of the resumable state
+/// (saved in trainer.json's "state"), so a resumed run's next record averages the same updates as an
+/// uninterrupted run's.
+type private Window =
+    { mutable Loss: float
+      mutable Grad: float
+      mutable N: int
+      mutable Lr: float
+      mutable Seconds: float
+      mutable Tokens: int64 }
+    member w.Clear() =
+        w.Loss <- 0.0; w.Grad <- 0.0; w.N <- 0; w.Seconds <- 0.0; w.Tokens <- 0L
+    member w.ToJson() =
+        let o = JsonObject()
+        o["loss_sum"] <- JsonNumbers.node w.Loss
+        o["grad_norm_sum"] <- JsonNumbers.node w.Grad
+        o["updates"] <- JsonValue.Create w.N
+        o["lr"] <- JsonNumbers.node w.Lr
+        o["seconds"] <- JsonNumbers.node w.Seconds
+        o["tokens"] <- JsonValue.Create w.Tokens
+        o
+    static member Empty() = { Loss = 0.0; Grad = 0.0; N = 0; Lr = 0.0; Seconds = 0.0; Tokens = 0L }
+    static member OfJson(source: string, node: JsonNode) =
+        match node with
+        | :? JsonObject as o ->
+            let get (k: string) = match o[k] with null -> failwithf "%s: the metrics window lacks '%s'" source k | v -> v
+            { Loss = JsonNumbers.ofNode (get "loss_sum"); Grad = JsonNumbers.ofNode (get "grad_norm_sum")
+              N = (get "updates").GetValue<int>(); Lr = JsonNumbers.ofNode (get "lr")
+              Seconds = JsonNumbers.ofNode (get "seconds"); Tokens = (get "tokens").GetValue<int64>() }
+        | _ -> Window.Empty() // a checkpoint written right after a record, by an older version
+
+/// The training loss a checkpoint was taken at (its state's "checkpoint_loss"; NaN when unknown).
+let checkpointLoss (info: Checkpointing.Info) = JsonNumbers.ofNode info.State["checkpoint_loss"]
+
+/// The checkpoint under `root` with the lowest finite training loss (folder, step, loss), if any.
+let bestCheckpoint (root: string) : (string * int * float) option =
+    Checkpointing.list root
+    |> List.choose (fun (step, d) ->
+        try
+            let loss = checkpointLoss (Checkpointing.readInfo d)
+            if Double.IsFinite loss then Some(d, step, loss) else None
+        with _ -> None)
+    |> function
+        | [] -> None
+        | cks -> Some(cks |> List.minBy (fun (_, step, loss) -> loss, -step))
+
 /// Trains `objective` as `config` says, stopping early when `cancel` is signalled (after
 /// checkpointing the current step). See `TrainConfig` and `Objective`.
 let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective: Objective) : TrainResult =
@@ -268,27 +328,30 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
     use stepper = new Stepper(config, objective)
     let optimizer = stepper.Optimizer
     let paramTensors = objective.Parameters |> List.map (fun (n, p) -> n, p :> torch.Tensor)
-    let resumeDir =
+    let resumeDir, skipped =
         match config.Resume with
         | Fresh ->
             match Checkpointing.list root with
-            | [] -> None
+            | [] -> None, []
             | cks ->
                 invalidOp (
                     sprintf "%s already holds checkpoints (newest: %s); resume with Resume = Latest, or choose another OutputDir"
                         root (snd (List.last cks)))
-        | Latest -> Checkpointing.tryLatest root
-        | From d -> Some d
-    let start, tokens0, elapsed0 =
+        | Latest ->
+            let found, skipped = Checkpointing.newestIntact root
+            found |> Option.map fst, skipped
+        | From d -> Some d, []
+    let start, tokens0, elapsed0, window =
         match resumeDir with
         | Some d ->
-            let info = Checkpointing.readInfo d
-            checkCompatible d info.Config config
-            if info.Step > config.Steps then
-                invalidOp (sprintf "%s is at step %d, beyond this run's Steps (%d)" d info.Step config.Steps)
-            Checkpointing.load d paramTensors objective.Buffers optimizer |> ignore
-            info.Step, info.Tokens, info.ElapsedSeconds
-        | None -> 0, 0L, 0.0
+            let saved = Checkpointing.readInfo d
+            checkCompatible d saved.Config config
+            if saved.Step > config.Steps then
+                invalidOp (sprintf "%s is at step %d, beyond this run's Steps (%d)" d saved.Step config.Steps)
+            let info = Checkpointing.load d paramTensors objective.Buffers optimizer
+            let trainerFile = Path.Combine(d, Checkpointing.TrainerFile)
+            info.Step, info.Tokens, info.ElapsedSeconds, Window.OfJson(trainerFile, info.State["metrics_window"])
+        | None -> 0, 0L, 0.0, Window.Empty()
     match resumeDir with
     | Some _ -> Metrics.truncateAfter logPath start
     | None -> if File.Exists logPath then File.Delete logPath
@@ -302,9 +365,9 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
     let mutable tokens = tokens0
     let mutable lastCheckpoint = resumeDir
     let mutable checkpointedAt = if resumeDir.IsSome then start else -1
+    // the training losses since the previous checkpoint (none at a resumed one): their mean is the checkpoint's loss
+    let mutable sinceSum, sinceN = 0.0, 0
     let mutable outcome = None
-    // the window since the last metrics record
-    let mutable wLoss, wGrad, wN, wSeconds, wTokens, wLr = 0.0, 0.0, 0, 0.0, 0L, 0.0
     let evaluate () =
         match objective.Evaluate with
         | None -> Map.empty
@@ -315,25 +378,41 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
     let record (eval: Map<string, float>) =
         let r: Metrics.Record =
             { Step = step
-              Loss = (if wN > 0 then wLoss / float wN else nan)
-              Lr = wLr
-              GradNorm = (if wN > 0 then wGrad / float wN else nan)
+              Loss = (if window.N > 0 then window.Loss / float window.N else nan)
+              Lr = window.Lr
+              GradNorm = (if window.N > 0 then window.Grad / float window.N else nan)
               Tokens = tokens
-              TokensPerSecond = (if wSeconds > 0.0 then float wTokens / wSeconds else nan)
+              TokensPerSecond = (if window.Seconds > 0.0 then float window.Tokens / window.Seconds else nan)
               ElapsedSeconds = elapsed ()
               Train = (match objective.TrainMetrics with Some f -> f () | None -> Map.empty)
               Eval = eval }
         log.Write r
-        wLoss <- 0.0; wGrad <- 0.0; wN <- 0; wSeconds <- 0.0; wTokens <- 0L
+        window.Clear()
         r
     let checkpoint () =
+        let state = JsonObject()
+        state["metrics_window"] <- window.ToJson()
+        let loss = if sinceN > 0 then sinceSum / float sinceN else nan
+        state["checkpoint_loss"] <- JsonNumbers.node loss
+        sinceSum <- 0.0
+        sinceN <- 0
         let info: Checkpointing.Info =
-            { Step = step; Tokens = tokens; ElapsedSeconds = elapsed (); Config = configToJson config; Metadata = objective.Metadata }
+            { Step = step; Tokens = tokens; ElapsedSeconds = elapsed (); Config = configToJson config
+              Metadata = objective.Metadata; State = state }
         let dir = Checkpointing.save root info paramTensors objective.Buffers optimizer
-        Checkpointing.prune root config.KeepCheckpoints
+        // keep the best checkpoint once the loss has risen well above it: the one to use if the run diverges
+        let protect =
+            if config.KeepCheckpoints = 0 then []
+            else
+                match bestCheckpoint root with
+                | Some (best, _, bestLoss) when Double.IsFinite loss && loss > RisenFactor * bestLoss -> [ best ]
+                | _ -> []
+        Checkpointing.pruneKeeping root config.KeepCheckpoints protect
         lastCheckpoint <- Some dir
         checkpointedAt <- step
     Progress.run config.Progress config.Name start config.Steps (fun reporter ->
+        for d, why in skipped do
+            reporter.Message(sprintf "skipped checkpoint %s: %s" d why)
         match resumeDir with
         | Some d -> reporter.Message(sprintf "resuming from %s (step %d of %d)" d start config.Steps)
         | None -> ()
@@ -347,21 +426,39 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
                 let s = stepper.Update step
                 sw.Stop()
                 if not (Double.IsFinite s.Loss && Double.IsFinite s.GradNorm) then
-                    if wN > 0 then record Map.empty |> ignore
+                    if window.N > 0 then record Map.empty |> ignore
+                    let advice =
+                        match bestCheckpoint root, lastCheckpoint with
+                        | Some (best, bestStep, bestLoss), Some last ->
+                            let newest =
+                                if Path.GetFullPath best = Path.GetFullPath last then ""
+                                else
+                                    let lastLoss = try checkpointLoss (Checkpointing.readInfo last) with _ -> nan
+                                    sprintf "; the newest is %s (step %d, training loss %.4g)" last checkpointedAt lastLoss
+                            sprintf "The model in memory is not a result. Checkpoint to use: %s (step %d, training loss %.4g, the lowest of the checkpoints kept; its %s holds that step's weights)%s"
+                                best bestStep bestLoss Checkpointing.ModelFile newest
+                        | _, Some last ->
+                            sprintf "The model in memory is not a result. Last checkpoint: %s (step %d); its %s holds that step's weights"
+                                last checkpointedAt Checkpointing.ModelFile
+                        | _, None -> "The model in memory is not a result, and no checkpoint was written before it: lower the learning rate and start over"
                     let message =
-                        sprintf "training stopped at update %d: the loss is %g and the gradient norm %g (not finite); the update was not applied. Last good checkpoint: %s"
-                            step s.Loss s.GradNorm (match lastCheckpoint with Some d -> d | None -> "none")
+                        sprintf "training stopped at update %d: the loss is %g and the gradient norm %g (not finite); the update was not applied. %s"
+                            step s.Loss s.GradNorm advice
                     reporter.Message message
                     outcome <- Some(Diverged(step, message))
                 else
                     losses.Add s.Loss
+                    sinceSum <- sinceSum + s.Loss
+                    sinceN <- sinceN + 1
                     step <- step + 1
                     tokens <- tokens + objective.TokensPerStep
-                    wLoss <- wLoss + s.Loss; wGrad <- wGrad + s.GradNorm; wN <- wN + 1; wLr <- s.Lr
-                    wSeconds <- wSeconds + sw.Elapsed.TotalSeconds; wTokens <- wTokens + objective.TokensPerStep
+                    window.Loss <- window.Loss + s.Loss; window.Grad <- window.Grad + s.GradNorm; window.N <- window.N + 1
+                    window.Lr <- s.Lr
+                    window.Seconds <- window.Seconds + sw.Elapsed.TotalSeconds
+                    window.Tokens <- window.Tokens + objective.TokensPerStep
                     reporter.Update
                         { Step = step; Total = config.Steps; Loss = s.Loss; Lr = s.Lr
-                          TokensPerSecond = (if wSeconds > 0.0 then float wTokens / wSeconds else nan) }
+                          TokensPerSecond = (if window.Seconds > 0.0 then float window.Tokens / window.Seconds else nan) }
                     let evalNow = config.EvalEvery > 0 && objective.Evaluate.IsSome && (step % config.EvalEvery = 0 || step = config.Steps)
                     if evalNow || step % config.LogEvery = 0 || step = config.Steps then
                         let r = record (if evalNow then evaluate () else Map.empty)
@@ -374,6 +471,11 @@ let runCancellable (cancel: CancellationToken) (config: TrainConfig) (objective:
           FinalStep = step
           Losses = losses.ToArray()
           LastCheckpoint = lastCheckpoint
+          BestCheckpoint =
+            (match bestCheckpoint root with
+             | Some (best, _, _) -> Some best
+             | None -> lastCheckpoint)
+          Skipped = skipped
           MetricsLog = logPath
           Tokens = tokens
           ElapsedSeconds = elapsed () })
