@@ -43,7 +43,9 @@ let training =
                 Resume = Trainer.Latest } }
 
 let result = LmTraining.train model corpus.Tokenizer train validation training
-printfn "validation loss %.4f after %d steps; model in %s" (defaultArg result.ValidationLoss nan) result.Run.FinalStep result.ModelDir
+match result.ModelDir with
+| Some dir -> printfn "validation loss %.4f after %d steps; model in %s" (defaultArg result.ValidationLoss nan) result.Run.FinalStep dir
+| None -> failwithf "training diverged after %d steps: no final model (checkpoint to use: %s)" result.Run.FinalStep (defaultArg result.Run.BestCheckpoint "none")
 
 // generate: sampled, reproducible by seed
 let story =
