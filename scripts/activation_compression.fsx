@@ -3,8 +3,9 @@
 // as BF16, F16 and F32, against reading an uncompressed (memory-mapped) shard.
 //
 //   dotnet build src/Transcoders -c Release
-//   dotnet fsi scripts/activation_compression.fsx [activations.safetensors]
+//   dotnet fsi scripts/activation_compression.fsx [--rows N] [activations.safetensors]
 //
+// --rows: synthetic rows per dataset (default 16384; the tests pass a small number).
 // The optional file holds real activations (F32 tensors [tokens, d], one per hook); without it only
 // synthetic rows are measured: Gaussian with per-dimension scales, and a heavier-tailed variant with a
 // mean offset and a few large outlier dimensions, as residual streams have.
@@ -20,7 +21,10 @@ open Transcoders.Files
 open Transcoders.Files.Safetensors
 
 torch.set_num_threads 1
-let args = fsi.CommandLineArgs |> Array.tail
+let rows, args =
+    match fsi.CommandLineArgs |> Array.tail |> List.ofArray with
+    | "--rows" :: n :: rest -> int64 n, Array.ofList rest
+    | rest -> 16384L, Array.ofList rest
 
 /// Synthetic rows [n, d]: per-dimension log-normal scales; `heavy` adds Student-t(4) tails, a per-dimension
 /// mean and 4 outlier dimensions 30× larger.
@@ -38,8 +42,8 @@ let synthetic (n: int64) (d: int64) (heavy: bool) =
         t.mul(scales).mul(outliers).add(mean)
 
 let datasets =
-    [ yield "Gaussian 16384×768", [ "x", synthetic 16384L 768L false ]
-      yield "heavy-tailed + outliers 16384×768", [ "x", synthetic 16384L 768L true ]
+    [ yield sprintf "Gaussian %d×768" rows, [ "x", synthetic rows 768L false ]
+      yield sprintf "heavy-tailed + outliers %d×768" rows, [ "x", synthetic rows 768L true ]
       if args.Length > 0 then
           yield sprintf "real: %s" (Path.GetFileName args[0]), Safetensors.load args[0] torch.CPU ]
 

@@ -31,19 +31,15 @@ let model, _ = ModelFiles.load modelPath device
 model.eval ()
 let tokenizer = ModelTokenizer.find modelPath
 let coders =
-    Directory.GetDirectories codersPath
-    |> Array.filter (fun d -> File.Exists(Path.Combine(d, "coder.json")))
-    |> Array.map (fun d -> CoderFile.load d device)
-    |> Array.filter (fun c -> c.Config.Kind = Transcoder || c.Config.Kind = CrossLayerTranscoder)
-    |> Array.sortBy (fun c -> c.Config.Layers[0])
-    |> List.ofArray
-let tokens = Tokenizer.encodeDocument tokenizer true false prompt
+    CoderFolders.load [ codersPath ] device
+    |> List.filter (fun c -> c.Config.Kind = Transcoder || c.Config.Kind = CrossLayerTranscoder)
+let tokens = PromptTokens.encode tokenizer prompt
 let show (id: int) = sprintf "%A" (Tokenizer.decode tokenizer [| id |])
 let last = tokens.Length - 1
 printfn "%d transcoders; prompt of %d tokens: %s" coders.Length tokens.Length (String.Join(" ", tokens |> Array.map show))
 
 // 2. The attribution graph of the next-token prediction: pruned by influence, scored, saved.
-let graph = { AttributionGraph.build model coders tokens GraphConfig.Default with TokenStrings = tokens |> Array.map (fun t -> Tokenizer.decode tokenizer [| t |]) }
+let graph = AttributionGraph.build model coders tokens GraphConfig.Default |> Tracing.withTokenStrings tokenizer
 let pruned = Pruning.prune { PruneConfig.Default with Device = device } graph
 let scores = Pruning.scores graph device
 printfn "\ngraph: %d nodes, %d kept after pruning (%d edges); replacement %.3f, completeness %.3f; built in %.2f s"
@@ -88,9 +84,7 @@ match second with
     let id, f = nodesAtLast |> Array.maxBy (fun (i, f) -> float (Graph.edge graph altNode i) / max 1e-6 f.Activation)
     let iv = [ { Layer = f.Layer; Feature = f.Feature; Position = At last; Action = SetTo(f.Activation * 8.0) } ]
     use lr = LocalReplacement.create model coders tokens
-    let topOf (logits: torch.Tensor) =
-        use lastRow = logits.reshape(-1L, logits.shape[logits.shape.Length - 1]).select(0, -1L)
-        show (int (lastRow.argmax().item<int64> ()))
+    let topOf (logits: torch.Tensor) = show (fst (NextToken.top 1 (NextToken.probabilities logits)).Head)
     use clean = LocalReplacement.forward lr
     use free = Interventions.free model coders tokens iv
     use constrained = Interventions.constrained lr iv

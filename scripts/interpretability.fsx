@@ -44,12 +44,12 @@ let codersDir =
                 printfn "  %s: L0 %.1f, FVU %.3f" c.Name (c.Metrics |> Option.map (fun m -> m.L0) |> Option.defaultValue nan) (c.Metrics |> Option.map (fun m -> m.Fvu) |> Option.defaultValue nan)
                 SaeLens.writeMetrics c.Path c.Metrics c.Spliced |> ignore
         dir
-let coderDirs = Directory.GetDirectories codersDir |> Array.filter (fun d -> File.Exists(Path.Combine(d, "coder.json"))) |> Array.sort
-let coders = coderDirs |> Array.map (fun d -> CoderFile.load d device) |> Array.sortBy (fun c -> c.Config.Layers[0]) |> List.ofArray
+let coderDirs = CoderFolders.find [ codersDir ]
+let coders = CoderFolders.load [ codersDir ] device
 
 let options =
     { ReportOptions.Create(out, prompt) with
-        Scan = Path.GetFileNameWithoutExtension modelPath
+        Scan = ModelName.ofPath modelPath
         Device = device
         Dashboard = { DashboardOptions.Default with Texts = [ prompt; "The little dog was sad because he lost his ball." ] }
         TrainingLogs = [ for d in coderDirs do

@@ -1,5 +1,7 @@
 // Trains a small GPT on the shipped TinyStories and generates a story: the language-model pipeline as a script.
-// Build once, then run:   dotnet build src/Transcoders -c Release && dotnet fsi scripts/train-tinystories.fsx [steps]
+// Build once, then run:   dotnet build src/Transcoders -c Release && dotnet fsi scripts/train-tinystories.fsx [steps] [file]
+// With a TinyStories-format file, the script trains on it (a 512-token vocabulary, shards beside the run) instead of
+// the shipped stories (the tests pass a small one).
 #load "load.fsx"
 
 open System.IO
@@ -8,12 +10,16 @@ open Transcoders.Tensors
 open Transcoders.Text
 open Transcoders.Training
 
-let steps = match fsi.CommandLineArgs with [| _; n |] -> int n | _ -> 300
+let steps, files, vocab, folder =
+    match fsi.CommandLineArgs |> Array.tail with
+    | [| n; file |] -> int n, [ file ], 512, Path.Combine("runs", "train-tinystories", "corpus")
+    | [| n |] -> int n, Corpus.shippedFiles (), 4096, TinyStories.defaultFolder (Some 4096)
+    | _ -> 300, Corpus.shippedFiles (), 4096, TinyStories.defaultFolder (Some 4096)
 let device = Device.resolve Device.Auto
 Device.seed 0L
 
 // text → tokens: a compact 4,096-token vocabulary counted on the training stories, shards in the cache folder
-let corpus = TinyStories.prepare (Corpus.shippedFiles ()) (Some 4096) (TinyStories.defaultFolder (Some 4096))
+let corpus = TinyStories.prepare files (Some vocab) folder
 let train, validation = TinyStories.tokens corpus
 printfn "%d training tokens, %d validation tokens, %s" train.Length validation.Length (Tokenizer.describe corpus.Tokenizer)
 
@@ -37,7 +43,9 @@ let training =
                 Resume = Trainer.Latest } }
 
 let result = LmTraining.train model corpus.Tokenizer train validation training
-printfn "validation loss %.4f after %d steps; model in %s" (defaultArg result.ValidationLoss nan) result.Run.FinalStep result.ModelDir
+match result.ModelDir with
+| Some dir -> printfn "validation loss %.4f after %d steps; model in %s" (defaultArg result.ValidationLoss nan) result.Run.FinalStep dir
+| None -> failwithf "training diverged after %d steps: no final model (checkpoint to use: %s)" result.Run.FinalStep (defaultArg result.Run.BestCheckpoint "none")
 
 // generate: sampled, reproducible by seed
 let story =

@@ -3,9 +3,11 @@
 // of activations; saves them, evaluates them (held-out L0 / FVU, spliced CE), and splices every transcoder at once.
 //
 //   dotnet build src/Transcoders -c Release
-//   dotnet fsi scripts/train-transcoders.fsx [MODEL] [STEPS] [OUT]
+//   dotnet fsi scripts/train-transcoders.fsx [MODEL] [STEPS] [OUT] [EVAL_TOKENS] [BATCH]
 //
 // MODEL: a llama2.c .bin, a Hugging Face folder or one of our model folders (default: the shipped stories260K).
+// EVAL_TOKENS: held-out tokens for L0 / FVU and for the spliced CE (default 16384); BATCH: tokens per training batch
+// (default 1024). The tests pass small numbers.
 // The text is TinyStories tokenized with the model's own tokenizer (cached after the first run).
 
 open System
@@ -21,6 +23,8 @@ let args = fsi.CommandLineArgs |> Array.tail
 let modelPath = if args.Length > 0 then args[0] else Paths.data "models/stories260K/stories260K.bin"
 let steps = if args.Length > 1 then int args[1] else 600
 let out = if args.Length > 2 then args[2] else Path.Combine("coders", "train-transcoders")
+let evalTokens = if args.Length > 3 then int args[3] else 16384
+let batch = if args.Length > 4 then int args[4] else 1024
 let device = Transcoders.Tensors.Device.resolve Transcoders.Tensors.Device.Auto
 
 // 1. The model and its text.
@@ -28,13 +32,12 @@ let model, _ = ModelFiles.load modelPath device
 model.eval ()
 let text = ModelText.forModel modelPath
 let c = model.Config
-let name = Path.GetFileNameWithoutExtension(Path.GetFullPath(modelPath).TrimEnd('/'))
+let name = ModelName.ofPath modelPath
 printfn "%s: %d layers, d_model %d; %d training tokens" name c.NLayers c.DModel text.Train.Length
 
 // 2. The coders: a TopK transcoder per layer and a TopK SAE on each MLP output, 16 features per dimension.
 let width = 16 * c.DModel
 let k = max 1 (c.DModel / 4)
-let batch = 1024
 let job (coder: CoderConfig) (jobName: string) =
     { Name = jobName; Coder = coder; Train = CoderDefaults.forCoder coder 0.0 steps batch }
 let jobs =
@@ -52,7 +55,7 @@ let config =
                 PassRows = 8
                 Buffer = { ShuffleBufferConfig.Default with Rows = 64L * int64 batch; BatchSize = int64 batch; ServeDevice = device } }
         CheckpointEvery = 200
-        Eval = { JobEval.Default with ActivationRows = 16384L; SplicedRows = 128 } }
+        Eval = { JobEval.Default with ActivationRows = int64 evalTokens; SplicedRows = max 1 (evalTokens / 128) } }
 
 // 4. Train, save, evaluate.
 let sw = Stopwatch.StartNew()

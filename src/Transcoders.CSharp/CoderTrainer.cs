@@ -6,7 +6,6 @@ using TorchSharp;
 using Transcoders.Coders;
 using Transcoders.Models;
 using CoderActivation = Transcoders.Coders.Activation;
-using StoreText = Transcoders.Coders.ModelTextModule;
 
 namespace Transcoders;
 
@@ -14,7 +13,8 @@ namespace Transcoders;
 /// activation, all fed from one activation stream (the model runs once per batch for all of them).</summary>
 public sealed class CoderTrainingOptions
 {
-    /// <summary>Kinds: <c>transcoder</c>, <c>skip-transcoder</c>, <c>sae</c> (on hook_mlp_out) or <c>sae:&lt;hook suffix&gt;</c>.</summary>
+    /// <summary>Kinds: <c>transcoder</c>, <c>skip-transcoder</c>, <c>sae</c> (on hook_mlp_out), <c>sae:&lt;hook suffix&gt;</c>
+    /// or <c>clt</c> (one cross-layer transcoder over the layers, named <c>clt-L0-1-…</c>).</summary>
     public IList<string> Kinds { get; set; } = new List<string> { "transcoder" };
 
     /// <summary>Layers to train at; empty for every layer.</summary>
@@ -52,6 +52,12 @@ public sealed class CoderTrainingOptions
 
     /// <summary>Steps between checkpoints (0: only at the end); a run resumes from the last one.</summary>
     public int CheckpointEvery { get; set; } = 500;
+
+    /// <summary>Continue from a checkpoint of the same run in <see cref="Out"/> (otherwise start over).</summary>
+    public bool Resume { get; set; } = true;
+
+    /// <summary>Tokens per text row; null for min(128, the model's context).</summary>
+    public int? Ctx { get; set; }
 
     /// <summary>Held-out activation rows for L0 / FVU.</summary>
     public long EvalRows { get; set; } = 32768;
@@ -93,42 +99,12 @@ public static class CoderTrainer
         ArgumentNullException.ThrowIfNull(modelPath);
         ArgumentNullException.ThrowIfNull(options);
         var dev = device ?? torch.CPU;
-        var (model, _) = ModelFiles.load(modelPath, dev);
-        using var _model = model;
-        model.eval();
-        var text = options.Tokens is null ? StoreText.forModel(modelPath) : StoreText.ofShards(options.Tokens);
-        var k = options.K ?? Math.Max(1, model.Config.DModel / 4);
-        CoderActivation activation = options.Activation.Trim().ToLowerInvariant() switch
-        {
-            "topk" => CoderActivation.NewTopK(k),
-            "batchtopk" => CoderActivation.NewBatchTopK(k),
-            "groupmax" => CoderActivation.NewGroupMax(k),
-            "relu" => CoderActivation.ReLU,
-            "jumprelu" => CoderActivation.NewJumpReLU(JumpReLUSpec.Default),
-            var a => throw new ArgumentException($"unknown activation '{a}': expected topk, batchtopk, groupmax, relu or jumprelu", nameof(options)),
-        };
-        var plan = new CoderPlan(
-            Interop.List(options.Kinds.Select(SweepKind.Parse)),
-            Interop.List(options.Layers),
-            options.Features is int w ? FSharpOption<int>.Some(w) : FSharpOption<int>.None,
-            16,
-            FSharpOption<CoderActivation>.Some(activation),
-            options.Lambda,
-            options.Steps,
-            options.Batch,
-            options.Seed,
-            Interop.Some(options.LearningRate));
-        var name = System.IO.Path.GetFileNameWithoutExtension(System.IO.Path.GetFullPath(modelPath).TrimEnd(System.IO.Path.DirectorySeparatorChar));
-        var jobs = CoderPlanModule.jobs(model, name, plan);
-        var defaults = JobsConfig.Default(options.Out);
-        var config = new JobsConfig(
-            options.Out,
-            CoderPlanModule.store(model, FSharpOption<int>.None, options.Batch, FSharpOption<long>.None, options.Seed, dev),
-            FSharpOption<DiskCache>.None,
-            options.CheckpointEvery,
-            true,
-            new JobEval(options.EvalRows, options.SplicedRows, defaults.Eval.SplicedBatch, defaults.Eval.Joint),
-            defaults.KeepCheckpoints);
+        var dModel = ModelFiles.inspect(modelPath).Config.DModel;
+        var settings = CoderRun.settingsOf(
+            Interop.List(options.Kinds), Interop.List(options.Layers), Interop.Some(options.Features), options.Activation,
+            Interop.Some(options.K), options.Lambda, options.Steps, options.Batch, options.Seed, Interop.Some(options.LearningRate),
+            options.Out, options.Tokens is null ? FSharpOption<string>.None : FSharpOption<string>.Some(options.Tokens),
+            Interop.Some(options.Ctx), options.CheckpointEvery, options.Resume, options.EvalRows, options.SplicedRows, dModel);
         var onProgress = FuncConvert.FromAction<JobsProgress>(p =>
         {
             if (progress is null) return;
@@ -142,7 +118,7 @@ public static class CoderTrainer
                     break;
             }
         });
-        var result = Transcoders.Coders.CoderJobs.run(model, text, jobs, config, onProgress);
+        var result = CoderRun.train(modelPath, settings, dev, onProgress);
         var coders = result.Coders.Select(r => new TrainedCoder(
             r.Name, r.Path,
             FSharpOption<EvalResult>.get_IsSome(r.Metrics) ? r.Metrics.Value.L0 : double.NaN,

@@ -24,6 +24,21 @@ public enum SparseCoderKind
     CrossLayerTranscoder,
 }
 
+/// <summary>The activation function that turns a coder's pre-activations into feature activations.</summary>
+public enum SparseCoderActivation
+{
+    /// <summary>ReLU (trained with an L1 penalty).</summary>
+    ReLU,
+    /// <summary>JumpReLU: a learned per-feature threshold (Anthropic's recipe).</summary>
+    JumpReLU,
+    /// <summary>Keep the k largest pre-activations of each token.</summary>
+    TopK,
+    /// <summary>Keep the k·B largest pre-activations of a batch of B tokens (k per token on average).</summary>
+    BatchTopK,
+    /// <summary>k contiguous groups of features; each token keeps the largest of every group.</summary>
+    GroupMax,
+}
+
 /// <summary>
 /// A trained (or fresh) sparse coder: an SAE, a transcoder, a skip transcoder or a cross-layer transcoder, in the
 /// model's units. Files are safetensors + JSON with SAELens-style keys (see docs/formats.md). Dispose it to free
@@ -58,12 +73,43 @@ public sealed class SparseCoder : IDisposable
     /// <param name="features">Features (d_sae).</param>
     /// <param name="k">Features kept per token.</param>
     /// <param name="device">Where to put the weights; null for the CPU.</param>
-    public static SparseCoder CreateTranscoder(string model, int layer, int dModel, int features, int k, torch.Device? device = null)
+    public static SparseCoder CreateTranscoder(string model, int layer, int dModel, int features, int k, torch.Device? device = null) =>
+        Create(SparseCoderKind.Transcoder, model, [layer], dModel, features, SparseCoderActivation.TopK, k, null, device);
+
+    /// <summary>
+    /// A freshly initialised coder of any kind with any activation: an SAE on <paramref name="hook"/> (default the
+    /// layer's <c>hook_mlp_out</c>), a transcoder or skip transcoder of the layer's MLP (one layer), or a cross-layer
+    /// transcoder over <paramref name="layers"/> (an encoder per layer, decoders to its own and every later MLP output;
+    /// free decoder norms with JumpReLU, unit norms otherwise). <see cref="Torch.Seed"/> makes it reproducible.
+    /// Invalid settings (a k larger than the width, a GroupMax k that does not divide it, several layers for a
+    /// per-layer kind) fail with a message naming the field.
+    /// </summary>
+    /// <param name="kind">The kind of coder.</param>
+    /// <param name="model">The model's name, recorded in the config.</param>
+    /// <param name="layers">The layer (one) or, for a cross-layer transcoder, the ascending layers.</param>
+    /// <param name="dModel">The width of the hook points read and predicted.</param>
+    /// <param name="features">Features per layer (d_sae).</param>
+    /// <param name="activation">The activation function.</param>
+    /// <param name="k">Features kept per token for TopK, BatchTopK and GroupMax (ignored otherwise).</param>
+    /// <param name="hook">The hook point an SAE reads and reconstructs; null for the layer's MLP output.</param>
+    /// <param name="device">Where to put the weights; null for the CPU.</param>
+    public static SparseCoder Create(SparseCoderKind kind, string model, IReadOnlyList<int> layers, int dModel, int features,
+                                     SparseCoderActivation activation = SparseCoderActivation.TopK, int k = 32, string? hook = null,
+                                     torch.Device? device = null)
     {
-        var config = CoderConfigModule.transcoder(model, layer, dModel, features);
-        var withTopK = new CoderConfig(config.Kind, config.Layers, config.HookIn, config.HookOut, config.DIn, config.DOut, config.DSae,
-            CoderActivation.NewTopK(k), config.InputBias, config.Decoder, config.Scale, config.FoldedScale, config.Model);
-        return new SparseCoder(CoderModule.create(CoderConfigModule.validate(withTopK), device ?? torch.CPU));
+        ArgumentNullException.ThrowIfNull(model);
+        ArgumentNullException.ThrowIfNull(layers);
+        var coreKind = kind switch
+        {
+            SparseCoderKind.Sae => CoderKind.Sae,
+            SparseCoderKind.Transcoder => CoderKind.Transcoder,
+            SparseCoderKind.SkipTranscoder => CoderKind.SkipTranscoder,
+            SparseCoderKind.CrossLayerTranscoder => CoderKind.CrossLayerTranscoder,
+            _ => throw new ArgumentOutOfRangeException(nameof(kind), kind, "not a coder kind"),
+        };
+        var config = CoderRun.coderConfig(coreKind, model, Interop.Array(layers), hook is null ? FSharpOption<string>.None : FSharpOption<string>.Some(hook),
+            dModel, features, CoderRun.activation(activation.ToString(), k));
+        return new SparseCoder(CoderModule.create(config, device ?? torch.CPU));
     }
 
     /// <summary>Saves the coder (activation scales folded into the weights) as coder.safetensors + coder.json in

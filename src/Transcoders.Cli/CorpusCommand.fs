@@ -38,7 +38,7 @@ let printSummary (files: string list) (p: TinyStories.Prepared) (elapsed: System
         "validation shards", sprintf "%s tokens, %s documents" (Output.count p.Validation.Tokens) (Output.count p.Validation.Documents)
         "vocabulary coverage (train)", Output.percent coverage ]
 
-let run (args: ParseResults<Args>) =
+let run (_: Common.Options) (args: ParseResults<Args>) =
     let files = args.GetResult(Files, Corpus.shippedFiles ())
     let vocabSize = if args.Contains Full_Gpt2 then None else Some(args.GetResult(Vocab_Size, 4096))
     let folder = args.GetResult(Out, TinyStories.defaultFolder vocabSize)

@@ -16,8 +16,6 @@ type Args =
     | Context of int
     | Top of int
     | Out of folder: string
-    | Device of string
-    | Threads of int
     interface IArgParserTemplate with
         member this.Usage =
             match this with
@@ -28,17 +26,14 @@ type Args =
             | Context _ -> "tokens per story read (default 64)"
             | Top _ -> "top examples kept per feature (default 12)"
             | Out _ -> "folder for the pages (default runs/pages)"
-            | Device _ -> "cpu, cuda, cuda:N or auto (default auto)"
-            | Threads _ -> "torch CPU threads (default: all cores)"
 
-let run (args: ParseResults<Args>) =
+let run (common: Common.Options) (args: ParseResults<Args>) =
     let sw = Stopwatch.StartNew()
-    let device = Device.resolve (Device.parse (args.GetResult(Device, "auto")))
-    Device.setThreads (args.GetResult(Threads, 0))
+    let device = Common.device common
     let out = args.GetResult(Out, Path.Combine("runs", "pages"))
-    let model, tokenizer, _ = TraceCommand.loadPrompt (args.GetResult Model) "" device
+    let model, tokenizer, _ = Transcoders.Models.PromptTokens.load (args.GetResult Model) "" device
     use _m = model
-    let coders = TraceCommand.loadCoders (args.GetResult Coders) device
+    let coders = Transcoders.Coders.CoderFolders.load (args.GetResult Coders) device
     try
         let options =
             { DashboardOptions.Default with

@@ -7,7 +7,6 @@ open System.Diagnostics
 open System.IO
 open Argu
 open Transcoders.Coders
-open Transcoders.Tensors
 
 type Args =
     | [<MainCommand; ExactlyOnce>] Model of path: string
@@ -21,8 +20,6 @@ type Args =
     | Batch of int
     | No_Joint
     | Out of folder: string
-    | Device of string
-    | Threads of int
     interface IArgParserTemplate with
         member this.Usage =
             match this with
@@ -37,21 +34,15 @@ type Args =
             | Batch _ -> "rows per model pass in the spliced evaluation (default 16)"
             | No_Joint -> "do not also splice every transcoder at once"
             | Out _ -> "also write metrics.csv and metrics.md here"
-            | Device _ -> "cpu, cuda, cuda:N or auto (default auto)"
-            | Threads _ -> "torch CPU threads (default: all cores)"
 
-let run (args: ParseResults<Args>) =
+let run (common: Common.Options) (args: ParseResults<Args>) =
     let sw = Stopwatch.StartNew()
     let modelPath = args.GetResult Model
-    let device = Device.resolve (Device.parse (args.GetResult(Device, "auto")))
-    Device.setThreads (args.GetResult(Threads, 0))
-    let model, text = TrainCoderCommand.loadModelAndText modelPath (args.TryGetResult Tokens) device
+    let device = Common.device common
+    let model, text = CoderRun.loadModelAndText modelPath (args.TryGetResult Tokens) device
     use _m = model
     let paths = args.GetResult Coders
-    let coders =
-        [ for p in paths ->
-            let name = if Directory.Exists p then Path.GetFileName(Path.GetFullPath(p).TrimEnd(Path.DirectorySeparatorChar)) else Path.GetFileNameWithoutExtension p
-            name, CoderFile.load p device ]
+    let coders = [ for p in paths -> CoderFolders.name p, CoderFile.load p device ]
     try
         // The paper's training settings are valid, so only the coder's fit to the model is checked.
         let problems =

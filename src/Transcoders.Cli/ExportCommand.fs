@@ -61,9 +61,9 @@ let export (args: ParseResults<ExportArgs>) =
         printfn "graph JSON (%s): %s" GraphJson.SchemaVersion path
         match args.TryGetResult Model, args.TryGetResult Coders with
         | Some m, Some cs ->
-            let model, tokenizer, _ = TraceCommand.loadPrompt m "" TorchSharp.torch.CPU
+            let model, tokenizer, _ = Transcoders.Models.PromptTokens.load m "" TorchSharp.torch.CPU
             use _m = model
-            let coders = TraceCommand.loadCoders cs TorchSharp.torch.CPU
+            let coders = Transcoders.Coders.CoderFolders.load cs TorchSharp.torch.CPU
             let stories = Interpretability.shippedStories tokenizer 400
             let dashboards = [ for c in coders -> FeatureDashboard.compute model tokenizer (Interpretability.coderName c) c stories DashboardOptions.Default ]
             printfn "feature files: %s" (GraphJson.exportFeatures out scan text dashboards)

@@ -3,7 +3,6 @@ module Transcoders.Cli.GenerateCommand
 
 open Argu
 open Transcoders.Models
-open Transcoders.Tensors
 open Transcoders.Text
 
 type Args =
@@ -14,7 +13,6 @@ type Args =
     | Top_K of int
     | Seed of int64
     | Samples of int
-    | Device of string
     interface IArgParserTemplate with
         member this.Usage =
             match this with
@@ -25,11 +23,10 @@ type Args =
             | Top_K _ -> "sample among the k most likely tokens"
             | Seed _ -> "sampling seed (default 0)"
             | Samples _ -> "how many continuations (default 1)"
-            | Device _ -> "cpu, cuda, cuda:N or auto (default auto)"
 
-let run (args: ParseResults<Args>) =
+let run (common: Common.Options) (args: ParseResults<Args>) =
     let path = args.GetResult Model
-    let device = Device.resolve (Device.parse (args.GetResult(Device, "auto")))
+    let device = Common.device common
     let tokenizer = ModelTokenizer.find path
     let model, _ = ModelFiles.load path device
     use _m = model

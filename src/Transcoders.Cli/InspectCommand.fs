@@ -11,7 +11,7 @@ type Args =
             match this with
             | Path _ -> "a checkpoint: our model folder, a Hugging Face folder (config.json + safetensors) or a llama2.c .bin"
 
-let run (args: ParseResults<Args>) =
+let run (_: Common.Options) (args: ParseResults<Args>) =
     let info = ModelFiles.inspect (args.GetResult Path)
     let c = info.Config
     printfn "%s" info.Path

@@ -10,7 +10,6 @@ open TorchSharp
 open Transcoders.Circuits
 open Transcoders.Coders
 open Transcoders.Models
-open Transcoders.Tensors
 open Transcoders.Text
 
 type Args =
@@ -23,7 +22,6 @@ type Args =
     | Ablate
     | From_Position
     | Generate of tokens: int
-    | Device of string
     interface IArgParserTemplate with
         member this.Usage =
             match this with
@@ -36,15 +34,6 @@ type Args =
             | Ablate -> "set the features' activations to 0 (the default action)"
             | From_Position -> "apply from the position on, to every later position and generated token (steering)"
             | Generate _ -> "also generate this many tokens greedily, with and without the intervention"
-            | Device _ -> "cpu, cuda, cuda:N or auto (default auto)"
-
-/// Parses `mlp2tc[17]@5` (or `@last`) against a prompt of `n` tokens.
-let parseFeature (n: int) (text: string) : int * int * int =
-    let text = text.Trim()
-    let text = if text.EndsWith "@last" then text.Substring(0, text.Length - 4) + string (n - 1) else text
-    match Component.parse text with
-    | TranscoderFeature(l, f, p) -> l, f, p
-    | c -> invalidArg "feature" (sprintf "%s is not a transcoder feature: give mlpLtc[F]@P" c.Display)
 
 /// Runs the interventions on one prompt and prints the three views side by side.
 let intervene (model: Transformer) (tokenizer: Tokenizer) (coders: Coder list) (tokens: int[]) (interventions: FeatureIntervention list)
@@ -56,15 +45,15 @@ let intervene (model: Transformer) (tokenizer: Tokenizer) (coders: Coder list) (
     for iv in interventions do
         let p = match iv.Position with At p | From p -> p
         let a =
-            use t = TraceCommand.promptTensor tokens model.Device
+            use t = PromptTokens.tensor tokens model.Device
             use acts = FeatureAccess.features model coders (sprintf "M%dN%d" iv.Layer iv.Feature) t
             acts[0L, int64 p].to_type(torch.float64).item<float> ()
         printfn "feature mlp%dtc[%d]@%d on %A: activation %.4f, %A" iv.Layer iv.Feature p (Tokenizer.decode tokenizer [| tokens[p] |]) a iv.Action
-    let before = TraceCommand.nextTokenProbabilities clean
+    let before = NextToken.probabilities clean
     let show (title: string) (logits: torch.Tensor) =
         printfn "%s" title
-        for t, pr in TraceCommand.topTokens 5 (TraceCommand.nextTokenProbabilities logits) do
-            printfn "  %-28s p = %.4f (was %.4f, %+.4f)" (TraceCommand.tokenText tokenizer t) pr before[t] (pr - before[t])
+        for t, pr in NextToken.top 5 (NextToken.probabilities logits) do
+            printfn "  %-28s p = %.4f (was %.4f, %+.4f)" (PromptTokens.display tokenizer t) pr before[t] (pr - before[t])
     printfn "next token, original model:"
     TraceCommand.printTop tokenizer 5 clean
     show "with the intervention, free (through the real model; error terms keep everything else exact):" free
@@ -77,7 +66,7 @@ let intervene (model: Transformer) (tokenizer: Tokenizer) (coders: Coder list) (
         if inGraph then
             printfn "change of each explained logit (de-meaned): the graph's prediction, constrained, free"
             for c in Interventions.compareWithGraph lr graph interventions do
-                printfn "  %-28s predicted %+9.4f  constrained %+9.4f  free %+9.4f" (TraceCommand.tokenText tokenizer c.Token) c.Predicted c.Constrained c.Free
+                printfn "  %-28s predicted %+9.4f  constrained %+9.4f  free %+9.4f" (PromptTokens.display tokenizer c.Token) c.Predicted c.Constrained c.Free
         else printfn "(a feature that is not active on the prompt is no node of the graph: no graph prediction)"
     match generate with
     | Some n when n > 0 ->
@@ -88,15 +77,15 @@ let intervene (model: Transformer) (tokenizer: Tokenizer) (coders: Coder list) (
         printfn "greedy continuation, with the intervention: %s" (Tokenizer.decode tokenizer steered.NewTokens)
     | _ -> ()
 
-let run (args: ParseResults<Args>) =
+let run (common: Common.Options) (args: ParseResults<Args>) =
     match args.TryGetResult Generate with
     | Some n when n < 0 -> invalidArg "generate" (sprintf "--generate takes a number of tokens (0 or more), got %d" n)
     | _ -> ()
     let modelPath = args.GetResult Model
-    let device = Device.resolve (Device.parse (args.GetResult(Device, "auto")))
-    let model, tokenizer, tokens = TraceCommand.loadPrompt modelPath (args.GetResult Prompt) device
+    let device = Common.device common
+    let model, tokenizer, tokens = PromptTokens.load modelPath (args.GetResult Prompt) device
     use _m = model
-    let coders = TraceCommand.loadCoders (args.GetResult Coders) device
+    let coders = CoderFolders.load (args.GetResult Coders) device
     try
         let action =
             match args.TryGetResult Set, args.TryGetResult Scale with
@@ -106,7 +95,7 @@ let run (args: ParseResults<Args>) =
             | Some _, Some _ -> invalidArg "set" "give one of --set, --scale and --ablate"
         let interventions =
             [ for text in args.GetResult Feature ->
-                let l, f, p = parseFeature tokens.Length text
+                let l, f, p = Interventions.parseFeature tokens.Length text
                 { Layer = l; Feature = f; Position = (if args.Contains From_Position then From p else At p); Action = action } ]
         intervene model tokenizer coders tokens interventions (args.TryGetResult Generate)
         0

@@ -17,7 +17,6 @@ type Args =
     | Prompt of text: string
     | Top of int
     | Out of file: string
-    | Device of string
     interface IArgParserTemplate with
         member this.Usage =
             match this with
@@ -28,10 +27,9 @@ type Args =
             | Prompt _ -> "the prompt of the heatmaps, activation lines, correlations and feature importance"
             | Top _ -> "strongest features per layer shown (default 12)"
             | Out _ -> "the page (default runs/pages/plots.html)"
-            | Device _ -> "cpu, cuda, cuda:N or auto (default auto)"
 
-let run (args: ParseResults<Args>) =
-    let device = Device.resolve (Device.parse (args.GetResult(Device, "auto")))
+let run (common: Common.Options) (args: ParseResults<Args>) =
+    let device = Common.device common
     let out = args.GetResult(Out, Path.Combine("runs", "pages", "plots.html"))
     let charts =
         [ for log in args.GetResults Log do
@@ -42,9 +40,9 @@ let run (args: ParseResults<Args>) =
           | None -> ()
           match args.TryGetResult Model, args.TryGetResult Coders, args.TryGetResult Prompt with
           | Some m, Some cs, Some prompt ->
-              let model, tokenizer, tokens = TraceCommand.loadPrompt m prompt device
+              let model, tokenizer, tokens = Transcoders.Models.PromptTokens.load m prompt device
               use _m = model
-              let coders = TraceCommand.loadCoders cs device
+              let coders = Transcoders.Coders.CoderFolders.load cs device
               try
                   let acts = Plots.promptActivations model tokenizer coders prompt (args.GetResult(Top, 12))
                   for a in acts do yield Plots.heatmap a

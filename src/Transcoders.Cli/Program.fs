@@ -19,6 +19,9 @@ type Command =
     | [<CliPrefix(CliPrefix.None)>] Graph_Page of ParseResults<GraphPageCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Export of ParseResults<ExportCommand.ExportArgs>
     | [<CliPrefix(CliPrefix.None)>] Import of ParseResults<ExportCommand.ImportArgs>
+    // The options every command shares (see Common.fs): declared once here, accepted after any command.
+    | [<Inherit>] Device of string
+    | [<Inherit>] Threads of int
     interface IArgParserTemplate with
         member this.Usage =
             match this with
@@ -27,7 +30,7 @@ type Command =
             | Inspect _ -> "print a checkpoint's configuration and parameter count"
             | Generate _ -> "generate text with a checkpoint"
             | Train_Lm _ -> "train a GPT on TinyStories (checkpoints, exact resume, metrics.jsonl)"
-            | Train_Coder _ -> "train transcoders / SAEs on a model's activations, save and evaluate them"
+            | Train_Coder _ -> "train transcoders / SAEs / cross-layer transcoders on a model's activations, save and evaluate them"
             | Eval_Coder _ -> "evaluate saved coders on a model (L0, FVU, spliced CE, KL)"
             | Sweep _ -> "sweep coder kind, layer, width and sparsity; write the L0-vs-CE comparison"
             | Trace _ -> "attribution graph of a prediction (pruned, scored, saved) and the paper's computational paths"
@@ -37,30 +40,66 @@ type Command =
             | Graph_Page _ -> "the interactive page of a saved attribution graph"
             | Export _ -> "graph → circuit-tracer / Neuronpedia graph JSON (+ feature files); coder → SAELens layout"
             | Import _ -> "circuit-tracer graph JSON → graph file; SAELens folder → coder"
+            | Device _ -> Common.deviceUsage
+            | Threads _ -> Common.threadsUsage
+
+/// The exit code of a command line that Argu refuses (the code Argu's ProcessExiter exits with).
+let private exitCodeOf (e: ArguParseException) = int e.ErrorCode
+
+/// The commands' names as typed (`train-coder`).
+let private commandNames =
+    Reflection.FSharpType.GetUnionCases typeof<Command>
+    |> Array.filter (fun c -> c.GetFields() |> Array.exists (fun f -> f.PropertyType.IsGenericType && f.PropertyType.GetGenericTypeDefinition() = typedefof<ParseResults<_>>))
+    |> Array.map (fun c -> c.Name.ToLowerInvariant().Replace('_', '-'))
+
+/// Runs the command line `argv` and returns the exit code: 0 on success; `--help` prints the usage and returns 0; a
+/// bad argument prints one line, `error: <what is wrong> (see 'transcoders <command> --help')`, and returns Argu's
+/// code for it; a failure of the command prints `error: <message>` and returns 1 (with TRANSCODERS_DEBUG=1 the
+/// exception propagates, stack trace and all).
+let run (argv: string[]) : int =
+    let parser = ArgumentParser.Create<Command>(programName = "transcoders")
+    match (try Ok(parser.ParseCommandLine(argv, raiseOnUsage = true)) with :? ArguParseException as e -> Error e) with
+    | Error e when e.ErrorCode = ErrorCode.HelpText ->
+        printfn "%s" e.Message
+        0
+    | Error e ->
+        // Argu's message is the error followed by the whole usage: keep the error, point to the usage.
+        let first = e.Message.Split('\n') |> Array.map (fun l -> l.Trim()) |> Array.tryFind (fun l -> l <> "") |> Option.defaultValue "invalid arguments"
+        let what = if first.StartsWith "ERROR: " then first.Substring 7 else first
+        let command = argv |> Array.tryFind (fun a -> commandNames |> Array.contains a)
+        let usage = match command with Some c -> sprintf "transcoders %s --help" c | None -> "transcoders --help"
+        eprintfn "error: %s (see '%s')" (what.TrimEnd('.')) usage
+        exitCodeOf e
+    | Ok args ->
+        let common =
+            { Common.Options.Device = args.GetResult(Device, Common.Options.Default.Device)
+              Common.Options.Threads = args.GetResult(Threads, Common.Options.Default.Threads) }
+        Transcoders.Tensors.Device.init ()
+        try
+            Transcoders.Tensors.Device.setThreads common.Threads
+            match args.TryGetSubCommand() with
+            | Some(Quickstart a) -> QuickstartCommand.run common a
+            | Some(Corpus a) -> CorpusCommand.run common a
+            | Some(Inspect a) -> InspectCommand.run common a
+            | Some(Generate a) -> GenerateCommand.run common a
+            | Some(Train_Lm a) -> TrainLmCommand.run common a
+            | Some(Train_Coder a) -> TrainCoderCommand.run common a
+            | Some(Eval_Coder a) -> EvalCoderCommand.run common a
+            | Some(Sweep a) -> SweepCommand.run common a
+            | Some(Trace a) -> TraceCommand.run common a
+            | Some(Intervene a) -> InterveneCommand.run common a
+            | Some(Dashboard a) -> DashboardCommand.run common a
+            | Some(Plot a) -> PlotCommand.run common a
+            | Some(Graph_Page a) -> GraphPageCommand.run a
+            | Some(Export a) -> ExportCommand.export a
+            | Some(Import a) -> ExportCommand.import a
+            | Some(Device _ | Threads _) | None ->
+                eprintfn "error: no command given (see 'transcoders --help')"
+                1
+        with e when not (isNull e.Message) && Environment.GetEnvironmentVariable "TRANSCODERS_DEBUG" <> "1" ->
+            // Errors from the library name the file, field or shape at fault; a stack trace adds nothing for a user.
+            eprintfn "error: %s" e.Message
+            1
 
 [<EntryPoint>]
-let main argv =
-    let parser = ArgumentParser.Create<Command>(programName = "transcoders", errorHandler = ProcessExiter())
-    let args = parser.ParseCommandLine argv
-    Transcoders.Tensors.Device.init ()
-    try
-        match args.GetSubCommand() with
-        | Quickstart a -> QuickstartCommand.run a
-        | Corpus a -> CorpusCommand.run a
-        | Inspect a -> InspectCommand.run a
-        | Generate a -> GenerateCommand.run a
-        | Train_Lm a -> TrainLmCommand.run a
-        | Train_Coder a -> TrainCoderCommand.run a
-        | Eval_Coder a -> EvalCoderCommand.run a
-        | Sweep a -> SweepCommand.run a
-        | Trace a -> TraceCommand.run a
-        | Intervene a -> InterveneCommand.run a
-        | Dashboard a -> DashboardCommand.run a
-        | Plot a -> PlotCommand.run a
-        | Graph_Page a -> GraphPageCommand.run a
-        | Export a -> ExportCommand.export a
-        | Import a -> ExportCommand.import a
-    with e when not (isNull e.Message) && Environment.GetEnvironmentVariable "TRANSCODERS_DEBUG" <> "1" ->
-        // Errors from the library name the file, field or shape at fault; a stack trace adds nothing for a user.
-        eprintfn "error: %s" e.Message
-        1
+let main argv = run argv

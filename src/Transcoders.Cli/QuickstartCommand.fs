@@ -10,6 +10,7 @@ open System.Diagnostics
 open System.IO
 open System.Threading
 open Argu
+open Transcoders.Coders
 open Transcoders.Files
 open Transcoders.Models
 open Transcoders.Tensors
@@ -20,7 +21,6 @@ type Args =
     | Coder_Steps of int
     | Max_Minutes of float
     | Out of folder: string
-    | Device of string
     | Seed of int64
     interface IArgParserTemplate with
         member this.Usage =
@@ -29,14 +29,13 @@ type Args =
             | Coder_Steps _ -> "transcoder training steps of 1,024 tokens per layer (default 600; all layers from one stream)"
             | Max_Minutes _ -> "stop training (with a checkpoint) after this many minutes even if steps remain (default 10)"
             | Out _ -> "output folder (default runs/quickstart)"
-            | Device _ -> "cpu, cuda, cuda:N or auto (default auto)"
             | Seed _ -> "seed (default 0)"
 
 let private section (title: string) = printfn "\n== %s" title
 
-let run (args: ParseResults<Args>) =
+let run (common: Common.Options) (args: ParseResults<Args>) =
     let total = Stopwatch.StartNew()
-    let device = Device.resolve (Device.parse (args.GetResult(Device, "auto")))
+    let device = Common.device common
     let seed = args.GetResult(Seed, 0L)
     let budget = TimeSpan.FromMinutes(args.GetResult(Max_Minutes, 10.0))
     let out = args.GetResult(Out, Path.Combine("runs", "quickstart"))
@@ -44,35 +43,26 @@ let run (args: ParseResults<Args>) =
 
     section "1. Corpus: the shipped TinyStories, a compact 4,096-token vocabulary"
     let sw = Stopwatch.StartNew()
-    let files = Corpus.shippedFiles ()
-    let prepared = TinyStories.prepare files (Some 4096) (TinyStories.defaultFolder (Some 4096))
-    CorpusCommand.printSummary files prepared sw.Elapsed
-    let train, validation = TinyStories.tokens prepared
-
-    section (sprintf "2. Training a GPT on the %O" device)
-    let parser = ArgumentParser.Create<TrainLmCommand.Args>()
-    let trainArgs = parser.Parse [| "--out"; out; "--seed"; string seed |]
-    let modelConfig, config = TrainLmCommand.settings trainArgs (Tokenizer.vocabSize prepared.Tokenizer)
-    Device.seed seed
-    use model = Transformer.create modelConfig device
     // A fixed number of steps, so the run (losses, model, story) is the same on every CPU; the time cap only
     // protects a slow machine.
     let steps = args.GetResult(Steps, 600)
-    let config =
-        { config with
-            Train =
-                { config.Train with
-                    Steps = steps
-                    Schedule = Transcoders.Training.Schedule.WarmupCosine(2e-3, min 100 (steps / 10), steps, 0.1)
-                    EvalEvery = max 1 (steps / 2)
-                    CheckpointEvery = 0 } }
+    let settings =
+        { TinyStoriesGpt.Settings.Default with
+            Out = out; Seed = seed; Steps = steps; Warmup = min 100 (steps / 10); EvalEvery = max 1 (steps / 2); CheckpointEvery = 0 }
+    let files = TinyStoriesGpt.files settings
+    let prepared = TinyStoriesGpt.prepare settings
+    CorpusCommand.printSummary files prepared sw.Elapsed
+
+    section (sprintf "2. Training a GPT on the %O" device)
+    let model, config = TinyStoriesGpt.create settings prepared device
+    use _model = model
+    let modelConfig = model.Config
     printfn "model: %d layers, d_model %d, %d heads, context %d, vocabulary %d (%s parameters); %d steps of %d × %d tokens"
         modelConfig.NLayers modelConfig.DModel modelConfig.NHeads modelConfig.NCtx modelConfig.VocabSize
         (Output.count (Transformer.parameterCount model)) steps config.BatchSize config.Ctx
     use cancel = new CancellationTokenSource(budget)
-    let result = LmTraining.trainCancellable cancel.Token model prepared.Tokenizer train validation config
-    printfn "trained %d steps, %s tokens in %.0f s (%.0f tokens/s)" result.Run.FinalStep (Output.count result.Run.Tokens)
-        result.Run.ElapsedSeconds (float result.Run.Tokens / max 1e-9 result.Run.ElapsedSeconds)
+    let result = TinyStoriesGpt.trainCancellable cancel.Token model prepared config
+    TrainLmCommand.printResult result
     let modelDir =
         match result.Run.Outcome, result.ModelDir with
         | Transcoders.Training.Trainer.Diverged (_, message), _ ->
@@ -97,18 +87,17 @@ let run (args: ParseResults<Args>) =
 
     section "4. Transcoders on every layer of the trained GPT (TopK, k = 16, 1,024 features; one activation stream)"
     let codersDir = Path.Combine(out, "coders")
-    let coderArgs =
-        ArgumentParser.Create<TrainCoderCommand.Args>().Parse
-            [| modelDir; "--out"; codersDir; "--no-resume"; "--device"; string device
-               "--steps"; string (args.GetResult(Coder_Steps, 600)); "--width"; "1024"; "--k"; "16"
-               "--eval-rows"; "8192"; "--spliced-rows"; "64"; "--checkpoint-every"; "0" |]
-    TrainCoderCommand.run coderArgs |> ignore
+    TrainCoderCommand.train modelDir
+        { CoderRunSettings.Default with
+            Plan = { CoderPlan.Default with Steps = args.GetResult(Coder_Steps, 600); Width = Some 1024; Activation = Some(TopK 16) }
+            Out = Some codersDir; Resume = false; CheckpointEvery = 0; EvalRows = 8192L; SplicedRows = 64 }
+        id None device |> ignore
 
     section "5. Tracing a prediction: attribution graph and computational paths through the transcoders"
     let prompt = "Once upon a time, there was a little girl named Lily. She"
-    let traced, tokenizer, tokens = TraceCommand.loadPrompt modelDir prompt device
+    let traced, tokenizer, tokens = PromptTokens.load modelDir prompt device
     use _traced = traced
-    let coders = TraceCommand.loadCoders [ codersDir ] device
+    let coders = CoderFolders.load [ codersDir ] device
     try
         TraceCommand.trace modelDir traced tokenizer coders tokens None None Transcoders.Circuits.GraphConfig.Default
             { Transcoders.Circuits.PruneConfig.Default with Device = device } Transcoders.Circuits.PathSearchOptions.Default 5
@@ -125,9 +114,9 @@ let run (args: ParseResults<Args>) =
     printfn "%s" (Tokenizer.decode tok g.Tokens)
 
     section "7. Pages: features, the attribution graph, plots, circuit-tracer's graph JSON (self-contained, offline)"
-    let pagesModel, pagesTokenizer, _ = TraceCommand.loadPrompt modelDir prompt device
+    let pagesModel, pagesTokenizer, _ = PromptTokens.load modelDir prompt device
     use _pagesModel = pagesModel
-    let pageCoders = TraceCommand.loadCoders [ codersDir ] device
+    let pageCoders = CoderFolders.load [ codersDir ] device
     let logs = [ yield! Directory.GetFiles(out, "metrics.jsonl", SearchOption.AllDirectories) |> Array.truncate 1 |> Array.map (fun p -> "GPT training", p)
                  yield! Directory.GetFiles(codersDir, "log.jsonl", SearchOption.AllDirectories) |> Array.sort |> Array.truncate 1 |> Array.map (fun p -> "transcoder training", p) ]
     let report =

@@ -8,7 +8,7 @@ open System.IO
 open Argu
 open Transcoders.Activations
 open Transcoders.Coders
-open Transcoders.Tensors
+open Transcoders.Models
 
 type Args =
     | [<MainCommand; ExactlyOnce>] Model of path: string
@@ -21,9 +21,7 @@ type Args =
     | Batch of int
     | Out of folder: string
     | Max_Concurrent of int
-    | Device of string
     | Seed of int64
-    | Threads of int
     | Cache_Activations of folder: string
     | Tokens of folder: string
     | Ctx of int
@@ -45,9 +43,7 @@ type Args =
             | Batch _ -> "tokens per training batch (default 1024)"
             | Out _ -> "output folder (default sweeps/<model>)"
             | Max_Concurrent _ -> "coders trained at once from one stream (default: all)"
-            | Device _ -> "cpu, cuda, cuda:N or auto (default auto)"
             | Seed _ -> "seed (default 42)"
-            | Threads _ -> "torch CPU threads (default: all cores)"
             | Cache_Activations _ -> "cache the model's activations in this folder (written once, reused)"
             | Tokens _ -> "token shards (a folder with train/ and validation/; default: TinyStories in the model's tokenizer)"
             | Ctx _ -> "tokens per text row (default 128)"
@@ -57,15 +53,14 @@ type Args =
             | Eval_Rows _ -> "held-out activation rows per coder (default 32768)"
             | Spliced_Rows _ -> "validation rows spliced for CE/KL (default 128)"
 
-let run (args: ParseResults<Args>) =
+let run (common: Common.Options) (args: ParseResults<Args>) =
     let sw = Stopwatch.StartNew()
     let modelPath = args.GetResult Model
-    let device = Device.resolve (Device.parse (args.GetResult(Device, "auto")))
-    Device.setThreads (args.GetResult(Threads, 0))
-    let model, text = TrainCoderCommand.loadModelAndText modelPath (args.TryGetResult Tokens) device
+    let device = Common.device common
+    let model, text = CoderRun.loadModelAndText modelPath (args.TryGetResult Tokens) device
     use _m = model
     let c = model.Config
-    let name = TrainCoderCommand.modelName modelPath
+    let name = ModelName.ofPath modelPath
     let steps = args.GetResult(Steps, 600)
     let batch = args.GetResult(Batch, 1024)
     let seed = args.GetResult(Seed, 42L)
@@ -85,12 +80,17 @@ let run (args: ParseResults<Args>) =
                 { CoderDefaults.forCoder coder lambda steps batch with Seed = seed }
           MaxConcurrent = args.GetResult(Max_Concurrent, 0)
           Run =
-            { JobsConfig.Default out with
-                Store = CoderPlan.store model (args.TryGetResult Ctx) batch (args.TryGetResult Buffer_Rows) seed device
-                Cache = args.TryGetResult Cache_Activations |> Option.map (fun d -> { Dir = d; Settings = CacheConfig.Default })
-                CheckpointEvery = args.GetResult(Checkpoint_Every, 500)
-                Resume = not (args.Contains No_Resume)
-                Eval = { JobEval.Default with ActivationRows = args.GetResult(Eval_Rows, 32768L); SplicedRows = args.GetResult(Spliced_Rows, 128) } } }
+            CoderRun.jobsConfig model
+                { CoderRunSettings.Default with
+                    Plan = { CoderPlan.Default with Batch = batch; Seed = seed }
+                    Ctx = args.TryGetResult Ctx
+                    BufferRows = args.TryGetResult Buffer_Rows
+                    CacheActivations = args.TryGetResult Cache_Activations
+                    CheckpointEvery = args.GetResult(Checkpoint_Every, 500)
+                    Resume = not (args.Contains No_Resume)
+                    EvalRows = args.GetResult(Eval_Rows, 32768L)
+                    SplicedRows = args.GetResult(Spliced_Rows, 128) }
+                out device }
     printfn "%s: %d layers, d_model %d; text %s" name c.NLayers c.DModel text.Name
     let result = Sweep.run model text config (TrainCoderCommand.printProgress sw)
     printfn ""

@@ -10,7 +10,6 @@ open TorchSharp
 open Transcoders.Circuits
 open Transcoders.Coders
 open Transcoders.Models
-open Transcoders.Tensors
 open Transcoders.Text
 
 type Args =
@@ -29,8 +28,6 @@ type Args =
     | Paths of int
     | Depth of int
     | Beam of int
-    | Device of string
-    | Threads of int
     interface IArgParserTemplate with
         member this.Usage =
             match this with
@@ -49,68 +46,25 @@ type Args =
             | Paths _ -> "computational paths printed (default 10)"
             | Depth _ -> "path search depth (default 3)"
             | Beam _ -> "paths kept per iteration (default 15)"
-            | Device _ -> "cpu, cuda, cuda:N or auto (default auto)"
-            | Threads _ -> "torch CPU threads (default: all cores)"
 
-/// Every coder under `folders` (a coder folder, or a folder of coder folders), loaded onto `device`, ordered by layer.
-let loadCoders (folders: string list) (device: torch.Device) : Coder list =
-    let isCoder (dir: string) = File.Exists(Path.Combine(dir, "coder.json"))
-    let dirs =
-        [ for f in folders do
-              if File.Exists f || isCoder f then yield f
-              elif Directory.Exists f then
-                  let subs = Directory.GetDirectories f |> Array.filter isCoder |> Array.sort
-                  if subs.Length = 0 then failwithf "%s holds no coder (no coder.json in it or in its sub-folders)" f
-                  yield! subs
-              else failwithf "%s: no such coder folder or file" f ]
-    dirs
-    |> List.map (fun d -> CoderFile.load d device)
-    |> List.sortBy (fun c -> c.Config.Layers[0])
+/// Every coder under `folders`, ordered by layer (kept for callers of the command's old helper).
+[<Obsolete "use Transcoders.Coders.CoderFolders.load">]
+let loadCoders (folders: string list) (device: torch.Device) : Coder list = CoderFolders.load folders device
 
-/// The model (eval mode), its tokenizer and the prompt's tokens (BOS first when the tokenizer has one).
-let loadPrompt (modelPath: string) (prompt: string) (device: torch.Device) =
-    let model, _ = ModelFiles.load modelPath device
-    model.eval ()
-    let tokenizer = ModelTokenizer.find modelPath
-    let tokens = Tokenizer.encodeDocument tokenizer true false prompt
-    if tokens.Length = 0 then invalidArg "prompt" "the prompt is empty and the tokenizer has no BOS: nothing to trace"
-    model, tokenizer, tokens
-
-/// A token's display text: its decoded string, quoted, with its id.
-let tokenText (tokenizer: Tokenizer) (id: int) = sprintf "%A (%d)" (Tokenizer.decode tokenizer [| id |]) id
-
-/// The prompt as token ids [1, p] on `device` (one tensor, no intermediate).
-let promptTensor (tokens: int[]) (device: torch.Device) =
-    let ids : int64[] = tokens |> Array.map int64
-    torch.tensor(dataArray = ids, dimensions = ReadOnlySpan<int64>([| 1L; int64 ids.Length |]), device = device)
-
-/// The next-token probabilities at the last position of logits [1, p, vocab] (or [p, vocab]).
-let nextTokenProbabilities (logits: torch.Tensor) : float[] =
-    use _ = torch.no_grad ()
-    use scope = torch.NewDisposeScope()
-    let last = logits.reshape(-1L, logits.shape[logits.shape.Length - 1]).select(0, -1L).to_type(torch.float64)
-    last.softmax(0L).cpu().data<float>().ToArray()
-
-/// The k most likely next tokens with their probabilities.
-let topTokens (k: int) (probabilities: float[]) : (int * float) list =
-    probabilities |> Array.mapi (fun i p -> i, p) |> Array.sortByDescending snd |> Array.truncate k |> List.ofArray
+/// The model, its tokenizer and the prompt's tokens (kept for callers of the command's old helper).
+[<Obsolete "use Transcoders.Models.PromptTokens.load">]
+let loadPrompt (modelPath: string) (prompt: string) (device: torch.Device) = PromptTokens.load modelPath prompt device
 
 /// Prints the top-k next tokens of the last position of logits [1, p, vocab] (or [p, vocab]).
 let printTop (tokenizer: Tokenizer) (k: int) (logits: torch.Tensor) =
-    for id, p in topTokens k (nextTokenProbabilities logits) do printfn "  %-28s p = %.4f" (tokenText tokenizer id) p
-
-/// The single-token id of `text`, with a clear error when it is several tokens or none.
-let singleToken (tokenizer: Tokenizer) (text: string) =
-    match Tokenizer.encode tokenizer text with
-    | [| id |] -> id
-    | ids -> invalidArg "target" (sprintf "'%s' is %d tokens (%A) for this tokenizer; give one token, or its id with --target-id" text ids.Length ids)
+    for id, p in NextToken.top k (NextToken.probabilities logits) do printfn "  %-28s p = %.4f" (PromptTokens.display tokenizer id) p
 
 /// Everything `trace` prints and saves, as a function the quickstart calls too.
 let trace (modelPath: string) (model: Transformer) (tokenizer: Tokenizer) (coders: Coder list) (tokens: int[]) (target: int option)
           (feature: Component option) (config: GraphConfig) (prune: PruneConfig) (search: PathSearchOptions) (nPaths: int) (out: string) =
     let sw = Stopwatch.StartNew()
     printfn "prompt: %d tokens: %s" tokens.Length (String.Join(" ", tokens |> Array.map (fun t -> sprintf "%A" (Tokenizer.decode tokenizer [| t |]))))
-    use logits = (use _ = torch.no_grad () in use t = promptTensor tokens model.Device in Transformer.forward model t)
+    use logits = (use _ = torch.no_grad () in use t = PromptTokens.tensor tokens model.Device in Transformer.forward model t)
     printfn "the model's next-token predictions:"
     printTop tokenizer 5 logits
     let config = { config with LogitTokens = target |> Option.map (fun t -> [| t |]) }
@@ -122,14 +76,14 @@ let trace (modelPath: string) (model: Transformer) (tokenizer: Tokenizer) (coder
     let graph =
         AttributionGraph.build model coders tokens
             { config with Progress = progress }
-    let graph = { graph with TokenStrings = tokens |> Array.map (fun t -> Tokenizer.decode tokenizer [| t |]) }
+    let graph = Tracing.withTokenStrings tokenizer graph
     let pruned = Pruning.prune prune graph
     let scores = Pruning.scores graph prune.Device
     let edgeCount = Graph.edges graph |> Seq.length
     printfn "\nattribution graph: %d active features (%d kept as nodes), %d error nodes, %d token nodes, %d logits; %d nodes, %s edges; %d backward passes in %.2f s"
         graph.Stats.ActiveFeatures graph.Features.Length (graph.NLayers * graph.NPositions) graph.NPositions graph.Logits.Length
         graph.NodeCount (Output.count (int64 edgeCount)) graph.Stats.Batches graph.Stats.BuildSeconds
-    for l in graph.Logits do printfn "  logit %-28s p = %.4f" (tokenText tokenizer l.Token) l.Probability
+    for l in graph.Logits do printfn "  logit %-28s p = %.4f" (PromptTokens.display tokenizer l.Token) l.Probability
     printfn "pruned (node %.2f, edge %.2f): %d nodes, %d edges kept" prune.NodeThreshold prune.EdgeThreshold pruned.KeptNodes.Length pruned.Edges.Length
     printfn "replacement score %.4f, completeness score %.4f" scores.Replacement scores.Completeness
     printfn "most influential features on the logits:"
@@ -170,18 +124,17 @@ let trace (modelPath: string) (model: Transformer) (tokenizer: Tokenizer) (coder
     printfn "traced in %s" (Output.seconds sw.Elapsed)
     graph, pruned, scores
 
-let run (args: ParseResults<Args>) =
+let run (common: Common.Options) (args: ParseResults<Args>) =
     let modelPath = args.GetResult Model
-    let device = Device.resolve (Device.parse (args.GetResult(Device, "auto")))
-    Device.setThreads (args.GetResult(Threads, 0))
-    let model, tokenizer, tokens = loadPrompt modelPath (args.GetResult Prompt) device
+    let device = Common.device common
+    let model, tokenizer, tokens = PromptTokens.load modelPath (args.GetResult Prompt) device
     use _m = model
-    let coders = loadCoders (args.GetResult Coders) device
+    let coders = CoderFolders.load (args.GetResult Coders) device
     try
         let target =
             match args.TryGetResult Target_Id, args.TryGetResult Target with
             | Some id, _ -> Some id
-            | None, Some text -> Some(singleToken tokenizer text)
+            | None, Some text -> Some(PromptTokens.single tokenizer text)
             | None, None -> None
         let feature = args.TryGetResult Feature |> Option.map Component.parse
         let config =

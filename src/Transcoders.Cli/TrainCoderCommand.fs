@@ -7,10 +7,8 @@ open System.Diagnostics
 open System.IO
 open Argu
 open TorchSharp
-open Transcoders.Activations
 open Transcoders.Coders
 open Transcoders.Models
-open Transcoders.Tensors
 
 type Args =
     | [<MainCommand; ExactlyOnce>] Model of path: string
@@ -25,9 +23,7 @@ type Args =
     | Batch of int
     | Lr of float
     | Out of folder: string
-    | Device of string
     | Seed of int64
-    | Threads of int
     | Cache_Activations of folder: string
     | Tokens of folder: string
     | Ctx of int
@@ -45,7 +41,7 @@ type Args =
             match this with
             | Model _ -> "the model: our folder, a Hugging Face folder or a llama2.c .bin (e.g. data/models/stories260K/stories260K.bin)"
             | Layers _ -> "layers to train coders at (default: every layer)"
-            | Kind _ -> "transcoder, skip-transcoder, sae (on hook_mlp_out) or sae:<hook suffix>, e.g. sae:hook_resid_post (default transcoder)"
+            | Kind _ -> "transcoder, skip-transcoder, sae (on hook_mlp_out), sae:<hook suffix> (e.g. sae:hook_resid_post) or clt (one cross-layer transcoder over the layers) (default transcoder)"
             | Activation _ -> "topk (default), batchtopk, groupmax, relu (L1 penalty) or jumprelu"
             | K _ -> "features kept per token for topk/batchtopk/groupmax (default d_model/4)"
             | L1 _ -> "sparsity coefficient λ for relu/jumprelu (default 1.0, on activations normalised to E‖x‖ = √d)"
@@ -55,9 +51,7 @@ type Args =
             | Batch _ -> "tokens per training batch (default 1024)"
             | Lr _ -> "Adam learning rate (default: 8e-4·√(16384/d_sae), at most 4e-3)"
             | Out _ -> "output folder (default coders/<model>-<kind>)"
-            | Device _ -> "cpu, cuda, cuda:N or auto (default auto)"
             | Seed _ -> "seed of initialisation, text order and shuffling (default 42)"
-            | Threads _ -> "torch CPU threads (default: all cores)"
             | Cache_Activations _ -> "cache the model's activations in this folder (written once, reused by later runs)"
             | Tokens _ -> "token shards (a folder with train/ and validation/; default: TinyStories tokenized with the model's tokenizer)"
             | Ctx _ -> "tokens per text row (default 128, at most the model's context)"
@@ -70,21 +64,6 @@ type Args =
             | Target_L0 _ -> "jumprelu: pull L0 to this target with the penalty λ·(L0/target − 1)² (λ from --l1; try 10)"
             | Kl_Finetune _ -> "after training, fine-tune the saved transcoders spliced into the model for this many steps on KL + FVU and print the CE gap before/after"
             | Kl_Finetune_Lr _ -> "learning rate of the KL fine-tune (default 1e-4)"
-
-/// The name a model goes by in coder configs: the file name without extension, or the folder's name.
-let modelName (path: string) =
-    let full = Path.GetFullPath(path).TrimEnd(Path.DirectorySeparatorChar)
-    if File.Exists full then Path.GetFileNameWithoutExtension full else Path.GetFileName full
-
-/// Loads the model (in eval mode) and its text: the given token shards, or TinyStories in the model's tokenizer.
-let loadModelAndText (modelPath: string) (tokens: string option) (device: torch.Device) =
-    let model, _ = ModelFiles.load modelPath device
-    model.eval ()
-    let text =
-        match tokens with
-        | Some folder -> ModelText.ofShards folder
-        | None -> ModelText.forModel modelPath
-    model, text
 
 /// Prints progress lines: phases, and every logged step's L0 / FVU / dead fraction per coder.
 let printProgress (sw: Stopwatch) =
@@ -107,16 +86,6 @@ let printProgress (sw: Stopwatch) =
                         sprintf "%d coders: L0 %s, FVU %s, dead %s" logs.Length (range (fun l -> l.L0) "%.1f–%.1f")
                             (range (fun l -> l.Fvu) "%.3f–%.3f") (range (fun l -> l.DeadFraction) "%.2f–%.2f")
                 printfn "[%6.1fs] step %d/%d (%s tokens) %s" sw.Elapsed.TotalSeconds step steps (Output.count tokens) detail
-
-/// The activation from its name and the k / λ options.
-let activationOf (name: string) (k: int) =
-    match name.Trim().ToLowerInvariant() with
-    | "topk" -> TopK k
-    | "batchtopk" -> BatchTopK(float k)
-    | "groupmax" -> GroupMax k
-    | "relu" -> ReLU
-    | "jumprelu" -> JumpReLU JumpReLUSpec.Default
-    | a -> failwithf "unknown activation '%s': expected topk, batchtopk, groupmax, relu or jumprelu" a
 
 /// Prints a results table and where the files are.
 let printResults (out: string) (result: JobsResult) =
@@ -173,52 +142,70 @@ let klFinetune (model: Transformer) (text: ModelText) (config: JobsConfig) (out:
         finally
             for _, c in loaded do (c :> IDisposable).Dispose()
 
-let run (args: ParseResults<Args>) =
+/// Trains the coders of `settings` on the model at `modelPath`, printing what it does and the results table;
+/// `recipe` adjusts each job's training settings (e.g. Matryoshka, target L0), and `finetune` (steps, learning rate)
+/// runs the KL + FVU fine-tune of the transcoders afterwards.
+let train (modelPath: string) (settings: CoderRunSettings) (recipe: TrainConfig -> TrainConfig) (finetune: (int * float) option)
+          (device: torch.Device) =
     let sw = Stopwatch.StartNew()
-    let modelPath = args.GetResult Model
-    let device = Device.resolve (Device.parse (args.GetResult(Device, "auto")))
-    Device.setThreads (args.GetResult(Threads, 0))
-    let model, text = loadModelAndText modelPath (args.TryGetResult Tokens) device
+    let model, text = CoderRun.loadModelAndText modelPath settings.Tokens device
     use _m = model
     let c = model.Config
-    let name = modelName modelPath
-    let kinds = args.GetResult(Kind, [ "transcoder" ]) |> List.map SweepKind.Parse
-    let k = args.GetResult(K, max 1 (c.DModel / 4))
+    let name = ModelName.ofPath modelPath
+    let plan = settings.Plan
+    let jobs = CoderPlan.jobs model name plan |> List.map (fun j -> { j with Train = recipe j.Train })
+    let out = CoderRun.out name settings
+    printfn "%s: %d layers, d_model %d; text %s (%s train tokens)" name c.NLayers c.DModel text.Name (Output.count (int64 text.Train.Length))
+    printfn "training %d coder(s) of width %d, %A, %d steps × %d tokens on %O" jobs.Length (CoderPlan.width c.DModel plan)
+        (CoderPlan.activation c.DModel plan) plan.Steps plan.Batch device
+    let config = CoderRun.jobsConfig model settings out device
+    let result = CoderJobs.run model text jobs config (printProgress sw)
+    printResults out result
+    match finetune with
+    | Some(steps, lr) when steps > 0 -> klFinetune model text config out steps lr result
+    | _ -> ()
+    result
+
+/// The run the arguments describe, on a model of width `dModel`.
+let settings (args: ParseResults<Args>) (dModel: int) : CoderRunSettings =
     let plan =
         { CoderPlan.Default with
-            Kinds = kinds
             Layers = args.GetResult(Layers, [])
             Width = args.TryGetResult Width
             Expansion = args.GetResult(Expansion, 16)
-            Activation = Some(activationOf (args.GetResult(Activation, "topk")) k)
+            Activation = Some(CoderRun.activationFor (args.GetResult(Activation, "topk")) (args.TryGetResult K) dModel)
             Lambda = args.GetResult(L1, 1.0)
             Steps = args.GetResult(Steps, 600)
             Batch = args.GetResult(Batch, 1024)
             Seed = args.GetResult(Seed, 42L)
             Lr = args.TryGetResult Lr }
-    let recipe (t: TrainConfig) =
-        let t =
-            match args.TryGetResult Matryoshka with
-            | Some prefixes -> { t with Loss = { t.Loss with Reconstruction = Reconstruction.Matryoshka(prefixes, t.Loss.Reconstruction) } }
-            | None -> t
-        match args.TryGetResult Target_L0 with
-        | Some target -> { t with Loss = LossConfig.JumpReLUTargetL0(target, plan.Lambda) }
+        |> CoderRun.withKinds (args.GetResult(Kind, [ "transcoder" ]))
+    { CoderRunSettings.Default with
+        Plan = plan
+        Out = args.TryGetResult Out
+        Tokens = args.TryGetResult Tokens
+        Ctx = args.TryGetResult Ctx
+        BufferRows = args.TryGetResult Buffer_Rows
+        CacheActivations = args.TryGetResult Cache_Activations
+        CheckpointEvery = args.GetResult(Checkpoint_Every, 500)
+        Resume = not (args.Contains No_Resume)
+        EvalRows = args.GetResult(Eval_Rows, 32768L)
+        SplicedRows = args.GetResult(Spliced_Rows, 128) }
+
+/// The training recipe the arguments ask for: Matryoshka prefixes, a JumpReLU target L0 (with λ `lambda`).
+let recipe (args: ParseResults<Args>) (lambda: float) (t: TrainConfig) =
+    let t =
+        match args.TryGetResult Matryoshka with
+        | Some prefixes -> { t with Loss = { t.Loss with Reconstruction = Reconstruction.Matryoshka(prefixes, t.Loss.Reconstruction) } }
         | None -> t
-    let jobs = CoderPlan.jobs model name plan |> List.map (fun j -> { j with Train = recipe j.Train })
-    let width, activation, steps, batch, seed = CoderPlan.width c.DModel plan, CoderPlan.activation c.DModel plan, plan.Steps, plan.Batch, plan.Seed
-    let out = args.GetResult(Out, Path.Combine("coders", sprintf "%s-%s" name (String.Join("-", kinds |> List.map (fun k -> k.Name.Replace(":", "-"))))))
-    let config =
-        { JobsConfig.Default out with
-            Store = CoderPlan.store model (args.TryGetResult Ctx) batch (args.TryGetResult Buffer_Rows) seed device
-            Cache = args.TryGetResult Cache_Activations |> Option.map (fun d -> { Dir = d; Settings = CacheConfig.Default })
-            CheckpointEvery = args.GetResult(Checkpoint_Every, 500)
-            Resume = not (args.Contains No_Resume)
-            Eval = { JobEval.Default with ActivationRows = args.GetResult(Eval_Rows, 32768L); SplicedRows = args.GetResult(Spliced_Rows, 128) } }
-    printfn "%s: %d layers, d_model %d; text %s (%s train tokens)" name c.NLayers c.DModel text.Name (Output.count (int64 text.Train.Length))
-    printfn "training %d coder(s) of width %d, %A, %d steps × %d tokens on %O" jobs.Length width activation steps batch device
-    let result = CoderJobs.run model text jobs config (printProgress sw)
-    printResults out result
-    match args.TryGetResult Kl_Finetune with
-    | Some ftSteps when ftSteps > 0 -> klFinetune model text config out ftSteps (args.GetResult(Kl_Finetune_Lr, 1e-4)) result
-    | _ -> ()
+    match args.TryGetResult Target_L0 with
+    | Some target -> { t with Loss = LossConfig.JumpReLUTargetL0(target, lambda) }
+    | None -> t
+
+let run (common: Common.Options) (args: ParseResults<Args>) =
+    let modelPath = args.GetResult Model
+    let device = Common.device common
+    let settings = settings args (ModelFiles.inspect modelPath).Config.DModel
+    let finetune = args.TryGetResult Kl_Finetune |> Option.map (fun steps -> steps, args.GetResult(Kl_Finetune_Lr, 1e-4))
+    train modelPath settings (recipe args settings.Plan.Lambda) finetune device |> ignore
     0

@@ -4,7 +4,7 @@ module Transcoders.Cli.TrainLmCommand
 open System.IO
 open Argu
 open Transcoders.Models
-open Transcoders.Tensors
+open TorchSharp
 open Transcoders.Text
 open Transcoders.Training
 
@@ -24,8 +24,6 @@ type Args =
     | Log_Every of int
     | Seed of int64
     | Out of folder: string
-    | Device of string
-    | Threads of int
     | Resume
     interface IArgParserTemplate with
         member this.Usage =
@@ -45,49 +43,47 @@ type Args =
             | Log_Every _ -> "a metrics.jsonl record every N steps (default 10)"
             | Seed _ -> "seed of initialisation and batches (default 0)"
             | Out _ -> "output folder: checkpoints/, metrics.jsonl, model/ (default runs/tinystories-gpt)"
-            | Device _ -> "cpu, cuda, cuda:N or auto (default auto)"
-            | Threads _ -> "torch CPU threads (default: all cores)"
             | Resume -> "continue from the newest intact checkpoint in the output folder (damaged ones are skipped, and named)"
 
-/// The model and training settings the arguments describe, for a corpus with `vocabSize` tokens.
-let settings (args: ParseResults<Args>) (vocabSize: int) =
-    let d = args.GetResult(D_Model, 128)
-    let ctx = args.GetResult(Ctx, 128)
-    let steps = args.GetResult(Steps, 1500)
-    let model =
-        { TransformerConfig.gpt2 with
-            DModel = d; NLayers = args.GetResult(Layers, 4); NHeads = args.GetResult(Heads, 4); NKvHeads = args.GetResult(Heads, 4)
-            DMlp = 4 * d; NCtx = ctx; VocabSize = vocabSize }
-    let train =
-        { Trainer.TrainConfig.Default with
-            Steps = steps
-            Schedule = Schedule.WarmupCosine(args.GetResult(Lr, 2e-3), min (args.GetResult(Warmup, 100)) steps, steps, 0.1)
-            EvalEvery = args.GetResult(Eval_Every, 250)
-            CheckpointEvery = args.GetResult(Checkpoint_Every, 500)
-            LogEvery = args.GetResult(Log_Every, 10)
-            OutputDir = args.GetResult(Out, Path.Combine("runs", "tinystories-gpt"))
-            Seed = args.GetResult(Seed, 0L)
-            Resume = (if args.Contains Resume then Trainer.Latest else Trainer.Fresh)
-            Name = "train-lm" }
-    model, { LmTraining.LmTrainConfig.Default with BatchSize = args.GetResult(Batch, 16); Ctx = ctx; Train = train }
+/// The recipe the arguments describe.
+let settings (args: ParseResults<Args>) : TinyStoriesGpt.Settings =
+    let d = TinyStoriesGpt.Settings.Default
+    { Files = args.TryGetResult Files
+      VocabSize = args.GetResult(Vocab_Size, d.VocabSize)
+      CorpusFolder = None
+      Layers = args.GetResult(Layers, d.Layers)
+      DModel = args.GetResult(D_Model, d.DModel)
+      Heads = args.GetResult(Heads, d.Heads)
+      Ctx = args.GetResult(Ctx, d.Ctx)
+      Batch = args.GetResult(Batch, d.Batch)
+      Steps = args.GetResult(Steps, d.Steps)
+      Lr = args.GetResult(Lr, d.Lr)
+      Warmup = args.GetResult(Warmup, d.Warmup)
+      EvalEvery = args.GetResult(Eval_Every, d.EvalEvery)
+      CheckpointEvery = args.GetResult(Checkpoint_Every, d.CheckpointEvery)
+      LogEvery = args.GetResult(Log_Every, d.LogEvery)
+      Seed = args.GetResult(Seed, d.Seed)
+      Out = args.GetResult(Out, d.Out)
+      Resume = args.Contains Resume }
 
-/// Prepares the corpus, builds and trains the model; returns the trained model, its tokenizer and the result.
-let trainFromArgs (cancel: System.Threading.CancellationToken) (args: ParseResults<Args>) =
-    let device = Device.resolve (Device.parse (args.GetResult(Device, "auto")))
-    Device.setThreads (args.GetResult(Threads, 0))
-    let files = args.GetResult(Files, Corpus.shippedFiles ())
-    let vocab = args.GetResult(Vocab_Size, 4096)
-    let prepared = TinyStories.prepare files (Some vocab) (TinyStories.defaultFolder (Some vocab))
-    let train, validation = TinyStories.tokens prepared
-    let modelConfig, config = settings args (Tokenizer.vocabSize prepared.Tokenizer)
-    Device.seed config.Train.Seed
-    let model = Transformer.create modelConfig device
+/// Prepares the corpus, builds and trains the model (stopping early when `cancel` is signalled), printing what it
+/// does; returns the trained model (the caller disposes it), its tokenizer and the result.
+let train (cancel: System.Threading.CancellationToken) (s: TinyStoriesGpt.Settings) (device: torch.Device) =
+    let corpus = TinyStoriesGpt.prepare s
+    let train, validation = TinyStories.tokens corpus
+    let model, config = TinyStoriesGpt.create s corpus device
+    let modelConfig = model.Config
     printfn "model: %d layers, d_model %d, %d heads, context %d, vocabulary %d: %s parameters on %O"
         modelConfig.NLayers modelConfig.DModel modelConfig.NHeads modelConfig.NCtx modelConfig.VocabSize
         (Output.count (Transformer.parameterCount model)) device
-    printfn "data: %s training tokens, %s validation tokens (%s)" (Output.count train.LongLength) (Output.count validation.LongLength) prepared.Folder
-    let result = LmTraining.trainCancellable cancel model prepared.Tokenizer train validation config
-    model, prepared.Tokenizer, result
+    printfn "data: %s training tokens, %s validation tokens (%s)" (Output.count train.LongLength) (Output.count validation.LongLength) corpus.Folder
+    let result = LmTraining.trainCancellable cancel model corpus.Tokenizer train validation config
+    model, corpus.Tokenizer, result
+
+/// Prints how much a training run did.
+let printResult (result: LmTraining.LmTrainResult) =
+    printfn "trained %d steps, %s tokens in %.0f s (%.0f tokens/s)" result.Run.FinalStep (Output.count result.Run.Tokens)
+        result.Run.ElapsedSeconds (float result.Run.Tokens / max 1e-9 result.Run.ElapsedSeconds)
 
 /// The exit code of a diverged run (the process exits non-zero and writes no final model).
 [<Literal>]
@@ -97,12 +93,11 @@ let DivergedExitCode = 2
 [<Literal>]
 let CancelledExitCode = 130
 
-let run (args: ParseResults<Args>) =
+let run (common: Common.Options) (args: ParseResults<Args>) =
     use cancel = Trainer.cancelOnCtrlC ()
-    let model, _, result = trainFromArgs cancel.Token args
+    let model, _, result = train cancel.Token (settings args) (Common.device common)
     use _m = model
-    printfn "trained %d steps, %s tokens in %.0f s (%.0f tokens/s)" result.Run.FinalStep (Output.count result.Run.Tokens)
-        result.Run.ElapsedSeconds (float result.Run.Tokens / max 1e-9 result.Run.ElapsedSeconds)
+    printResult result
     match result.Run.Outcome with
     | Trainer.Diverged (step, _) ->
         // the progress display printed the whole message; the error stream gets the verdict

@@ -11,7 +11,7 @@ open Expecto
 open TorchSharp
 open Transcoders.Activations
 open Transcoders.Files
-open Transcoders.Tests.TestPaths
+open Transcoders.Tests.Fixtures
 
 /// A synthetic model: `Passes` passes of [B, P] tokens; token (p, b, pos) has id p·B·P + b·P + pos.
 type Synthetic =

@@ -12,10 +12,7 @@ open Transcoders.Files
 open Transcoders.Models
 open Transcoders.Coders
 open Transcoders.Circuits
-open Transcoders.Tests.ModelTests
-open Transcoders.Tests.SpliceTests
-
-type private Tensor = torch.Tensor
+open Transcoders.Tests.Fixtures
 
 let private kindOf (i: uint8) = kinds[int i % 3]
 

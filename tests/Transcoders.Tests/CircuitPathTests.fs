@@ -12,10 +12,8 @@ open TorchSharp
 open Transcoders.Models
 open Transcoders.Coders
 open Transcoders.Circuits
-open Transcoders.Tests.ModelTests
-open Transcoders.Tests.SpliceTests
+open Transcoders.Tests.Fixtures
 
-type Tensor = torch.Tensor
 
 let private f64s (t: Tensor) : float[] =
     use c = t.detach().cpu().to_type(torch.float64).contiguous()

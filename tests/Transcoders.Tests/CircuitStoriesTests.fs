@@ -14,7 +14,7 @@ open Transcoders.Coders
 open Transcoders.Files
 open Transcoders.Models
 open Transcoders.Text
-open Transcoders.Tests.TestPaths
+open Transcoders.Tests.Fixtures
 
 let private modelPath = Paths.data "models/stories260K/stories260K.bin"
 

@@ -13,7 +13,7 @@ open Transcoders.Coders
 open Transcoders.Files
 open Transcoders.Models
 open Transcoders.Text
-open Transcoders.Tests.TestPaths
+open Transcoders.Tests.Fixtures
 
 let private modelPath = Paths.data "models/stories260K/stories260K.bin"
 
@@ -38,7 +38,8 @@ let private bufferConfig rows batch seed =
 let private storeConfig ctx passRows rows batch seed =
     { StoreConfig.Default with Ctx = ctx; PassRows = passRows; TextSeed = seed; Buffer = bufferConfig rows batch seed }
 
-let private values (t: torch.Tensor) =
+/// A tensor's values as float32 (the activations' own precision), row-major.
+let private values32 (t: torch.Tensor) =
     use c = t.detach().cpu().to_type(torch.float32).contiguous()
     c.data<float32>().ToArray()
 
@@ -47,7 +48,7 @@ let private drain (buffer: ShuffleBuffer) (n: int) =
     [ for _ in 1 .. n do
         use _ = torch.NewDisposeScope()
         match buffer.Next() with
-        | Some b -> yield b |> Map.map (fun _ t -> values t)
+        | Some b -> yield b |> Map.map (fun _ t -> values32 t)
         | None -> () ]
 
 let private mid l = sprintf "blocks.%d.hook_resid_mid" l
@@ -72,7 +73,7 @@ let private storeTests =
             let keep = tokens.ne(torch.tensor(int64 (text.Force().Bos.Value))).reshape(-1L).nonzero().reshape(-1L)
             for h in spec.Hooks do
                 let expected = direct[h].reshape(-1L, int64 m.Config.DModel).index_select(0L, keep)
-                Expect.equal (values rows[h]) (values expected) (sprintf "%s rows equal runWithCache's, BOS positions dropped" h)
+                Expect.equal (values32 rows[h]) (values32 expected) (sprintf "%s rows equal runWithCache's, BOS positions dropped" h)
             Expect.equal (Rows.count rows) keep.shape[0] "one row per non-BOS token of the pass"
 
         test "input and target rows stay paired through the shuffle buffer" {

@@ -7,9 +7,7 @@ open System
 open Expecto
 open TorchSharp
 open Transcoders.Coders
-open Transcoders.Tests.CoderTests
-
-let private sc (x: float) : Scalar = Scalar.op_Implicit x
+open Transcoders.Tests.Fixtures
 
 let private activeKinds = [| Sae; Transcoder; SkipTranscoder; CrossLayerTranscoder |]
 

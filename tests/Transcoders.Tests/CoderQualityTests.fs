@@ -13,12 +13,9 @@ open Transcoders.Coders
 open Transcoders.Files
 open Transcoders.Models
 open Transcoders.Text
-open Transcoders.Tests.TestPaths
-open Transcoders.Tests.CoderTests
+open Transcoders.Tests.Fixtures
 
 let private dev = torch.CPU
-let private sc (x: float) : Scalar = Scalar.op_Implicit x
-
 let private statisticsTests =
     testList "activation statistics" [
         test "‖mean‖/‖std‖ is the mean's norm over the RMS norm of the centred rows, per layer, scale-free" {

@@ -8,55 +8,10 @@ open System.IO
 open Expecto
 open TorchSharp
 open Transcoders.Coders
-open Transcoders.Tests.TestPaths
+open Transcoders.Tests.Fixtures
 
 let private dev = torch.CPU
-let private sc (x: float) : Scalar = Scalar.op_Implicit x
-
-/// A tensor's values as float64, row-major.
-let values (t: torch.Tensor) : float[] =
-    use c = t.detach().cpu().to_type(torch.float64).contiguous()
-    c.data<float>().ToArray()
-
-let maxAbsDiff (a: float[]) (b: float[]) =
-    if a.Length <> b.Length then infinity else Array.fold2 (fun m x y -> max m (abs (x - y))) 0.0 a b
-
-let expectClose (tol: float) (actual: torch.Tensor) (expected: torch.Tensor) (what: string) =
-    Expect.sequenceEqual actual.shape expected.shape (what + ": shape")
-    let a, e = values actual, values expected
-    let scale = max 1.0 (e |> Array.fold (fun m v -> max m (abs v)) 0.0)
-    let d = maxAbsDiff a e
-    Expect.isLessThanOrEqual d (tol * scale) (sprintf "%s: max |difference| %g (tolerance %g)" what d (tol * scale))
-
-/// Fills every parameter with random values (biases included) so that tests exercise every term.
-let randomise (c: Coder) (seed: int64) =
-    torch.manual_seed seed |> ignore
-    use _ = torch.no_grad ()
-    for n, p in c.NamedParameters do
-        match n with
-        | "log_threshold" -> p.uniform_(-2.0, -0.5) |> ignore
-        | _ -> p.normal_(0.0, 0.4) |> ignore
-
 let private kinds = [| Sae; Transcoder; SkipTranscoder; CrossLayerTranscoder |]
-
-/// A config of the given kind with small random dimensions.
-let smallConfig (rng: Random) (kind: CoderKind) (activation: int -> Activation) (inputBias: bool) =
-    let dIn = rng.Next(3, 9)
-    let dOut = if kind = Sae then dIn else rng.Next(3, 9)
-    let dSae = rng.Next(6, 17)
-    let nL = if kind = CrossLayerTranscoder then rng.Next(2, 4) else 1
-    let layers = if kind = CrossLayerTranscoder then Array.init nL id else [| rng.Next(0, 4) |]
-    let hookIn = layers |> Array.map (fun l -> if kind = Sae then sprintf "blocks.%d.hook_resid_pre" l else CoderConfig.mlpInHook l)
-    let hookOut = if kind = Sae then hookIn else layers |> Array.map CoderConfig.mlpOutHook
-    { Kind = kind; Layers = layers; HookIn = hookIn; HookOut = hookOut; DIn = dIn; DOut = dOut; DSae = dSae
-      Activation = activation dSae; InputBias = inputBias; Decoder = UnitNorm; Scale = ActivationScale.Ones nL
-      FoldedScale = None; Model = "test-model" }
-    |> CoderConfig.validate
-
-/// A random user-layout batch for a config: [B, d] or [B, L, d].
-let batchFor (c: CoderConfig) (b: int) (d: int) =
-    if c.Kind = CrossLayerTranscoder then torch.randn([| int64 b; int64 c.NLayers; int64 d |])
-    else torch.randn([| int64 b; int64 d |])
 
 let activationTests =
     testList "activations" [
@@ -215,11 +170,6 @@ let configTests =
 /// Runs `f` with torch limited to `n` intra-op threads (restored afterwards). The planted-dictionary runs are
 /// thousands of tiny kernels, where a second thread only adds synchronisation, and on a busy machine OpenMP's
 /// spinning barriers make them several times slower; their tests run sequenced, so no other test sees the change.
-let withThreads (n: int) (f: unit -> 'a) =
-    let before = torch.get_num_threads ()
-    torch.set_num_threads n
-    try f () finally torch.set_num_threads before
-
 let lossTests =
     testList "losses" [
         testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 15 } "each loss term equals its formula computed element by element" <| fun (seed: int) ->
@@ -688,23 +638,6 @@ let evalTests =
             Expect.equal h.Dead 1 "never fired"
         }
     ]
-
-/// Sparse non-negative codes over `nTrue` features, ~`active` per sample, magnitudes in [0.5, 1.5].
-let sparseCodes (gen: torch.Generator) (b: int) (nTrue: int) (active: float) =
-    let mask = torch.rand([| int64 b; int64 nTrue |], generator = gen).lt(sc (active / float nTrue))
-    let mags = torch.rand([| int64 b; int64 nTrue |], generator = gen).add(sc 0.5)
-    mags * mask
-
-let unitRows (gen: torch.Generator) (n: int) (d: int) =
-    let r = torch.randn([| int64 n; int64 d |], generator = gen)
-    r / r.norm(1, true)
-
-/// Mean over true directions of the best cosine with any learned row.
-let recovery (truth: torch.Tensor) (learned: torch.Tensor) =
-    use _ = torch.no_grad ()
-    let l = learned / learned.norm(1, true).clamp_min(sc 1e-12)
-    let cos = truth.matmul(l.t())
-    cos.amax([| 1L |]).mean().item<float32> () |> float
 
 let plantedTests =
     testSequenced <| testList "training runs" [

@@ -11,7 +11,7 @@ open Expecto
 open TorchSharp
 open Transcoders.Coders
 open Transcoders.Tensors
-open Transcoders.Tests.CoderTests
+open Transcoders.Tests.Fixtures
 
 /// One case: a coder, a batch and a training configuration, all from `seed` (built on the calling thread).
 let private case (seed: int) =

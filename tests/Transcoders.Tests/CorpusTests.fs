@@ -10,7 +10,7 @@ open FsCheck
 open FsCheck.FSharp
 open Transcoders.Files
 open Transcoders.Text
-open Transcoders.Tests.TestPaths
+open Transcoders.Tests.Fixtures
 
 let private config n = { FsCheckConfig.defaultConfig with maxTest = n }
 

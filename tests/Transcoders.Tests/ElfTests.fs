@@ -6,6 +6,7 @@ open System.IO
 open System.Text
 open Expecto
 open Transcoders.Native
+open Transcoders.Tests.Fixtures
 
 /// A minimal ELF64 shared object: header, .dynstr, .gnu.version_r and a section header table.
 /// `needs` lists (library, [versions]) requirements.
@@ -48,7 +49,7 @@ let private lib = ElfVerneed.TorchSharpLibrary
 let private ver = ElfVerneed.TorchSharpVersion
 
 let private withFile (bytes: byte[]) f =
-    use dir = new TestPaths.TempDir()
+    use dir = new TempDir()
     let path = dir.File "lib.so"
     File.WriteAllBytes(path, bytes)
     f path

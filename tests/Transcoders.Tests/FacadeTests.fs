@@ -11,8 +11,7 @@ open FsCheck
 open FsCheck.FSharp
 open TorchSharp
 open Transcoders
-open Transcoders.Tests.TestPaths
-open Transcoders.Tests.ModelTests
+open Transcoders.Tests.Fixtures
 
 module TokCore = Transcoders.Text.Tokenizer
 module Gpt2Core = Transcoders.Text.Gpt2Tokenizer
@@ -103,6 +102,17 @@ let exampleTests =
             let sentence = value "gpt2 text: "
             Expect.isNotEmpty sentence "a sentence"
             Expect.equal (value "gpt2 ids: ") (String.Join(" ", Gpt2Core.encode (Gpt2Core.get ()) sentence)) "GPT-2 ids of the sentence"
+            // The program trains and traces: a GPT, transcoders and a cross-layer transcoder, a graph, paths, an intervention.
+            Expect.equal (value "lm steps: ") "6" "a GPT trained from C#"
+            Expect.equal (value "coders: ") "transcoder-L0 transcoder-L1 clt-L0-1" "transcoders and a cross-layer transcoder trained from C#"
+            Expect.stringStarts (value "coder L0: ") "4.0 4.0" "TopK 4 transcoders"
+            Expect.equal (value "clt: ") "CrossLayerTranscoder layers 0,1 TopK 4" "the cross-layer transcoder loads"
+            Expect.equal (value "graph reloaded: ") "True" "the graph saves and loads with its scores and description"
+            Expect.equal (value "graph scores in [0, 1]: ") "True" "replacement and completeness scores"
+            Expect.isGreaterThan (int (value "paths: ")) 0 "computational paths"
+            Expect.stringEnds (value "intervention on ") ": True" "the graph predicts the constrained effect of an intervention"
+            Expect.equal (value "steered tokens: ") "5" "generation with a steering intervention"
+            Expect.equal (value "clt graph logits: ") "True" "a graph through the cross-layer transcoder"
 
         testCase "the example exits non-zero with the core's message when the model is missing" <| fun () ->
             use empty = new TempDir()

@@ -22,7 +22,7 @@ open Transcoders.Models
 open Transcoders.Coders
 open Transcoders.Circuits
 open Transcoders.Training
-open Transcoders.Tests.TestPaths
+open Transcoders.Tests.Fixtures
 
 // ------------------------------------------------------------------------------------------- cases and verdicts
 

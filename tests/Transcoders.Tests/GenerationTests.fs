@@ -7,7 +7,7 @@ open Expecto
 open TorchSharp
 open Transcoders.Models
 open Transcoders.Models.Generation
-open Transcoders.Tests.ModelTests
+open Transcoders.Tests.Fixtures
 
 let private greedy n = { GenerateOptions.Greedy with MaxNewTokens = n }
 

@@ -16,7 +16,7 @@ open Transcoders.Files
 open Transcoders.Models
 open Transcoders.Text
 open Transcoders.Training
-open Transcoders.Tests.TestPaths
+open Transcoders.Tests.Fixtures
 
 /// The built command line, next to this test binary's configuration (src/Transcoders.Cli/bin/<Configuration>/<tfm>).
 let private cliDll () =

@@ -27,6 +27,9 @@ let all =
         CoderJobTests.tests
         CoderQualityTests.tests
         FacadeTests.tests
+        FacadeCircuitTests.tests
+        SharedCoreTests.tests
+        CliTests.tests
         TrainingTests.tests
         KillTests.tests
         FuzzTests.tests

@@ -10,8 +10,7 @@ open Expecto
 open TorchSharp
 open Transcoders.Files
 open Transcoders.Models
-open Transcoders.Tests.TestPaths
-open Transcoders.Tests.ModelTests
+open Transcoders.Tests.Fixtures
 
 let private json (text: string) = JsonDocument.Parse(text).RootElement.Clone()
 

@@ -9,72 +9,7 @@ open Expecto
 open TorchSharp
 open Transcoders.Files
 open Transcoders.Models
-open Transcoders.Tests.TestPaths
-
-let cpu = torch.CPU
-
-/// max |a − b| (shapes must agree).
-let maxDiff (a: torch.Tensor) (b: torch.Tensor) =
-    Expect.sequenceEqual a.shape b.shape "shapes agree"
-    use d = (a - b).abs().max()
-    float (d.item<float32> ())
-
-/// max |a − b| relative to the size of b's values (for logits of random models, which can be large).
-let relDiff (a: torch.Tensor) (b: torch.Tensor) =
-    use m = b.abs().max()
-    maxDiff a b / max 1.0 (float (m.item<float32> ()))
-
-let identical (a: torch.Tensor) (b: torch.Tensor) =
-    a.shape = b.shape && a.dtype = b.dtype && (use e = a.eq(b).all() in e.item<bool> ())
-
-/// Model kinds the properties draw from.
-type Kind =
-    | GptLike
-    | LlamaLike
-    | TinyLike
-
-let kinds = [ GptLike; LlamaLike; TinyLike ]
-
-/// A small random configuration of one kind (GPT-2-like with various MLPs, Llama-like with grouped-query
-/// attention and either rotary layout, tinymodel-like without normalisation), sometimes with a head size
-/// that does not divide d_model.
-let randomConfig (seed: int) (kind: Kind) : TransformerConfig =
-    let rng = Random seed
-    let pick (xs: 'a list) = xs.[rng.Next xs.Length]
-    let dHead = pick [ 2; 4; 6; 8 ]
-    let heads = pick [ 1; 2; 4 ]
-    let kv = match kind with LlamaLike -> pick [ for k in 1 .. heads do if heads % k = 0 then k ] | _ -> heads
-    let explicitHead = rng.Next 4 = 0
-    let dModel = if explicitHead then max 3 (heads * dHead + pick [ -1; 1; 3 ]) else heads * dHead
-    let preset = match kind with GptLike -> TransformerConfig.gpt2 | LlamaLike -> TransformerConfig.llama | TinyLike -> TransformerConfig.tinymodel
-    { preset with
-        DModel = dModel; NLayers = rng.Next(1, 4); NHeads = heads; NKvHeads = kv
-        DHead = (if explicitHead then Some dHead else None)
-        DMlp = rng.Next(3, 25); NCtx = rng.Next(8, 17); VocabSize = rng.Next(5, 40)
-        Positions = (match kind with LlamaLike -> Rotary (pick [ HalfSplit; Interleaved ], pick [ 10000.0; 500.0 ]) | _ -> Learned)
-        Mlp = (match kind with GptLike -> pick [ Plain GeluNew; Plain Gelu; Plain Relu; Gated Silu ] | _ -> preset.Mlp)
-        TiedUnembed = (match kind with TinyLike -> false | _ -> rng.Next 2 = 0)
-        Biases = (match kind with GptLike -> { preset.Biases with Unembed = rng.Next 2 = 0 } | _ -> preset.Biases)
-        InitRange = 0.3
-        Dropout = pick [ 0.0; 0.1 ] }
-
-/// A model of `config` whose every parameter is drawn from a private generator seeded by `seed` (so
-/// tests running in parallel stay reproducible): N(0, 0.3) for matrices and biases, 1 + N(0, 0.2) for
-/// norm weights, so that no term of the forward pass hides behind a 0 or a 1. In eval mode (no dropout).
-let randomModel (seed: int) (config: TransformerConfig) =
-    let m = Transformer.create config cpu
-    m.eval ()
-    use g = new torch.Generator(uint64 (int64 seed + 1000000L), cpu)
-    use _ = torch.no_grad ()
-    for name, p in Transformer.parameters m do
-        use noise = torch.randn(p.shape, generator = g)
-        let isNormWeight = name.EndsWith "ln1.weight" || name.EndsWith "ln2.weight" || name = "ln_final.weight"
-        (if isNormWeight then p.copy_(noise * 0.2 + 1.0) else p.copy_(noise * 0.3)) |> ignore
-    m
-
-let randomTokens (seed: int) (vocab: int) (batch: int) (positions: int) =
-    use g = new torch.Generator(uint64 seed, cpu)
-    torch.randint(int64 vocab, [| int64 batch; int64 positions |], generator = g)
+open Transcoders.Tests.Fixtures
 
 /// The shape the docs give for each hook point, for a batch b of p positions.
 let expectedShape (c: TransformerConfig) (b: int64) (p: int64) (name: string) : int64[] =
@@ -132,7 +67,6 @@ let hfGreedy (name: string) =
             Expect.sequenceEqual g.Tokens expected (sprintf "greedy tokens (KV cache %b)" useCache)
             Expect.equal g.Stop Generation.ReachedMaxNewTokens "ran to MaxNewTokens"
 
-let stories260K = Paths.data "models/stories260K/stories260K.bin"
 
 let stories260KTests =
     testList "stories260K (llama2.c)" [

@@ -13,7 +13,7 @@ open FsCheck.FSharp
 open TorchSharp
 open Transcoders.Files
 open Transcoders.Files.Safetensors
-open Transcoders.Tests.TestPaths
+open Transcoders.Tests.Fixtures
 
 /// A minimal safetensors parser written from the format's description, independent of the reader.
 module Independent =

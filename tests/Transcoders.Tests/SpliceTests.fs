@@ -13,48 +13,7 @@ open Transcoders.Files
 open Transcoders.Models
 open Transcoders.Coders
 open Transcoders.Coders.Splicing
-open Transcoders.Tests.ModelTests
-
-type Tensor = torch.Tensor
-
-let private sc (x: float) : Scalar = Scalar.op_Implicit x
-
-/// A tensor's values as float64, row-major.
-let private values (t: Tensor) : float[] =
-    use c = t.detach().cpu().to_type(torch.float64).contiguous()
-    c.data<float>().ToArray()
-
-/// A coder with every parameter drawn from a private generator (torch's global one is left alone): N(0, 0.4),
-/// thresholds θ = exp(N(−1.5, 0.3)); a BatchTopK coder gets no threshold yet.
-let randomCoder (seed: int) (cfg: CoderConfig) : Coder =
-    use g = new torch.Generator(uint64 (int64 seed + 5000000L), cpu)
-    use _ = torch.no_grad ()
-    use scope = torch.NewDisposeScope()
-    Coder.ofTensors cfg cpu
-        [ for n, shape in Coder.ParameterShapes cfg do
-              if n <> "batchtopk_threshold" then
-                  let noise = torch.randn(shape, generator = g)
-                  yield n, (if n = "log_threshold" then noise * 0.3 - 1.5 else noise * 0.4) ]
-
-/// A coder config of `kind` over `layers` of a model with this configuration: random width, activation (ReLU,
-/// JumpReLU, TopK), input bias and activation scales (so that every term of the splice is exercised).
-let coderConfig (rng: Random) (c: TransformerConfig) (kind: CoderKind) (layers: int[]) : CoderConfig =
-    let d, dSae = c.DModel, rng.Next(4, 13)
-    let cfg =
-        match kind with
-        | Transcoder -> CoderConfig.transcoder "test" layers[0] d dSae
-        | SkipTranscoder -> CoderConfig.skipTranscoder "test" layers[0] d dSae
-        | CrossLayerTranscoder -> CoderConfig.crossLayer "test" layers d dSae
-        | Sae -> CoderConfig.sae "test" (HookNames.attnOut layers[0]) layers[0] d dSae
-    let act =
-        match rng.Next 3 with
-        | 0 -> ReLU
-        | 1 -> JumpReLU JumpReLUSpec.Default
-        | _ -> TopK(rng.Next(1, dSae + 1))
-    let scales () = Array.init layers.Length (fun _ -> 0.5 + 1.5 * rng.NextDouble())
-    let sIn = scales ()
-    let scale = { In = sIn; Out = (if kind = Sae then sIn else scales ()) }
-    CoderConfig.validate { cfg with Activation = act; InputBias = (rng.Next 2 = 0); Scale = scale }
+open Transcoders.Tests.Fixtures
 
 /// Coders for a model: per-layer transcoders, a mix of transcoders and skip transcoders, one cross-layer transcoder
 /// over a subset of layers, or transcoders plus an SAE on an attention output (`setup` picks).
@@ -96,20 +55,6 @@ let referenceLogits (m: Transformer) (coders: Coder list) (tokens: Tensor) : Ten
                       else
                           yield cfg.HookOut[0], coder.Forward captured[cfg.HookIn[0]] ]
     Transformer.runWithHooks m (pinHooks ()) tokens
-
-/// A transcoder that is exactly a plain MLP with biases: W_enc = W_inᵀ, b_enc = b_in, W_dec = W_outᵀ, b_dec = b_out
-/// (with ReLU this reproduces a ReLU MLP, as tinymodel's).
-let exactTranscoder (m: Transformer) (layer: int) : Coder =
-    let ps = Transformer.parameters m |> dict
-    let p name = ps[sprintf "blocks.%d.mlp.%s" layer name] :> Tensor
-    let c = m.Config
-    let cfg = { CoderConfig.transcoder "exact" layer c.DModel c.DMlp with InputBias = false; Decoder = Free }
-    use _ = torch.no_grad ()
-    Coder.ofTensors cfg cpu
-        [ "W_enc", p("fc_in.weight").t().unsqueeze(0)
-          "b_enc", p("fc_in.bias").unsqueeze(0)
-          "W_dec_0", p("fc_out.weight").t().unsqueeze(1)
-          "b_dec", p("fc_out.bias").unsqueeze(0) ]
 
 /// A transcoder whose every parameter is zero: it predicts 0 (the zero ablation).
 let zeroTranscoder (c: TransformerConfig) (layer: int) : Coder =

@@ -11,7 +11,7 @@ open FsCheck
 open FsCheck.FSharp
 open Transcoders.Files
 open Transcoders.Text
-open Transcoders.Tests.TestPaths
+open Transcoders.Tests.Fixtures
 
 // ---------------------------------------------------------------------------------------------- generators
 

@@ -12,9 +12,8 @@ open TorchSharp.Modules
 open Transcoders.Tensors
 open Transcoders.Training
 open Transcoders.Training.Schedule
-open Transcoders.Tests.TestPaths
+open Transcoders.Tests.Fixtures
 
-type Tensor = torch.Tensor
 
 // ---------------------------------------------------------------- a tiny learnable problem
 

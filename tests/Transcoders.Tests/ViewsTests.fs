@@ -18,9 +18,7 @@ open Transcoders.Files
 open Transcoders.Models
 open Transcoders.Text
 open Transcoders.Views
-open Transcoders.Tests.TestPaths
-
-let inline private sc (x: float) : Scalar = Scalar.op_Implicit x
+open Transcoders.Tests.Fixtures
 
 let private evil = "<script>alert(\"x\")</script>'&"
 

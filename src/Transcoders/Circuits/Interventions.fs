@@ -175,3 +175,12 @@ module Interventions =
         let free = (use o = free lr.Model lr.Coders lr.Tokens interventions in demeanedLogits o targets)
         Array.init targets.Length (fun k ->
             { Token = targets[k]; Predicted = predicted[k]; Constrained = constrained[k] - baseline[k]; Free = free[k] - baseline[k] })
+
+    /// A transcoder feature in the transcoder paper's names, `mlp2tc[17]@5`, as (layer, feature, position); the
+    /// position may be `last`, the last of a prompt of `n` tokens. Anything else fails with a message naming it.
+    let parseFeature (n: int) (text: string) : int * int * int =
+        let text = text.Trim()
+        let text = if text.EndsWith "@last" then text.Substring(0, text.Length - 4) + string (n - 1) else text
+        match Component.parse text with
+        | TranscoderFeature(l, f, p) -> l, f, p
+        | c -> invalidArg "feature" (sprintf "%s is not a transcoder feature: give mlpLtc[F]@P" c.Display)

@@ -25,12 +25,15 @@ type CoderPlan =
       Batch: int
       Seed: int64
       /// Adam's learning rate; None: `CoderDefaults.lr` of the width.
-      Lr: float option }
+      Lr: float option
+      /// Also train one cross-layer transcoder over the plan's layers (each reading its MLP input, writing to its own
+      /// and every later MLP output), named `clt-L<layers>`.
+      CrossLayer: bool }
 
     /// Transcoders at every layer, 16 × d_model features, TopK (d_model / 4), 600 steps of 1,024 tokens, seed 42.
     static member Default =
         { Kinds = [ MlpTranscoder ]; Layers = []; Width = None; Expansion = 16; Activation = None; Lambda = 1.0
-          Steps = 600; Batch = 1024; Seed = 42L; Lr = None }
+          Steps = 600; Batch = 1024; Seed = 42L; Lr = None; CrossLayer = false }
 
 /// Turning a plan into jobs and store settings for `CoderJobs.run`.
 [<RequireQualifiedAccess>]
@@ -42,8 +45,14 @@ module CoderPlan =
     /// The plan's activation on a model of width `dModel`.
     let activation (dModel: int) (plan: CoderPlan) : Transcoders.Coders.Activation = defaultArg plan.Activation (CoderActivation.TopK(max 1 (dModel / 4)))
 
-    /// One job per (kind, layer), named `<kind>-L<layer>`. Layers outside the model and unknown SAE hooks raise an
-    /// error naming them.
+    /// A cross-layer transcoder over `layers` with `activation`: Anthropic's free decoder norms go with their
+    /// decoder-norm-weighted penalty (JumpReLU); TopK and ReLU coders keep unit-norm decoders, as the per-layer kinds do.
+    let crossLayerConfig (modelName: string) (layers: int[]) (dModel: int) (width: int) (activation: Transcoders.Coders.Activation) : CoderConfig =
+        let decoder = match activation with CoderActivation.JumpReLU _ -> Free | _ -> UnitNorm
+        CoderConfig.validate { CoderConfig.crossLayer modelName layers dModel width with Activation = activation; Decoder = decoder }
+
+    /// One job per (kind, layer), named `<kind>-L<layer>`, then the cross-layer transcoder when the plan asks for one.
+    /// Layers outside the model and unknown SAE hooks raise an error naming them.
     let jobs (model: Transformer) (modelName: string) (plan: CoderPlan) : CoderJob list =
         let c = model.Config
         let layers = if plan.Layers.IsEmpty then [ 0 .. c.NLayers - 1 ] else plan.Layers
@@ -54,7 +63,10 @@ module CoderPlan =
             | CoderActivation.ReLU | CoderActivation.JumpReLU _ -> L1Level plan.Lambda
             | CoderActivation.TopK k | CoderActivation.GroupMax k -> TopKLevel k
             | CoderActivation.BatchTopK k -> TopKLevel(int (round k))
-        if plan.Kinds.IsEmpty then invalidArg "Kinds" "the plan names no coder kind"
+        if plan.Kinds.IsEmpty && not plan.CrossLayer then invalidArg "Kinds" "the plan names no coder kind"
+        let train (coder: CoderConfig) =
+            let t = CoderDefaults.forCoder coder plan.Lambda plan.Steps plan.Batch
+            { t with Seed = plan.Seed; Lr = defaultArg plan.Lr t.Lr }
         [ for kind in plan.Kinds do
               for layer in layers do
                   if layer < 0 || layer >= c.NLayers then
@@ -67,10 +79,16 @@ module CoderPlan =
                           int (ActivationStore.Widths(model, [ hook ])[hook])
                       | _ -> c.DModel
                   let coder = { Sweep.coderConfig modelName dIn kind layer width level with Activation = activation }
-                  let train = CoderDefaults.forCoder coder plan.Lambda plan.Steps plan.Batch
-                  let train = { train with Seed = plan.Seed; Lr = defaultArg plan.Lr train.Lr }
                   let name = sprintf "%s-L%d" (kind.Name.Replace(":", "-").Replace(".", "-")) layer
-                  yield { Name = name; Coder = coder; Train = train } ]
+                  yield { Name = name; Coder = coder; Train = train coder }
+          if plan.CrossLayer then
+              let layers = List.sort layers |> List.distinct
+              for layer in layers do
+                  if layer < 0 || layer >= c.NLayers then
+                      invalidArg "Layers" (sprintf "layer %d is outside the model's layers 0..%d" layer (c.NLayers - 1))
+              let coder = crossLayerConfig modelName (Array.ofList layers) c.DModel width activation
+              let name = sprintf "clt-L%s" (String.Join("-", layers))
+              yield { Name = name; Coder = coder; Train = train coder } ]
 
     /// Store settings for training batches of `batch` tokens: rows of `ctx` tokens (default min(128, n_ctx)),
     /// a shuffle buffer of `bufferRows` rows (default 64 batches), seeded text order and shuffling, batches served on
