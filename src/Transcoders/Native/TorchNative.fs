@@ -48,4 +48,9 @@ let ensureLoadable () =
         lock gate (fun () ->
             if not checkedOnce then
                 patchAndLoad ()
+                // TorchSharp loads its native backend lazily, on the first tensor, without a lock: threads that
+                // make their first tensors at the same time load it concurrently (a rare segmentation fault in the
+                // parallel test suite). Load it here, once, while every other caller waits.
+                TorchSharp.torch.InitializeDeviceType TorchSharp.DeviceType.CPU
+                TorchSharp.torch.cuda.is_available () |> ignore
                 System.Threading.Volatile.Write(&checkedOnce, true))
