@@ -25,7 +25,7 @@ type Command =
     interface IArgParserTemplate with
         member this.Usage =
             match this with
-            | Quickstart _ -> "the main job on the shipped data: corpus, train a small GPT, generate, train its transcoders, trace a prediction"
+            | Quickstart _ -> "the main job: stories, features and a traced circuit of the shipped model and its coders, with their pages (--train: all from scratch)"
             | Corpus _ -> "tokenize TinyStories into token shards and print corpus statistics"
             | Inspect _ -> "print a checkpoint's configuration and parameter count"
             | Generate _ -> "generate text with a checkpoint"

@@ -248,10 +248,10 @@ let private quickstartData () =
 
 let scriptTests =
     testList "scripts and the quickstart" [
-        test "quickstart runs end to end on a small corpus (corpus, GPT, story, transcoders, trace, stories260K)" {
+        test "quickstart --train runs end to end on a small corpus (corpus, GPT, story, transcoders, trace, stories260K)" {
             let data = quickstartData ()
             let env = [ "TRANSCODERS_CACHE", path "qs-cache"; "TRANSCODERS_DATA", data ]
-            let args = [ builtAssembly "src/Transcoders.Cli" "Transcoders.Cli.dll"; "quickstart"; "--steps"; "2"; "--coder-steps"; "2"; "--out"; path "qs" ] @ common
+            let args = [ builtAssembly "src/Transcoders.Cli" "Transcoders.Cli.dll"; "quickstart"; "--train"; "--steps"; "2"; "--coder-steps"; "2"; "--out"; path "qs" ] @ common
             let code, out, err = runDotnet args (work.Force()) env (TimeSpan.FromMinutes 5.0)
             Expect.equal code 0 (sprintf "exit code (stdout: %s; stderr: %s)" out err)
             for section in [ "== 1."; "== 2."; "== 3."; "== 4."; "== 5."; "== 6."; "quickstart finished" ] do

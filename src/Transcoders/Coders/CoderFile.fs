@@ -84,15 +84,22 @@ let folded (c: Coder) : Coder =
     use c1 = Coder.foldInputBias c
     Coder.foldScale c1
 
-/// Saves a coder (see the module doc for the layout), writing both files atomically.
-let save (path: string) (coder: Coder) =
+/// Saves a coder with its tensors stored as `dtype` (float32, or float16/bfloat16 to halve a shipped file; loading
+/// converts back to float32), writing both files atomically.
+let saveAs (dtype: torch.ScalarType) (path: string) (coder: Coder) =
+    match dtype with
+    | torch.ScalarType.Float32 | torch.ScalarType.Float16 | torch.ScalarType.BFloat16 -> ()
+    | d -> invalidArg "dtype" (sprintf "coders are saved as float32, float16 or bfloat16, not %A" d)
     use scope = torch.NewDisposeScope()
     let stPath, jsonPath = paths path
     use f = folded coder
     let json = CoderConfig.toJson f.Config
-    let tensors = toFileTensors f |> List.map (fun (n, t) -> n, t.contiguous())
+    let tensors = toFileTensors f |> List.map (fun (n, t) -> n, t.to_type(dtype).contiguous())
     Safetensors.save stPath (Map [ "format", "pt"; MetadataKey, json ]) tensors
     AtomicFile.writeAllText jsonPath json
+
+/// Saves a coder (see the module doc for the layout) in float32, writing both files atomically.
+let save (path: string) (coder: Coder) = saveAs torch.ScalarType.Float32 path coder
 
 /// Reads and validates a coder config file.
 let loadConfig (path: string) : CoderConfig =

@@ -7,6 +7,16 @@ open TorchSharp
 open Transcoders.Coders.Scalars
 open Transcoders.Training
 
+/// How the encoder starts.
+type EncoderInit =
+    /// Independent uniform draws (Kaiming), unrelated to the decoder.
+    | RandomEncoder
+    /// Each feature's encoder column along its own decoder row (W_enc = W_decᵀ, at the random draw's column norm),
+    /// as sparsify and OpenAI initialise TopK coders: a feature starts reading the direction it writes, so every
+    /// feature starts near the data it reconstructs instead of pointing away from it. Needs d_in = d_out (SAEs,
+    /// transcoders of the residual width, the CLT's own-layer decoder); other coders keep the random draw.
+    | DecoderTranspose
+
 /// How a coder is trained on activation batches.
 type TrainConfig =
     { Steps: int
@@ -28,6 +38,7 @@ type TrainConfig =
       NormalisationBatches: int
       BiasInit: Normalisation.BiasInit
       BiasInitBatches: int
+      EncoderInit: EncoderInit
       /// EMA momentum of the BatchTopK threshold estimate (dictionary_learning: 0.999).
       BatchTopKMomentum: float
       /// Seeds torch's generators at the start of `run` (initialisation, resampling draws).
@@ -48,7 +59,7 @@ type TrainConfig =
           Schedule = { WarmupSteps = 5000; DecayFraction = 0.0; FinalFraction = 0.0 }
           Loss = LossConfig.Paper; SparsityWarmupSteps = 0; DeadAfterTokens = 5000L * 4096L; Resampling = None
           Normalise = false; NormalisationBatches = 0; BiasInit = Normalisation.MeanBias; BiasInitBatches = 1
-          BatchTopKMomentum = 0.999; Seed = 42L; LogPath = None; LogEvery = 100; DensityWindowSteps = 1000
+          EncoderInit = RandomEncoder; BatchTopKMomentum = 0.999; Seed = 42L; LogPath = None; LogEvery = 100; DensityWindowSteps = 1000
           Compute = ComputeOptions.Default }
 
     /// All problems with a training configuration (empty when valid).
@@ -163,6 +174,16 @@ module CoderTraining =
         match coder.Config.Decoder with
         | UnitNorm -> DecoderConstraint.renormalise coder
         | Free -> ()
+        if cfg.EncoderInit = DecoderTranspose && coder.Config.DIn = coder.Config.DOut then
+            use scope = torch.NewDisposeScope()
+            use _ = torch.no_grad ()
+            for l in 0 .. coder.NLayers - 1 do
+                // W_dec_l [d_sae, L−l, d_out]: slice 0 writes to layer l itself
+                let dir = coder.WDec[l].select(1, 0L).t()
+                let dirNorm = dir.square().sum([| 0L |], keepdim = true).sqrt().clamp_min 1e-12
+                let w = coder.WEnc[l]
+                let colNorm = w.square().sum([| 0L |]).sqrt().mean()
+                w.copy_(dir / dirNorm * colNorm) |> ignore
 
     /// A fresh training state for `coder` (Adam moments at zero, no firing history).
     let init (cfg: TrainConfig) (coder: Coder) : TrainState =

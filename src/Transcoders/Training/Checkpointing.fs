@@ -132,16 +132,16 @@ let readInfo (dir: string) : Info =
     if not (Directory.Exists dir) then fail dir "checkpoint folder does not exist"
     if not (File.Exists path) then fail path "missing (not a complete checkpoint folder)"
     let j =
-        try JsonNode.Parse(File.ReadAllText path) :?> JsonObject
+        try JsonNode.Parse(File.ReadAllText path)
         with e -> fail path (sprintf "not valid JSON: %s" e.Message)
-    if isNull j then fail path "empty"
+    let j = match j with :? JsonObject as o -> o | null -> fail path "empty" | _ -> fail path "not a JSON object"
     let field (k: string) =
         match j[k] with
         | null -> fail path (sprintf "missing field '%s'" k)
         | v -> v
     let fmt = try (field "format").GetValue<string>() with :? CheckpointError -> reraise () | _ -> ""
     if fmt <> Format then fail path (sprintf "format is '%s', expected '%s'" fmt Format)
-    let version = (field "version").GetValue<int>()
+    let version = try (field "version").GetValue<int>() with :? CheckpointError -> reraise () | e -> fail path (sprintf "field 'version' is not an integer: %s" e.Message)
     if version > Version then fail path (sprintf "version %d is newer than this program reads (%d)" version Version)
     try
         { Step = (field "step").GetValue<int>()

@@ -42,6 +42,8 @@ type ReportResult =
       Plots: string
       /// circuit-tracer's graph JSON folder (graph, graph-metadata.json, features/).
       GraphJson: string option
+      /// What the feature pages show, per coder (for printing a feature's examples without another pass).
+      Dashboards: CoderDashboard list
       Seconds: float }
 
     member r.All = [ r.Index ] @ r.FeaturePages @ Option.toList r.GraphPage @ [ r.Plots ] @ Option.toList r.GraphJson
@@ -127,4 +129,4 @@ module Interpretability =
               | None -> () ]
         let plots = Plots.write (Path.Combine(options.Out, "plots.html")) "Plots" charts
         { Index = index; FeaturePages = featurePages; GraphPage = graphPage; Plots = plots; GraphJson = graphJson
-          Seconds = sw.Elapsed.TotalSeconds }
+          Dashboards = dashboards; Seconds = sw.Elapsed.TotalSeconds }
