@@ -111,7 +111,7 @@ let trace (modelPath: string) (model: Transformer) (tokenizer: Tokenizer) (coder
     let last = tokens.Length - 1
     let root =
         match feature with
-        | Some(TranscoderFeature(l, f, p)) -> FeatureVector.ofFeature run l f p
+        | Some(TranscoderFeature at) -> FeatureVector.ofFeature run at
         | Some c -> invalidArg "feature" (sprintf "%s is not a transcoder feature (give mlpLtc[F]@P)" c.Display)
         | None ->
             let t = match target with Some t -> t | None -> graph.Logits[0].Token

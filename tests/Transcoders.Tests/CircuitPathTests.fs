@@ -29,7 +29,7 @@ let private close (what: string) (actual: float) (expected: float) =
 
 let private componentOf (kind: byte) (a: int) (b: int) (c: int) : Component =
     match int kind % 9 with
-    | 0 -> TranscoderFeature (a, b, c)
+    | 0 -> TranscoderFeature { FeatureAt.Layer = a; Position = c; Feature = b }
     | 1 -> AttentionHead (a, b, c)
     | 2 -> Embedding a
     | 3 -> PositionEmbedding a
@@ -47,7 +47,7 @@ let nameTests =
             Expect.equal (string comp) comp.Display "ToString is the display name"
 
         test "the paper's names" {
-            Expect.equal (TranscoderFeature (8, 89, 9)).Display "mlp8tc[89]@9" "feature"
+            Expect.equal (TranscoderFeature { FeatureAt.Layer = 8; Position = 9; Feature = 89 }).Display "mlp8tc[89]@9" "feature"
             Expect.equal (AttentionHead (2, 2, 8)).Display "attn2[2]@8" "head"
             Expect.equal (Component.parse "embed0@3") (Embedding 3) "the paper's embed0"
             Expect.equal (Component.parse "tc_error4@7") (ErrorTerm (TranscoderError, 4, 7)) "error"
@@ -107,7 +107,7 @@ let private sumTest (kind: Kind) (everyLayer: bool) (seed: int) =
                 let l = coder.Config.Layers[i]
                 for _ in 1 .. 2 do
                     let j, t = rng.Next coder.Config.DSae, rng.Next tokens.Length
-                    let root = FeatureVector.ofFeature run l j t
+                    let root = FeatureVector.ofFeature run { FeatureAt.Layer = l; Position = t; Feature = j }
                     let expected = expectedPre m coder i tokens j t
                     close (sprintf "root %O value" root.Component) root.Contribution expected
                     let d = Attribution.direct run root
@@ -117,8 +117,9 @@ let private sumTest (kind: Kind) (everyLayer: bool) (seed: int) =
                         | Some child ->
                             match comp with
                             | AttentionHead _ -> close (sprintf "%O's value along the path" comp) child.Contribution value
-                            | TranscoderFeature (fl, fi, ft) ->
-                                if FeatureVector.activation run fl fi ft > 0.0 then
+                            | TranscoderFeature fat ->
+                                let fl, fi, ft = fat.Layer, fat.Feature, fat.Position
+                                if FeatureVector.activation run fat > 0.0 then
                                     close (sprintf "%O's value along the path (active)" comp) child.Contribution value
                             | _ -> ()
                             close (sprintf "Σ attributions of %O under %O" comp root.Component) (Attribution.direct run child).Total child.Contribution
@@ -165,7 +166,7 @@ let private headTest (seed: int) =
             close (sprintf "layer %d's heads and b_O" l) (Array.sum (Array.concat hc) + bO) (dot attnOut v)
             // the feature contributions are the direct terms of that layer's features
             let fc = Attribution.featureContributions run node l
-            let terms = (Attribution.direct run node).Terms |> Array.choose (function (TranscoderFeature (fl, i, _), x) when fl = l -> Some (i, x) | _ -> None)
+            let terms = (Attribution.direct run node).Terms |> Array.choose (function (TranscoderFeature { Layer = fl; Feature = i }, x) when fl = l -> Some (i, x) | _ -> None)
             for i, x in terms do close (sprintf "feature %d of layer %d" i l) fc[i] x
             Expect.equal (fc |> Array.filter (fun x -> x <> 0.0) |> Array.length) terms.Length "the nonzero features are the terms"
     finally
@@ -296,11 +297,11 @@ let invariantTests =
                     for p in prompts do
                         use run = Prompt.run circuit p
                         for t in 0 .. p.Length - 1 do
-                            if not onlyActive || FeatureVector.activation run tgt j t > 0.0 then
+                            if not onlyActive || FeatureVector.activation run { FeatureAt.Layer = tgt; Position = t; Feature = j } > 0.0 then
                                 n <- n + 1
-                                for comp, v in (Attribution.direct run (FeatureVector.ofFeature run tgt j t)).Terms do
+                                for comp, v in (Attribution.direct run (FeatureVector.ofFeature run { FeatureAt.Layer = tgt; Position = t; Feature = j })).Terms do
                                     match comp with
-                                    | TranscoderFeature (l, i, _) when l = src -> sums[i] <- sums[i] + v
+                                    | TranscoderFeature { Layer = l; Feature = i } when l = src -> sums[i] <- sums[i] + v
                                     | _ -> ()
                     Expect.equal mean.Positions (int64 n) "positions averaged over"
                     for i in 0 .. dSae - 1 do
@@ -347,7 +348,7 @@ let pathTests =
             try
                 use circuit = Circuit.create m coders
                 use run = Prompt.run circuit [| 1; 2; 3; 4 |]
-                let root = FeatureVector.ofFeature run 1 0 3
+                let root = FeatureVector.ofFeature run { FeatureAt.Layer = 1; Position = 3; Feature = 0 }
                 close "root value" root.Contribution 1.6
                 let search = Paths.find run PathSearchOptions.Default root
                 let complete = search.Paths |> List.filter (fun p -> Component.isLeaf p.Last.Component)
@@ -357,7 +358,7 @@ let pathTests =
                 let depth1 = search.Paths |> List.filter (fun p -> p.Nodes.Length = 2)
                 Expect.equal (depth1 |> List.map (fun p -> p.Last.Component.Display)) [ "mlp0tc[0]@3"; "embed@3"; "mlp0tc[1]@3" ] "direct contributors in order"
                 for p, v in List.zip depth1 [ 0.8; 0.5; 0.3 ] do close p.Display p.Attribution v
-                Expect.equal (Paths.topNodes 1 (OfKind FeatureComponent) search.Paths |> List.map fst) [ TranscoderFeature (0, 0, 3) ] "summed top feature"
+                Expect.equal (Paths.topNodes 1 (OfKind FeatureComponent) search.Paths |> List.map fst) [ TranscoderFeature { FeatureAt.Layer = 0; Position = 3; Feature = 0 } ] "summed top feature"
                 // exact transcoders: no transcoder error anywhere
                 let graph = PathGraph.ofPaths run search.Paths
                 let rootNode = graph.Nodes.Head
@@ -365,9 +366,9 @@ let pathTests =
                 let errors = rootNode.Errors.Value
                 close "root transcoder error" errors.TranscoderError 0.0
                 close "root prune error (nothing positive left out)" errors.PruneError 0.0
-                let edge = graph.Edges |> List.find (fun e -> e.Source = TranscoderFeature (0, 0, 3))
+                let edge = graph.Edges |> List.find (fun e -> e.Source = TranscoderFeature { FeatureAt.Layer = 0; Position = 3; Feature = 0 })
                 close "edge into the root" edge.Attribution 0.8
-                let feature = graph.Nodes |> List.find (fun n -> n.Component = TranscoderFeature (0, 0, 3))
+                let feature = graph.Nodes |> List.find (fun n -> n.Component = TranscoderFeature { FeatureAt.Layer = 0; Position = 3; Feature = 0 })
                 close "bias error of mlp0tc[0]@3 (its −0.2 encoder bias)" feature.Errors.Value.BiasError -0.2
             finally
                 dispose m coders
@@ -378,7 +379,7 @@ let pathTests =
             try
                 use circuit = Circuit.create m coders
                 use run = Prompt.run circuit [| 1; 2; 3; 4 |]
-                let root = FeatureVector.ofFeature run 1 0 3
+                let root = FeatureVector.ofFeature run { FeatureAt.Layer = 1; Position = 3; Feature = 0 }
                 let search = Paths.find run { PathSearchOptions.Default with Ranking = Magnitude; IncludeErrors = true } root
                 let all = search.Paths
                 let viaHead = Paths.filter [ Infix [ OfKind HeadComponent ] ] all
@@ -392,7 +393,7 @@ let pathTests =
                 for p in endingInEmbed do
                     let n = p.Nodes |> List.map (fun x -> x.Component) |> Array.ofList
                     Expect.equal (Component.kind n[n.Length - 1], Component.kind n[n.Length - 2]) (EmbeddingComponent, HeadComponent) p.Display
-                let feat = Paths.filter [ Infix [ IsComponent (TranscoderFeature (0, 0, 3)); AtPosition (Eq, 1) ] ] all
+                let feat = Paths.filter [ Infix [ IsComponent (TranscoderFeature { FeatureAt.Layer = 0; Position = 3; Feature = 0 }); AtPosition (Eq, 1) ] ] all
                 for p in feat do Expect.stringContains p.Display "mlp0tc[0]@3 <- attn0[0]@1" p.Display
                 // candidates filtered during the search: no head anywhere
                 let noHeads = Paths.find run { PathSearchOptions.Default with Candidates = Not (OfKind HeadComponent) } root
@@ -410,7 +411,7 @@ let pathTests =
                 use circuit = Circuit.create m coders
                 use run = Prompt.run circuit tokens
                 let fl = circuit.FeatureLayer (circuit.Config.NLayers - 1)
-                let root = FeatureVector.ofFeature run fl.Layer (seed % fl.DSae) (tokens.Length - 1)
+                let root = FeatureVector.ofFeature run { FeatureAt.Layer = fl.Layer; Position = tokens.Length - 1; Feature = seed % fl.DSae }
                 let search = Paths.find run { PathSearchOptions.Default with Ranking = Magnitude; Depth = 2; Beam = 6 } root
                 if not search.Paths.IsEmpty then
                     let graph = PathGraph.ofPaths run search.Paths
@@ -439,15 +440,15 @@ let badInputTests =
                 let throws (f: unit -> 'a) (words: string list) =
                     let e = Expect.throwsC (fun () -> f () |> ignore) id
                     for w in words do Expect.stringContains e.Message w (sprintf "message mentions '%s'" w)
-                throws (fun () -> FeatureVector.ofFeature run 5 0 0) [ "layer 5"; "2 layers" ]
-                throws (fun () -> FeatureVector.ofFeature run 1 4 0) [ "feature 4"; "4 features" ]
-                throws (fun () -> FeatureVector.ofFeature run 1 0 3) [ "position 3"; "3 tokens" ]
+                throws (fun () -> FeatureVector.ofFeature run { FeatureAt.Layer = 5; Position = 0; Feature = 0 }) [ "layer 5"; "2 layers" ]
+                throws (fun () -> FeatureVector.ofFeature run { FeatureAt.Layer = 1; Position = 0; Feature = 4 }) [ "feature 4"; "4 features" ]
+                throws (fun () -> FeatureVector.ofFeature run { FeatureAt.Layer = 1; Position = 3; Feature = 0 }) [ "position 3"; "3 tokens" ]
                 throws (fun () -> FeatureVector.ofLogit run 6 0) [ "token id 6"; "vocabulary" ]
                 throws (fun () -> Prompt.run circuit [||]) [ "empty" ]
                 throws (fun () -> Prompt.run circuit (Array.create 9 1)) [ "9 tokens"; "n_ctx" ]
                 throws (fun () -> Prompt.run circuit [| 0; 7 |]) [ "token id 7"; "position 1" ]
                 throws (fun () -> Attribution.featurePullback circuit 1 1 0) [ "source layer 1" ]
-                throws (fun () -> Paths.find run { PathSearchOptions.Default with Beam = 0 } (FeatureVector.ofFeature run 1 0 2)) [ "Beam" ]
+                throws (fun () -> Paths.find run { PathSearchOptions.Default with Beam = 0 } (FeatureVector.ofFeature run { FeatureAt.Layer = 1; Position = 2; Feature = 0 })) [ "Beam" ]
                 use sae = randomCoder 1 (CoderConfig.sae "test" (HookNames.attnOut 0) 0 8 4)
                 throws (fun () -> Circuit.create m [ sae ]) [ "sae" ]
                 let circuit1 = Circuit.create m [ coders[0] ]

@@ -17,6 +17,8 @@ type FeatureNode =
       Feature: int
       Activation: float }
 
+    member f.At : FeatureAt = { Layer = f.Layer; Position = f.Position; Feature = f.Feature }
+
 /// An output logit explained by the graph (the last position's next-token prediction).
 type LogitNode =
     { Token: int
@@ -176,19 +178,24 @@ module Graph =
     let tokenNode (g: Graph) (position: int) = g.TokenStart + position
     let logitNode (g: Graph) (k: int) = g.LogitStart + k
 
-    /// Ids of the feature nodes by (layer, position, feature).
-    let featureIndex (g: Graph) : IReadOnlyDictionary<int * int * int, int> =
-        let d = Dictionary<int * int * int, int>()
-        g.Features |> Array.iteri (fun i f -> d[(f.Layer, f.Position, f.Feature)] <- i)
+    /// Ids of the feature nodes by where they fire.
+    let featureIndex (g: Graph) : IReadOnlyDictionary<FeatureAt, int> =
+        let d = Dictionary<FeatureAt, int>()
+        g.Features |> Array.iteri (fun i f -> d[f.At] <- i)
         d :> _
 
-    /// A short label: `mlp2tc[17]@5` (feature), `err2@5`, `emb@5`, `logit[42]`, as the transcoder paper's code.
-    let label (g: Graph) (id: int) : string =
+    /// The circuit component a node stands for: a feature, the transcoder error of (layer, position), the embedding
+    /// of a position (token plus learned position embedding), or the logit of a token at the last position.
+    let toComponent (g: Graph) (id: int) : Component =
         match node g id with
-        | GraphNode.Feature f -> sprintf "mlp%dtc[%d]@%d" f.Layer f.Feature f.Position
-        | GraphNode.Error (l, p) -> sprintf "err%d@%d" l p
-        | GraphNode.Token (p, _) -> sprintf "emb@%d" p
-        | GraphNode.Logit l -> sprintf "logit[%d]" l.Token
+        | GraphNode.Feature f -> TranscoderFeature f.At
+        | GraphNode.Error (l, p) -> ErrorTerm (TranscoderError, l, p)
+        | GraphNode.Token (p, _) -> Embedding p
+        | GraphNode.Logit l -> TokenLogit (l.Token, g.NPositions - 1)
+
+    /// A node's name, the one display form of components (`Component.Display`): `mlp2tc[17]@5`, `tc_error2@5`,
+    /// `embed@5`, `logit[42]@5`.
+    let label (g: Graph) (id: int) : string = (toComponent g id).Display
 
     /// Every stored edge (target, source, weight) with a non-zero weight.
     let edges (g: Graph) : seq<int * int * float32> =

@@ -137,7 +137,7 @@ module NodeFilter =
         | AtLayer (op, l) -> (match Component.layer c with Some x -> compare op x l | None -> false)
         | AtPosition (op, p) -> compare op (Component.position c) p
         | WithHead h -> (match c with AttentionHead (_, x, _) -> x = h | _ -> false)
-        | WithFeature f -> (match c with TranscoderFeature (_, x, _) -> x = f | _ -> false)
+        | WithFeature f -> (match c with TranscoderFeature at -> at.Feature = f | _ -> false)
         | IsComponent x -> x = c
         | Not f -> not (matches f c)
         | AllOf fs -> fs |> List.forall (fun f -> matches f c)
@@ -173,7 +173,7 @@ module Paths =
             && (match options.Ranking with Positive -> v > 0.0 | Magnitude -> v <> 0.0)
         let group (c: Component) =
             match c with
-            | TranscoderFeature (l, _, _) -> Some (0, l)
+            | TranscoderFeature at -> Some (0, at.Layer)
             | AttentionHead (l, _, _) -> Some (1, l)
             | _ -> None
         d.Terms
