@@ -3,10 +3,10 @@ using System.Collections.Generic;
 using System.Linq;
 using Transcoders.Circuits;
 using AttributionCore = Transcoders.Circuits.Attribution;
-using CircuitCore = Transcoders.Circuits.Circuit;
+using CircuitCore = Transcoders.Circuits.CircuitModelModule;
 using ComponentCore = Transcoders.Circuits.ComponentModule;
 using PathCore = Transcoders.Circuits.ComputationalPath;
-using PathsCore = Transcoders.Circuits.Paths;
+using PathsCore = Transcoders.Circuits.PathSearchModule;
 using PromptCore = Transcoders.Circuits.Prompt;
 
 namespace Transcoders;

@@ -98,7 +98,7 @@ let private expectedPre (m: Transformer) (coder: Coder) (i: int) (tokens: int[])
 let private sumTest (kind: Kind) (everyLayer: bool) (seed: int) =
     let c, m, coders, tokens = setup seed kind everyLayer
     try
-        use circuit = Circuit.create m coders
+        use circuit = CircuitModel.create m coders
         use run = Prompt.run circuit tokens
         let rng = Random(seed + 1)
         // feature roots: the decomposition sums to the pre-activation; so do the children's
@@ -144,7 +144,7 @@ let private param (m: Transformer) (name: string) : float[] =
 let private headTest (seed: int) =
     let c, m, coders, tokens = setup seed kinds[seed % 3] true
     try
-        use circuit = Circuit.create m coders
+        use circuit = CircuitModel.create m coders
         use run = Prompt.run circuit tokens
         use r = Transformer.runWithCache m [ "blocks.*.attn.hook_z"; "blocks.*.hook_attn_out" ] (torch.tensor(tokens |> Array.map int64).unsqueeze 0)
         let rng = Random seed
@@ -198,7 +198,7 @@ let invariantTests =
             let kind = kinds[seed % 3]
             let c, m, coders, _ = setup seed kind (seed % 2 = 0)
             try
-                use circuit = Circuit.create m coders
+                use circuit = CircuitModel.create m coders
                 let d = c.DModel
                 let layers = circuit.FeatureLayers |> Map.keys |> List.ofSeq
                 let rng = Random seed
@@ -231,7 +231,7 @@ let invariantTests =
             let kind = kinds[seed % 3]
             let c, m, coders, _ = setup seed kind true
             try
-                use circuit = Circuit.create m coders
+                use circuit = CircuitModel.create m coders
                 let rng = Random seed
                 let d = c.DModel
                 let e = TransformerConfig.dHead c
@@ -284,7 +284,7 @@ let invariantTests =
             let rng = Random seed
             let coders = [ for l in 0 .. c.NLayers - 1 -> randomCoder (seed * 13 + l) (coderConfig rng c Transcoder [| l |]) ]
             try
-                use circuit = Circuit.create m coders
+                use circuit = CircuitModel.create m coders
                 let src, tgt = 0, c.NLayers - 1
                 let j = rng.Next (circuit.FeatureLayer tgt).DSae
                 let prompts = [ for _ in 1 .. 3 -> Array.init (min c.NCtx 5) (fun _ -> rng.Next c.VocabSize) ]
@@ -346,11 +346,11 @@ let pathTests =
         test "a planted circuit is ranked first" {
             let m, coders = plantedModel ()
             try
-                use circuit = Circuit.create m coders
+                use circuit = CircuitModel.create m coders
                 use run = Prompt.run circuit [| 1; 2; 3; 4 |]
                 let root = FeatureVector.ofFeature run { FeatureAt.Layer = 1; Position = 3; Feature = 0 }
                 close "root value" root.Contribution 1.6
-                let search = Paths.find run PathSearchOptions.Default root
+                let search = PathSearch.find run PathSearchOptions.Default root
                 let complete = search.Paths |> List.filter (fun p -> Component.isLeaf p.Last.Component)
                 let best = List.head complete
                 Expect.equal best.Display "mlp1tc[0]@3 <- mlp0tc[0]@3 <- attn0[0]@1 <- embed@1" "the planted path comes first"
@@ -358,7 +358,7 @@ let pathTests =
                 let depth1 = search.Paths |> List.filter (fun p -> p.Nodes.Length = 2)
                 Expect.equal (depth1 |> List.map (fun p -> p.Last.Component.Display)) [ "mlp0tc[0]@3"; "embed@3"; "mlp0tc[1]@3" ] "direct contributors in order"
                 for p, v in List.zip depth1 [ 0.8; 0.5; 0.3 ] do close p.Display p.Attribution v
-                Expect.equal (Paths.topNodes 1 (OfKind FeatureComponent) search.Paths |> List.map fst) [ TranscoderFeature { FeatureAt.Layer = 0; Position = 3; Feature = 0 } ] "summed top feature"
+                Expect.equal (PathSearch.topNodes 1 (OfKind FeatureComponent) search.Paths |> List.map fst) [ TranscoderFeature { FeatureAt.Layer = 0; Position = 3; Feature = 0 } ] "summed top feature"
                 // exact transcoders: no transcoder error anywhere
                 let graph = PathGraph.ofPaths run search.Paths
                 let rootNode = graph.Nodes.Head
@@ -377,29 +377,29 @@ let pathTests =
         test "filters keep only matching paths" {
             let m, coders = plantedModel ()
             try
-                use circuit = Circuit.create m coders
+                use circuit = CircuitModel.create m coders
                 use run = Prompt.run circuit [| 1; 2; 3; 4 |]
                 let root = FeatureVector.ofFeature run { FeatureAt.Layer = 1; Position = 3; Feature = 0 }
-                let search = Paths.find run { PathSearchOptions.Default with Ranking = Magnitude; IncludeErrors = true } root
+                let search = PathSearch.find run { PathSearchOptions.Default with Ranking = Magnitude; IncludeErrors = true } root
                 let all = search.Paths
-                let viaHead = Paths.filter [ Infix [ OfKind HeadComponent ] ] all
-                let notViaHead = Paths.filter [ NotInfix [ OfKind HeadComponent ] ] all
+                let viaHead = PathSearch.filter [ Infix [ OfKind HeadComponent ] ] all
+                let notViaHead = PathSearch.filter [ NotInfix [ OfKind HeadComponent ] ] all
                 Expect.isNonEmpty viaHead "some paths go through a head"
                 Expect.isNonEmpty notViaHead "some do not"
                 Expect.equal (viaHead.Length + notViaHead.Length) all.Length "infix and not-infix split the paths"
                 for p in viaHead do Expect.isTrue (p.Nodes |> List.exists (fun n -> n.Component.Display.StartsWith "attn")) p.Display
-                let endingInEmbed = Paths.filter [ Suffix [ OfKind HeadComponent; OfKind EmbeddingComponent ] ] all
+                let endingInEmbed = PathSearch.filter [ Suffix [ OfKind HeadComponent; OfKind EmbeddingComponent ] ] all
                 Expect.isNonEmpty endingInEmbed "paths ending head <- embed"
                 for p in endingInEmbed do
                     let n = p.Nodes |> List.map (fun x -> x.Component) |> Array.ofList
                     Expect.equal (Component.kind n[n.Length - 1], Component.kind n[n.Length - 2]) (EmbeddingComponent, HeadComponent) p.Display
-                let feat = Paths.filter [ Infix [ IsComponent (TranscoderFeature { FeatureAt.Layer = 0; Position = 3; Feature = 0 }); AtPosition (Eq, 1) ] ] all
+                let feat = PathSearch.filter [ Infix [ IsComponent (TranscoderFeature { FeatureAt.Layer = 0; Position = 3; Feature = 0 }); AtPosition (Eq, 1) ] ] all
                 for p in feat do Expect.stringContains p.Display "mlp0tc[0]@3 <- attn0[0]@1" p.Display
                 // candidates filtered during the search: no head anywhere
-                let noHeads = Paths.find run { PathSearchOptions.Default with Candidates = Not (OfKind HeadComponent) } root
+                let noHeads = PathSearch.find run { PathSearchOptions.Default with Candidates = Not (OfKind HeadComponent) } root
                 Expect.isNonEmpty noHeads.Paths "paths without heads"
                 for p in noHeads.Paths do Expect.isFalse (p.Nodes |> List.exists (fun n -> Component.kind n.Component = HeadComponent)) p.Display
-                Expect.stringContains (Paths.format search) "mlp1tc[0]@3 <- mlp0tc[0]@3" "formatted"
+                Expect.stringContains (PathSearch.format search) "mlp1tc[0]@3 <- mlp0tc[0]@3" "formatted"
                 Expect.stringContains (PathGraph.format (PathGraph.ofPaths run search.Paths)) "prune_error" "graph formatted"
             finally
                 dispose m coders
@@ -408,11 +408,11 @@ let pathTests =
         testPropertyWithConfig (config 4) "every graph node's value splits into its kept edges and its errors; edges into the root sum depth-1 paths" <| fun (NonNegativeInt seed) ->
             let _, m, coders, tokens = setup seed kinds[seed % 3] true
             try
-                use circuit = Circuit.create m coders
+                use circuit = CircuitModel.create m coders
                 use run = Prompt.run circuit tokens
                 let fl = circuit.FeatureLayer (circuit.Config.NLayers - 1)
                 let root = FeatureVector.ofFeature run { FeatureAt.Layer = fl.Layer; Position = tokens.Length - 1; Feature = seed % fl.DSae }
-                let search = Paths.find run { PathSearchOptions.Default with Ranking = Magnitude; Depth = 2; Beam = 6 } root
+                let search = PathSearch.find run { PathSearchOptions.Default with Ranking = Magnitude; Depth = 2; Beam = 6 } root
                 if not search.Paths.IsEmpty then
                     let graph = PathGraph.ofPaths run search.Paths
                     let depth1 = search.Paths |> List.filter (fun p -> p.Nodes.Length = 2) |> List.sumBy (fun p -> p.Attribution)
@@ -435,7 +435,7 @@ let badInputTests =
         test "layer, feature, position, token and prompt errors say what is wrong" {
             let m, coders = plantedModel ()
             try
-                use circuit = Circuit.create m coders
+                use circuit = CircuitModel.create m coders
                 use run = Prompt.run circuit [| 1; 2; 3 |]
                 let throws (f: unit -> 'a) (words: string list) =
                     let e = Expect.throwsC (fun () -> f () |> ignore) id
@@ -448,10 +448,10 @@ let badInputTests =
                 throws (fun () -> Prompt.run circuit (Array.create 9 1)) [ "9 tokens"; "n_ctx" ]
                 throws (fun () -> Prompt.run circuit [| 0; 7 |]) [ "token id 7"; "position 1" ]
                 throws (fun () -> Attribution.featurePullback circuit 1 1 0) [ "source layer 1" ]
-                throws (fun () -> Paths.find run { PathSearchOptions.Default with Beam = 0 } (FeatureVector.ofFeature run { FeatureAt.Layer = 1; Position = 2; Feature = 0 })) [ "Beam" ]
+                throws (fun () -> PathSearch.find run { PathSearchOptions.Default with Beam = 0 } (FeatureVector.ofFeature run { FeatureAt.Layer = 1; Position = 2; Feature = 0 })) [ "Beam" ]
                 use sae = randomCoder 1 (CoderConfig.sae "test" (HookNames.attnOut 0) 0 8 4)
-                throws (fun () -> Circuit.create m [ sae ]) [ "sae" ]
-                let circuit1 = Circuit.create m [ coders[0] ]
+                throws (fun () -> CircuitModel.create m [ sae ]) [ "sae" ]
+                let circuit1 = CircuitModel.create m [ coders[0] ]
                 use _ = circuit1
                 throws (fun () -> Attribution.featurePullback circuit1 0 1 0) [ "no transcoder reads layer 1" ]
                 throws (fun () -> circuit1.FeatureLayer 1) [ "no transcoder reads layer 1"; "0" ]

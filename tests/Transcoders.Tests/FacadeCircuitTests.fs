@@ -17,7 +17,7 @@ module CoderFileCore = Transcoders.Coders.CoderFile
 module CoderRunCore = Transcoders.Coders.CoderRun
 module GraphCore = Transcoders.Circuits.AttributionGraph
 module PruningCore = Transcoders.Circuits.Pruning
-module PathsCore = Transcoders.Circuits.Paths
+module PathsCore = Transcoders.Circuits.PathSearch
 module InterventionsCore = Transcoders.Circuits.Interventions
 module LocalCore = Transcoders.Circuits.LocalReplacement
 module TokCore = Transcoders.Text.Tokenizer
@@ -100,7 +100,7 @@ let graphTests =
             let model, coders, tokens = circuitSetup 12
             try
                 use finder = new PathFinder(model, coders, tokens)
-                use circuit = Transcoders.Circuits.Circuit.create model.Core (coreCoders coders)
+                use circuit = Transcoders.Circuits.CircuitModel.create model.Core (coreCoders coders)
                 use run = Transcoders.Circuits.Prompt.run circuit tokens
                 let last = tokens.Length - 1
                 let token = (Transcoders.Models.NextToken.top 1 (run.LogitsAt last)) |> List.head |> fst

@@ -210,7 +210,7 @@ let circuitTests =
             let coders = [ for l in 0 .. 1 -> randomCoder (40 + l) (coderConfig (Random l) model.Config Transcoder [| l |]) ]
             try
                 let tokens = [| 1; 2; 3; 1 |] |> Array.map (fun t -> t % model.Config.VocabSize)
-                use circuit = Circuit.create model coders
+                use circuit = CircuitModel.create model coders
                 use run = Prompt.run circuit tokens
                 let f = Tracing.root run (Component.parse "logit[2]@3")
                 Expect.equal f.Component (TokenLogit(2, 3)) "a logit root"

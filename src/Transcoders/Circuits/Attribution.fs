@@ -1,4 +1,6 @@
-/// Attribution with transcoders (Dunefsky et al. 2024, §3–4 of `transcoder_circuits`): input-invariant connections
+/// The method of Dunefsky, Chlenski & Nanda 2024, "Transcoders find interpretable LLM feature circuits" (NeurIPS 2024,
+/// arXiv 2406.11944; code `transcoder_circuits`), §3–4: attribution with transcoders. (Attribution graphs after
+/// Ameisen et al. 2025, "Circuit Tracing", are `AttributionGraph`.) Input-invariant connections
 /// (the pullback W_dec·w_enc of a later feature's encoder vector through an earlier transcoder's decoder, de-embeddings
 /// directly and through a head's OV circuit), their dataset means, and the input-dependent decomposition of a node's
 /// value on one prompt into transcoder features (activation × decoder·direction), attention heads per source position
@@ -189,7 +191,7 @@ type DirectAttribution =
 
 /// Preparing a model and its transcoders for attribution.
 [<RequireQualifiedAccess>]
-module Circuit =
+module CircuitModel =
 
     /// Checks that every coder is a transcoder or cross-layer transcoder from a layer's MLP input
     /// (`blocks.{l}.ln2.hook_normalized`) to its MLP output (`blocks.{l}.hook_mlp_out`) of this model, at most one per

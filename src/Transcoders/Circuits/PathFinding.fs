@@ -1,4 +1,5 @@
-/// The transcoder paper's circuit search (Dunefsky et al. 2024): Algorithm 1, greedy computational-path-finding (from
+/// The circuit search of Dunefsky, Chlenski & Nanda 2024, "Transcoders find interpretable LLM feature circuits"
+/// (NeurIPS 2024, arXiv 2406.11944): Algorithm 1, greedy computational-path-finding (from
 /// a root feature vector, take each node's strongest direct contributors, top-k per layer then the best overall, and
 /// keep a beam of the best paths at each depth, down to the embeddings), and Algorithm 2, merging paths into a graph
 /// whose edges sum the path attributions, with error nodes (transcoder error, bias, pruning) that make every node's
@@ -149,7 +150,7 @@ module NodeFilter =
 
 /// Algorithm 1 and path utilities.
 [<RequireQualifiedAccess>]
-module Paths =
+module PathSearch =
 
     let private key (ranking: Ranking) (v: float) = match ranking with Positive -> v | Magnitude -> abs v
 

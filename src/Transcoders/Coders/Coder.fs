@@ -215,12 +215,12 @@ type Coder internal (config: CoderConfig, tensors: IDictionary<string, torch.Ten
         | JumpReLU j ->
             use th = this.Threshold.Value
             use th1 = th.unsqueeze 1
-            Activations.jumpReLU pre th1 j.Bandwidth, None
-        | TopK k -> Activations.topK k pre, None
+            SparseActivations.jumpReLU pre th1 j.Bandwidth, None
+        | TopK k -> SparseActivations.topK k pre, None
         | BatchTopK k ->
-            let a, m = Activations.batchTopK k pre
+            let a, m = SparseActivations.batchTopK k pre
             a, Some m
-        | GroupMax k -> Activations.groupMax k pre, None
+        | GroupMax k -> SparseActivations.groupMax k pre, None
 
     /// Σ_{ℓ≤ℓ'} a_ℓ·W_dec^{ℓ→ℓ'} [L, B, d_out], without biases or skip path (as used by ghost grads and AuxK).
     member this.DecodeNoBias(acts: torch.Tensor) : torch.Tensor =
@@ -295,8 +295,8 @@ type Coder internal (config: CoderConfig, tensors: IDictionary<string, torch.Ten
             if not options.SparseDecode then None
             else
                 match config.Activation with
-                | TopK k -> Some(Activations.topKSparse k)
-                | GroupMax k -> Some(Activations.groupMaxSparse k)
+                | TopK k -> Some(SparseActivations.topKSparse k)
+                | GroupMax k -> Some(SparseActivations.groupMaxSparse k)
                 | _ -> None
         match select with
         | Some select when not (defaultArg preGradient true) && not xn.requires_grad ->
@@ -321,14 +321,14 @@ type Coder internal (config: CoderConfig, tensors: IDictionary<string, torch.Ten
             for t in perLayer do t.Dispose()
             use raw = raw
             let values = raw.relu ()
-            let acts = Activations.scatterActive pre (values, indices)
+            let acts = SparseActivations.scatterActive pre (values, indices)
             use y = this.DecodeSparseNoBias(values, indices)
             let pred = this.AddSkipAndBias(y, Some xn)
             { Pre = pre; Acts = acts; Prediction = pred; BatchMinKept = None; Active = Some { Indices = indices; Values = values } }
         | Some select ->
             let pre = this.PreActivationsIn(xn, options.Dtype)
             let values, indices = select pre
-            let acts = Activations.scatterActive pre (values, indices)
+            let acts = SparseActivations.scatterActive pre (values, indices)
             use y = this.DecodeSparseNoBias(values, indices)
             let pred = this.AddSkipAndBias(y, Some xn)
             { Pre = pre; Acts = acts; Prediction = pred; BatchMinKept = None; Active = Some { Indices = indices; Values = values } }

@@ -5,7 +5,6 @@ open TorchSharp
 open Transcoders.Activations
 open Transcoders.Models
 
-type private CoderActivation = Transcoders.Coders.Activation
 
 /// What to train on a model in one run: coders of some kinds at some layers, all with one width and one
 /// activation, fed from one activation stream. `train-coder` and the C# facade build their jobs from it.
@@ -17,7 +16,7 @@ type CoderPlan =
       Width: int option
       Expansion: int
       /// The activation; None: TopK with k = d_model / 4.
-      Activation: Transcoders.Coders.Activation option
+      Activation: CoderActivation option
       /// The sparsity coefficient λ of ReLU / JumpReLU coders (on activations normalised to E‖x‖ = √d).
       Lambda: float
       Steps: int
@@ -43,11 +42,11 @@ module CoderPlan =
     let width (dModel: int) (plan: CoderPlan) = defaultArg plan.Width (plan.Expansion * dModel)
 
     /// The plan's activation on a model of width `dModel`.
-    let activation (dModel: int) (plan: CoderPlan) : Transcoders.Coders.Activation = defaultArg plan.Activation (CoderActivation.TopK(max 1 (dModel / 4)))
+    let activation (dModel: int) (plan: CoderPlan) : CoderActivation = defaultArg plan.Activation (CoderActivation.TopK(max 1 (dModel / 4)))
 
     /// A cross-layer transcoder over `layers` with `activation`: Anthropic's free decoder norms go with their
     /// decoder-norm-weighted penalty (JumpReLU); TopK and ReLU coders keep unit-norm decoders, as the per-layer kinds do.
-    let crossLayerConfig (modelName: string) (layers: int[]) (dModel: int) (width: int) (activation: Transcoders.Coders.Activation) : CoderConfig =
+    let crossLayerConfig (modelName: string) (layers: int[]) (dModel: int) (width: int) (activation: CoderActivation) : CoderConfig =
         let decoder = match activation with CoderActivation.JumpReLU _ -> Free | _ -> UnitNorm
         CoderConfig.validate { CoderConfig.crossLayer modelName layers dModel width with Activation = activation; Decoder = decoder }
 

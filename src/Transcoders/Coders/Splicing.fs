@@ -135,13 +135,13 @@ let private activate (coder: Coder) (i: int) (columns: Tensor option) (pre: Tens
     | JumpReLU j ->
         let theta = coder.LogThreshold.Value.select(0, int64 i).exp()
         let theta = match columns with Some idx -> theta.index_select(0L, idx) | None -> theta
-        Activations.jumpReLU pre theta j.Bandwidth
+        SparseActivations.jumpReLU pre theta j.Bandwidth
     | TopK k ->
         if columns.IsSome then invalidOp "TopK needs every feature's pre-activation (use encodeLayer, then select)"
-        Activations.topK k pre
+        SparseActivations.topK k pre
     | GroupMax k ->
         if columns.IsSome then invalidOp "GroupMax needs every feature of a group (use encodeLayer, then select)"
-        Activations.groupMax k pre
+        SparseActivations.groupMax k pre
     | BatchTopK _ ->
         let t = batchTopKThreshold coder i
         pre.relu().mul(pre.gt(sc t))

@@ -1,6 +1,6 @@
 /// Sparse activation functions: JumpReLU and its step function (custom autograd with a rectangle-kernel
 /// straight-through estimator for the threshold), TopK and BatchTopK.
-module Transcoders.Coders.Activations
+module Transcoders.Coders.SparseActivations
 
 open System.Collections.Generic
 open TorchSharp
