@@ -78,11 +78,11 @@ module CoderRun =
         | "clt" | "cross-layer-transcoder" | "cross_layer_transcoder" | "crosslayer" -> true
         | _ -> false
 
-    /// `plan` with the kinds named: transcoder, skip-transcoder, sae, sae:<hook suffix> (`SweepKind.Parse`) and clt
+    /// `plan` with the kinds named: transcoder, skip-transcoder, sae, sae:<hook suffix> (`LayerCoderKind.Parse`) and clt
     /// (one cross-layer transcoder over the plan's layers).
     let withKinds (names: string list) (plan: CoderPlan) : CoderPlan =
         { plan with
-            Kinds = names |> List.filter (isCrossLayer >> not) |> List.map SweepKind.Parse
+            Kinds = names |> List.filter (isCrossLayer >> not) |> List.map LayerCoderKind.Parse
             CrossLayer = names |> List.exists isCrossLayer }
 
     /// The kind names of a plan, as `withKinds` reads them.
