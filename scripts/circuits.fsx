@@ -49,12 +49,12 @@ Directory.CreateDirectory(Path.Combine("runs", "circuits")) |> ignore
 GraphFile.saveWith (Path.Combine("runs", "circuits", "graph.safetensors")) { Scores = Some scores; Description = Map.ofList [ ("prompt", prompt) ] } graph
 
 // 3. The paper's greedy computational paths to the predicted token, merged into a path graph (Algorithm 2).
-let circuit = Circuit.create model coders
+let circuit = CircuitModel.create model coders
 let run = Prompt.run circuit tokens
 let predicted = graph.Logits[0].Token
-let toLogit = Paths.find run PathSearchOptions.Default (FeatureVector.ofLogit run predicted last)
+let toLogit = PathSearch.find run PathSearchOptions.Default (FeatureVector.ofLogit run predicted last)
 printfn "\npaths to %s:" (show predicted)
-for p in toLogit.Paths |> List.truncate 6 do printfn "  %+8.4f  %s" p.Attribution (Paths.display p)
+for p in toLogit.Paths |> List.truncate 6 do printfn "  %+8.4f  %s" p.Attribution (PathSearch.display p)
 printfn "%s" (PathGraph.format (PathGraph.ofPaths run (toLogit.Paths |> List.truncate 6)))
 
 // 4. A later-layer feature traced back to earlier features and attention heads.
@@ -63,12 +63,12 @@ let lastLayer = top.Config.Layers |> Array.last
 let acts = run.ActivationsAt(lastLayer, last)
 let feature = acts |> Array.mapi (fun i a -> i, a) |> Array.maxBy snd |> fst
 printfn "\nthe most active layer-%d feature at the last position: mlp%dtc[%d]@%d (activation %.3f)" lastLayer lastLayer feature last acts[feature]
-let back = Paths.find run { PathSearchOptions.Default with Candidates = NodeFilter.ignoreBos } (FeatureVector.ofFeature run lastLayer feature last)
-for p in back.Paths |> List.truncate 6 do printfn "  %+8.4f  %s" p.Attribution (Paths.display p)
+let back = PathSearch.find run { PathSearchOptions.Default with Candidates = NodeFilter.ignoreBos } (FeatureVector.ofFeature run { FeatureAt.Layer = lastLayer; Position = last; Feature = feature })
+for p in back.Paths |> List.truncate 6 do printfn "  %+8.4f  %s" p.Attribution (PathSearch.display p)
 
 // 5. Input-invariant: which tokens directly drive the strongest layer-0 feature of the paths.
-match Paths.topNodes 1 (AllOf [ OfKind FeatureComponent; AtLayer(Eq, 0) ]) (toLogit.Paths @ back.Paths) with
-| (TranscoderFeature(l, f, _), _) :: _ ->
+match PathSearch.topNodes 1 (AllOf [ OfKind FeatureComponent; AtLayer(Eq, 0) ]) (toLogit.Paths @ back.Paths) with
+| (TranscoderFeature { Layer = l; Feature = f }, _) :: _ ->
     let deemb = Attribution.featureDeembedding circuit l f
     printfn "\nde-embedding of mlp%dtc[%d] (tokens that drive it directly): %s" l f
         (String.Join(", ", Attribution.top 8 false deemb |> List.map (fun (t, v) -> sprintf "%s %.2f" (show t) v)))

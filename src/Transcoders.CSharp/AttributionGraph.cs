@@ -250,7 +250,7 @@ public sealed class AttributionGraph
     /// <param name="k">Index among the logits.</param>
     public int LogitNode(int k) => GraphFunctions.logitNode(Core, k);
 
-    /// <summary>A node's label: <c>mlp2tc[17]@5</c>, <c>err1@3</c>, <c>emb@0</c>, <c>logit[87]</c>.</summary>
+    /// <summary>A node's label: <c>mlp2tc[17]@5</c>, <c>tc_error1@3</c>, <c>embed@0</c>, <c>logit[87]@5</c> (the paths' names).</summary>
     /// <param name="id">The node.</param>
     public string Label(int id) => GraphFunctions.label(Core, id);
 }

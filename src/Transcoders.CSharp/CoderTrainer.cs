@@ -5,7 +5,7 @@ using Microsoft.FSharp.Core;
 using TorchSharp;
 using Transcoders.Coders;
 using Transcoders.Models;
-using CoderActivation = Transcoders.Coders.Activation;
+using CoderActivation = Transcoders.Coders.CoderActivation;
 
 namespace Transcoders;
 

@@ -3,10 +3,10 @@ using System.Collections.Generic;
 using System.Linq;
 using Transcoders.Circuits;
 using AttributionCore = Transcoders.Circuits.Attribution;
-using CircuitCore = Transcoders.Circuits.Circuit;
+using CircuitCore = Transcoders.Circuits.CircuitModelModule;
 using ComponentCore = Transcoders.Circuits.ComponentModule;
 using PathCore = Transcoders.Circuits.ComputationalPath;
-using PathsCore = Transcoders.Circuits.Paths;
+using PathsCore = Transcoders.Circuits.PathSearchModule;
 using PromptCore = Transcoders.Circuits.Prompt;
 
 namespace Transcoders;
@@ -128,7 +128,7 @@ public sealed class PathFinder : IDisposable
     /// <param name="position">The position.</param>
     /// <param name="settings">The search; null for the paper's defaults.</param>
     public IReadOnlyList<ComputationalPath> FindToFeature(int layer, int feature, int position, PathSearchSettings? settings = null) =>
-        Find(Component.NewTranscoderFeature(layer, feature, position).Display, settings);
+        Find(Component.NewTranscoderFeature(new FeatureAt(layer, position, feature)).Display, settings);
 
     /// <summary>The <paramref name="k"/> feature nodes with the largest summed attribution over <paramref name="paths"/>.</summary>
     /// <param name="paths">Paths from <see cref="Find"/>.</param>

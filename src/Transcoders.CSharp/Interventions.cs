@@ -41,8 +41,8 @@ public sealed record FeatureIntervention(int Layer, int Feature, int Position, I
                                             double value = 0.0, bool fromPosition = false)
     {
         ArgumentNullException.ThrowIfNull(feature);
-        var (layer, index, position) = InterventionsCore.parseFeature(promptLength, feature);
-        return new FeatureIntervention(layer, index, position, action, value, fromPosition);
+        var at = InterventionsCore.parseFeature(promptLength, feature);
+        return new FeatureIntervention(at.Layer, at.Feature, at.Position, action, value, fromPosition);
     }
 
     internal InterventionCore ToCore() => new(

@@ -184,10 +184,10 @@ public sealed class ModelConfig
         };
         var activation = Activation switch
         {
-            ActivationKind.GeluNew => Models.Activation.GeluNew,
-            ActivationKind.Gelu => Models.Activation.Gelu,
-            ActivationKind.Relu => Models.Activation.Relu,
-            ActivationKind.Silu => Models.Activation.Silu,
+            ActivationKind.GeluNew => Models.MlpActivation.GeluNew,
+            ActivationKind.Gelu => Models.MlpActivation.Gelu,
+            ActivationKind.Relu => Models.MlpActivation.Relu,
+            ActivationKind.Silu => Models.MlpActivation.Silu,
             _ => throw new ArgumentOutOfRangeException(nameof(Activation), Activation, "unknown activation"),
         };
         var mlp = GatedMlp ? MlpKind.NewGated(activation) : MlpKind.NewPlain(activation);

@@ -7,7 +7,7 @@ using Parameter = TorchSharp.Modules.Parameter;
 using Transcoders.Coders;
 using CoderCore = Transcoders.Coders.Coder;
 using CoderModule = Transcoders.Coders.CoderModule;
-using CoderActivation = Transcoders.Coders.Activation;
+using CoderActivation = Transcoders.Coders.CoderActivation;
 
 namespace Transcoders;
 

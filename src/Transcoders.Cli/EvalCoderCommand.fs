@@ -47,7 +47,7 @@ let run (common: Common.Options) (args: ParseResults<Args>) =
         // The paper's training settings are valid, so only the coder's fit to the model is checked.
         let problems =
             [ for n, c in coders do
-                  for p in CoderJobs.problems model { Name = n; Coder = c.Config; Train = TrainConfig.Paper } do
+                  for p in CoderJob.problems model { Name = n; Coder = c.Config; Train = TrainConfig.Paper } do
                       yield sprintf "coder '%s': %s" n p ]
         if not problems.IsEmpty then failwithf "the coders do not fit the model:\n  %s" (String.Join("\n  ", problems))
         let tokens = args.GetResult(Validation_Tokens, 16384)
@@ -59,7 +59,7 @@ let run (common: Common.Options) (args: ParseResults<Args>) =
               SplicedRows = max 1 (tokens / store.Ctx)
               SplicedBatch = args.GetResult(Batch, 16)
               Joint = not (args.Contains No_Joint) }
-        let evaluated, joint = CoderJobs.evaluate model text store eval (TrainCoderCommand.printProgress sw) coders
+        let evaluated, joint = JobEvaluation.evaluate model text store eval (TrainCoderCommand.printProgress sw) coders
         let evaluated =
             if not streamed then evaluated
             else
@@ -95,7 +95,7 @@ let run (common: Common.Options) (args: ParseResults<Args>) =
         | None -> ()
         match args.TryGetResult Out with
         | Some out ->
-            CoderJobs.writeMetrics out results joint
+            MetricsTable.write out results joint
             for r in results do SaeLensMetrics.write (Path.Combine(out, r.Name)) (SaeLensMetrics.ofResults r.Metrics r.Spliced)
             printfn "metrics written to %s" out
         | None -> ()

@@ -62,7 +62,7 @@ let intervene (model: Transformer) (tokenizer: Tokenizer) (coders: Coder list) (
     if atOnly then
         let graph = AttributionGraph.build model coders tokens { GraphConfig.Default with MaxFeatureNodes = None }
         let index = Graph.featureIndex graph
-        let inGraph = interventions |> List.forall (fun iv -> match iv.Position with At p -> index.ContainsKey((iv.Layer, p, iv.Feature)) | From _ -> false)
+        let inGraph = interventions |> List.forall (fun iv -> match iv.Position with At p -> index.ContainsKey { FeatureAt.Layer = iv.Layer; Position = p; Feature = iv.Feature } | From _ -> false)
         if inGraph then
             printfn "change of each explained logit (de-meaned): the graph's prediction, constrained, free"
             for c in Interventions.compareWithGraph lr graph interventions do
@@ -95,8 +95,8 @@ let run (common: Common.Options) (args: ParseResults<Args>) =
             | Some _, Some _ -> invalidArg "set" "give one of --set, --scale and --ablate"
         let interventions =
             [ for text in args.GetResult Feature ->
-                let l, f, p = Interventions.parseFeature tokens.Length text
-                { Layer = l; Feature = f; Position = (if args.Contains From_Position then From p else At p); Action = action } ]
+                let at = Interventions.parseFeature tokens.Length text
+                { Layer = at.Layer; Feature = at.Feature; Position = (if args.Contains From_Position then From at.Position else At at.Position); Action = action } ]
         intervene model tokenizer coders tokens interventions (args.TryGetResult Generate)
         0
     finally

@@ -22,6 +22,7 @@ type Args =
     | Out of folder: string
     | Max_Concurrent of int
     | Seed of int64
+    // the options shared with `train-coder` (StoreOptions)
     | Cache_Activations of folder: string
     | Tokens of folder: string
     | Ctx of int
@@ -44,14 +45,8 @@ type Args =
             | Out _ -> "output folder (default sweeps/<model>)"
             | Max_Concurrent _ -> "coders trained at once from one stream (default: all)"
             | Seed _ -> "seed (default 42)"
-            | Cache_Activations _ -> "cache the model's activations in this folder (written once, reused)"
-            | Tokens _ -> "token shards (a folder with train/ and validation/; default: TinyStories in the model's tokenizer)"
-            | Ctx _ -> "tokens per text row (default 128)"
-            | Buffer_Rows _ -> "shuffle buffer rows (default 64 batches)"
-            | Checkpoint_Every _ -> "steps between checkpoints (default 500; 0: only at the end)"
-            | No_Resume -> "start over even if the output folder holds a checkpoint"
-            | Eval_Rows _ -> "held-out activation rows per coder (default 32768)"
-            | Spliced_Rows _ -> "validation rows spliced for CE/KL (default 128)"
+            | Cache_Activations _ | Tokens _ | Ctx _ | Buffer_Rows _ | Checkpoint_Every _ | No_Resume | Eval_Rows _
+            | Spliced_Rows _ -> StoreOptions.usageOf this
 
 let run (common: Common.Options) (args: ParseResults<Args>) =
     let sw = Stopwatch.StartNew()
@@ -70,7 +65,7 @@ let run (common: Common.Options) (args: ParseResults<Args>) =
     let out = args.GetResult(Out, Path.Combine("sweeps", name))
     let config =
         { Model = name
-          Kinds = args.GetResult(Kinds, [ "transcoder"; "sae" ]) |> List.map SweepKind.Parse
+          Kinds = args.GetResult(Kinds, [ "transcoder"; "sae" ]) |> List.map LayerCoderKind.Parse
           Layers = args.GetResult(Layers, [ c.NLayers / 2 ])
           Widths = args.GetResult(Widths, [ 16 * c.DModel ])
           Levels = levels
@@ -81,15 +76,7 @@ let run (common: Common.Options) (args: ParseResults<Args>) =
           MaxConcurrent = args.GetResult(Max_Concurrent, 0)
           Run =
             CoderRun.jobsConfig model
-                { CoderRunSettings.Default with
-                    Plan = { CoderPlan.Default with Batch = batch; Seed = seed }
-                    Ctx = args.TryGetResult Ctx
-                    BufferRows = args.TryGetResult Buffer_Rows
-                    CacheActivations = args.TryGetResult Cache_Activations
-                    CheckpointEvery = args.GetResult(Checkpoint_Every, 500)
-                    Resume = not (args.Contains No_Resume)
-                    EvalRows = args.GetResult(Eval_Rows, 32768L)
-                    SplicedRows = args.GetResult(Spliced_Rows, 128) }
+                (StoreOptions.apply args { CoderRunSettings.Default with Plan = { CoderPlan.Default with Batch = batch; Seed = seed } })
                 out device }
     printfn "%s: %d layers, d_model %d; text %s" name c.NLayers c.DModel text.Name
     let result = Sweep.run model text config (TrainCoderCommand.printProgress sw)

@@ -106,21 +106,21 @@ let trace (modelPath: string) (model: Transformer) (tokenizer: Tokenizer) (coder
     printfn "graph written to %s" out
 
     // The paper's greedy path search, from the target logit (or feature) back to the embeddings.
-    use circuit = Circuit.create model coders
+    use circuit = CircuitModel.create model coders
     use run = Prompt.run circuit tokens
     let last = tokens.Length - 1
     let root =
         match feature with
-        | Some(TranscoderFeature(l, f, p)) -> FeatureVector.ofFeature run l f p
+        | Some(TranscoderFeature at) -> FeatureVector.ofFeature run at
         | Some c -> invalidArg "feature" (sprintf "%s is not a transcoder feature (give mlpLtc[F]@P)" c.Display)
         | None ->
             let t = match target with Some t -> t | None -> graph.Logits[0].Token
             FeatureVector.ofLogit run t last
-    let found = Paths.find run search root
+    let found = PathSearch.find run search root
     printfn "\ncomputational paths to %s (value %.4f), best first:" root.Component.Display root.Contribution
-    for p in found.Paths |> List.truncate nPaths do printfn "  %+9.4f  %s" p.Attribution (Paths.display p)
+    for p in found.Paths |> List.truncate nPaths do printfn "  %+9.4f  %s" p.Attribution (PathSearch.display p)
     printfn "top features over the paths (summed attribution):"
-    for c, v in Paths.topNodes 5 (NodeFilter.OfKind FeatureComponent) found.Paths do printfn "  %+9.4f  %s" v c.Display
+    for c, v in PathSearch.topNodes 5 (NodeFilter.OfKind FeatureComponent) found.Paths do printfn "  %+9.4f  %s" v c.Display
     printfn "traced in %s" (Output.seconds sw.Elapsed)
     graph, pruned, scores
 

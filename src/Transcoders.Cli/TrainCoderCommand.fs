@@ -24,6 +24,7 @@ type Args =
     | Lr of float
     | Out of folder: string
     | Seed of int64
+    // the options shared with `sweep` (StoreOptions)
     | Cache_Activations of folder: string
     | Tokens of folder: string
     | Ctx of int
@@ -52,14 +53,8 @@ type Args =
             | Lr _ -> "Adam learning rate (default: 8e-4·√(16384/d_sae), at most 4e-3)"
             | Out _ -> "output folder (default coders/<model>-<kind>)"
             | Seed _ -> "seed of initialisation, text order and shuffling (default 42)"
-            | Cache_Activations _ -> "cache the model's activations in this folder (written once, reused by later runs)"
-            | Tokens _ -> "token shards (a folder with train/ and validation/; default: TinyStories tokenized with the model's tokenizer)"
-            | Ctx _ -> "tokens per text row (default 128, at most the model's context)"
-            | Buffer_Rows _ -> "shuffle buffer rows (default 64 batches)"
-            | Checkpoint_Every _ -> "steps between checkpoints (default 500; 0: only at the end)"
-            | No_Resume -> "start over even if the output folder holds a checkpoint"
-            | Eval_Rows _ -> "held-out activation rows for L0/FVU (default 32768)"
-            | Spliced_Rows _ -> "validation rows spliced for CE/KL (default 128)"
+            | Cache_Activations _ | Tokens _ | Ctx _ | Buffer_Rows _ | Checkpoint_Every _ | No_Resume | Eval_Rows _
+            | Spliced_Rows _ -> StoreOptions.usageOf this
             | Matryoshka _ -> "Matryoshka: these nested prefix sizes of the dictionary (and the whole) each reconstruct, e.g. --matryoshka 64 256 (use with --activation batchtopk)"
             | Target_L0 _ -> "jumprelu: pull L0 to this target with the penalty λ·(L0/target − 1)² (λ from --l1; try 10)"
             | Kl_Finetune _ -> "after training, fine-tune the saved transcoders spliced into the model for this many steps on KL + FVU and print the CE gap before/after"
@@ -180,17 +175,7 @@ let settings (args: ParseResults<Args>) (dModel: int) : CoderRunSettings =
             Seed = args.GetResult(Seed, 42L)
             Lr = args.TryGetResult Lr }
         |> CoderRun.withKinds (args.GetResult(Kind, [ "transcoder" ]))
-    { CoderRunSettings.Default with
-        Plan = plan
-        Out = args.TryGetResult Out
-        Tokens = args.TryGetResult Tokens
-        Ctx = args.TryGetResult Ctx
-        BufferRows = args.TryGetResult Buffer_Rows
-        CacheActivations = args.TryGetResult Cache_Activations
-        CheckpointEvery = args.GetResult(Checkpoint_Every, 500)
-        Resume = not (args.Contains No_Resume)
-        EvalRows = args.GetResult(Eval_Rows, 32768L)
-        SplicedRows = args.GetResult(Spliced_Rows, 128) }
+    { CoderRunSettings.Default with Plan = plan; Out = args.TryGetResult Out } |> StoreOptions.apply args
 
 /// The training recipe the arguments ask for: Matryoshka prefixes, a JumpReLU target L0 (with λ `lambda`).
 let recipe (args: ParseResults<Args>) (lambda: float) (t: TrainConfig) =

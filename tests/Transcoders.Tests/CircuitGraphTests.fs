@@ -81,7 +81,7 @@ let private slowEdges (lr: LocalReplacement) (g: Graph) : float[,] =
     for s in 0 .. g.LogitStart - 1 do
         let changes =
             match Graph.node g s with
-            | GraphNode.Feature f -> { NodeChanges.None with Features = [ (f.Layer, f.Position, f.Feature), 0.0 ] }
+            | GraphNode.Feature f -> { NodeChanges.None with Features = [ f.At, 0.0 ] }
             | GraphNode.Error (l, p) -> { NodeChanges.None with ErrorScales = [ (l, p), 0.0 ] }
             | GraphNode.Token (p, _) -> { NodeChanges.None with EmbeddingScales = [ p, 0.0 ] }
             | GraphNode.Logit _ -> failwith "logits are no sources"
@@ -130,7 +130,7 @@ let localReplacementTests =
                 let tokens = promptOf 5 m.Config 6
                 use lr = LocalReplacement.create m coders tokens
                 let all k =
-                    { Features = [ for i in 0 .. lr.Active.Count - 1 -> (lr.Active.Layer[i], lr.Active.Position[i], lr.Active.Feature[i]), k * lr.Active.Activation[i] ]
+                    { Features = [ for i in 0 .. lr.Active.Count - 1 -> lr.Active.At i, k * lr.Active.Activation[i] ]
                       ErrorScales = [ for l in 0 .. lr.NLayers - 1 do for p in 0 .. tokens.Length - 1 -> (l, p), k ]
                       EmbeddingScales = [ for p in 0 .. tokens.Length - 1 -> p, k ] }
                 let logitsAt k = let l, ins = LocalReplacement.runWith lr (all k) in (for t in ins do t.Dispose()); l
@@ -274,7 +274,7 @@ let engineTests =
                 let index = Graph.featureIndex all
                 let toAll (id: int) =
                     match Graph.node zeroed id with
-                    | GraphNode.Feature f -> index[(f.Layer, f.Position, f.Feature)]
+                    | GraphNode.Feature f -> index[f.At]
                     | GraphNode.Error (l, p) -> Graph.errorNode all l p
                     | GraphNode.Token (p, _) -> Graph.tokenNode all p
                     | GraphNode.Logit _ -> all.LogitStart + (id - zeroed.LogitStart)

@@ -29,7 +29,7 @@ let private close (what: string) (actual: float) (expected: float) =
 
 let private componentOf (kind: byte) (a: int) (b: int) (c: int) : Component =
     match int kind % 9 with
-    | 0 -> TranscoderFeature (a, b, c)
+    | 0 -> TranscoderFeature { FeatureAt.Layer = a; Position = c; Feature = b }
     | 1 -> AttentionHead (a, b, c)
     | 2 -> Embedding a
     | 3 -> PositionEmbedding a
@@ -47,7 +47,7 @@ let nameTests =
             Expect.equal (string comp) comp.Display "ToString is the display name"
 
         test "the paper's names" {
-            Expect.equal (TranscoderFeature (8, 89, 9)).Display "mlp8tc[89]@9" "feature"
+            Expect.equal (TranscoderFeature { FeatureAt.Layer = 8; Position = 9; Feature = 89 }).Display "mlp8tc[89]@9" "feature"
             Expect.equal (AttentionHead (2, 2, 8)).Display "attn2[2]@8" "head"
             Expect.equal (Component.parse "embed0@3") (Embedding 3) "the paper's embed0"
             Expect.equal (Component.parse "tc_error4@7") (ErrorTerm (TranscoderError, 4, 7)) "error"
@@ -98,7 +98,7 @@ let private expectedPre (m: Transformer) (coder: Coder) (i: int) (tokens: int[])
 let private sumTest (kind: Kind) (everyLayer: bool) (seed: int) =
     let c, m, coders, tokens = setup seed kind everyLayer
     try
-        use circuit = Circuit.create m coders
+        use circuit = CircuitModel.create m coders
         use run = Prompt.run circuit tokens
         let rng = Random(seed + 1)
         // feature roots: the decomposition sums to the pre-activation; so do the children's
@@ -107,7 +107,7 @@ let private sumTest (kind: Kind) (everyLayer: bool) (seed: int) =
                 let l = coder.Config.Layers[i]
                 for _ in 1 .. 2 do
                     let j, t = rng.Next coder.Config.DSae, rng.Next tokens.Length
-                    let root = FeatureVector.ofFeature run l j t
+                    let root = FeatureVector.ofFeature run { FeatureAt.Layer = l; Position = t; Feature = j }
                     let expected = expectedPre m coder i tokens j t
                     close (sprintf "root %O value" root.Component) root.Contribution expected
                     let d = Attribution.direct run root
@@ -117,8 +117,9 @@ let private sumTest (kind: Kind) (everyLayer: bool) (seed: int) =
                         | Some child ->
                             match comp with
                             | AttentionHead _ -> close (sprintf "%O's value along the path" comp) child.Contribution value
-                            | TranscoderFeature (fl, fi, ft) ->
-                                if FeatureVector.activation run fl fi ft > 0.0 then
+                            | TranscoderFeature fat ->
+                                let fl, fi, ft = fat.Layer, fat.Feature, fat.Position
+                                if FeatureVector.activation run fat > 0.0 then
                                     close (sprintf "%O's value along the path (active)" comp) child.Contribution value
                             | _ -> ()
                             close (sprintf "Σ attributions of %O under %O" comp root.Component) (Attribution.direct run child).Total child.Contribution
@@ -143,7 +144,7 @@ let private param (m: Transformer) (name: string) : float[] =
 let private headTest (seed: int) =
     let c, m, coders, tokens = setup seed kinds[seed % 3] true
     try
-        use circuit = Circuit.create m coders
+        use circuit = CircuitModel.create m coders
         use run = Prompt.run circuit tokens
         use r = Transformer.runWithCache m [ "blocks.*.attn.hook_z"; "blocks.*.hook_attn_out" ] (torch.tensor(tokens |> Array.map int64).unsqueeze 0)
         let rng = Random seed
@@ -165,7 +166,7 @@ let private headTest (seed: int) =
             close (sprintf "layer %d's heads and b_O" l) (Array.sum (Array.concat hc) + bO) (dot attnOut v)
             // the feature contributions are the direct terms of that layer's features
             let fc = Attribution.featureContributions run node l
-            let terms = (Attribution.direct run node).Terms |> Array.choose (function (TranscoderFeature (fl, i, _), x) when fl = l -> Some (i, x) | _ -> None)
+            let terms = (Attribution.direct run node).Terms |> Array.choose (function (TranscoderFeature { Layer = fl; Feature = i }, x) when fl = l -> Some (i, x) | _ -> None)
             for i, x in terms do close (sprintf "feature %d of layer %d" i l) fc[i] x
             Expect.equal (fc |> Array.filter (fun x -> x <> 0.0) |> Array.length) terms.Length "the nonzero features are the terms"
     finally
@@ -197,7 +198,7 @@ let invariantTests =
             let kind = kinds[seed % 3]
             let c, m, coders, _ = setup seed kind (seed % 2 = 0)
             try
-                use circuit = Circuit.create m coders
+                use circuit = CircuitModel.create m coders
                 let d = c.DModel
                 let layers = circuit.FeatureLayers |> Map.keys |> List.ofSeq
                 let rng = Random seed
@@ -230,7 +231,7 @@ let invariantTests =
             let kind = kinds[seed % 3]
             let c, m, coders, _ = setup seed kind true
             try
-                use circuit = Circuit.create m coders
+                use circuit = CircuitModel.create m coders
                 let rng = Random seed
                 let d = c.DModel
                 let e = TransformerConfig.dHead c
@@ -283,7 +284,7 @@ let invariantTests =
             let rng = Random seed
             let coders = [ for l in 0 .. c.NLayers - 1 -> randomCoder (seed * 13 + l) (coderConfig rng c Transcoder [| l |]) ]
             try
-                use circuit = Circuit.create m coders
+                use circuit = CircuitModel.create m coders
                 let src, tgt = 0, c.NLayers - 1
                 let j = rng.Next (circuit.FeatureLayer tgt).DSae
                 let prompts = [ for _ in 1 .. 3 -> Array.init (min c.NCtx 5) (fun _ -> rng.Next c.VocabSize) ]
@@ -296,11 +297,11 @@ let invariantTests =
                     for p in prompts do
                         use run = Prompt.run circuit p
                         for t in 0 .. p.Length - 1 do
-                            if not onlyActive || FeatureVector.activation run tgt j t > 0.0 then
+                            if not onlyActive || FeatureVector.activation run { FeatureAt.Layer = tgt; Position = t; Feature = j } > 0.0 then
                                 n <- n + 1
-                                for comp, v in (Attribution.direct run (FeatureVector.ofFeature run tgt j t)).Terms do
+                                for comp, v in (Attribution.direct run (FeatureVector.ofFeature run { FeatureAt.Layer = tgt; Position = t; Feature = j })).Terms do
                                     match comp with
-                                    | TranscoderFeature (l, i, _) when l = src -> sums[i] <- sums[i] + v
+                                    | TranscoderFeature { Layer = l; Feature = i } when l = src -> sums[i] <- sums[i] + v
                                     | _ -> ()
                     Expect.equal mean.Positions (int64 n) "positions averaged over"
                     for i in 0 .. dSae - 1 do
@@ -345,11 +346,11 @@ let pathTests =
         test "a planted circuit is ranked first" {
             let m, coders = plantedModel ()
             try
-                use circuit = Circuit.create m coders
+                use circuit = CircuitModel.create m coders
                 use run = Prompt.run circuit [| 1; 2; 3; 4 |]
-                let root = FeatureVector.ofFeature run 1 0 3
+                let root = FeatureVector.ofFeature run { FeatureAt.Layer = 1; Position = 3; Feature = 0 }
                 close "root value" root.Contribution 1.6
-                let search = Paths.find run PathSearchOptions.Default root
+                let search = PathSearch.find run PathSearchOptions.Default root
                 let complete = search.Paths |> List.filter (fun p -> Component.isLeaf p.Last.Component)
                 let best = List.head complete
                 Expect.equal best.Display "mlp1tc[0]@3 <- mlp0tc[0]@3 <- attn0[0]@1 <- embed@1" "the planted path comes first"
@@ -357,7 +358,7 @@ let pathTests =
                 let depth1 = search.Paths |> List.filter (fun p -> p.Nodes.Length = 2)
                 Expect.equal (depth1 |> List.map (fun p -> p.Last.Component.Display)) [ "mlp0tc[0]@3"; "embed@3"; "mlp0tc[1]@3" ] "direct contributors in order"
                 for p, v in List.zip depth1 [ 0.8; 0.5; 0.3 ] do close p.Display p.Attribution v
-                Expect.equal (Paths.topNodes 1 (OfKind FeatureComponent) search.Paths |> List.map fst) [ TranscoderFeature (0, 0, 3) ] "summed top feature"
+                Expect.equal (PathSearch.topNodes 1 (OfKind FeatureComponent) search.Paths |> List.map fst) [ TranscoderFeature { FeatureAt.Layer = 0; Position = 3; Feature = 0 } ] "summed top feature"
                 // exact transcoders: no transcoder error anywhere
                 let graph = PathGraph.ofPaths run search.Paths
                 let rootNode = graph.Nodes.Head
@@ -365,9 +366,9 @@ let pathTests =
                 let errors = rootNode.Errors.Value
                 close "root transcoder error" errors.TranscoderError 0.0
                 close "root prune error (nothing positive left out)" errors.PruneError 0.0
-                let edge = graph.Edges |> List.find (fun e -> e.Source = TranscoderFeature (0, 0, 3))
+                let edge = graph.Edges |> List.find (fun e -> e.Source = TranscoderFeature { FeatureAt.Layer = 0; Position = 3; Feature = 0 })
                 close "edge into the root" edge.Attribution 0.8
-                let feature = graph.Nodes |> List.find (fun n -> n.Component = TranscoderFeature (0, 0, 3))
+                let feature = graph.Nodes |> List.find (fun n -> n.Component = TranscoderFeature { FeatureAt.Layer = 0; Position = 3; Feature = 0 })
                 close "bias error of mlp0tc[0]@3 (its −0.2 encoder bias)" feature.Errors.Value.BiasError -0.2
             finally
                 dispose m coders
@@ -376,29 +377,29 @@ let pathTests =
         test "filters keep only matching paths" {
             let m, coders = plantedModel ()
             try
-                use circuit = Circuit.create m coders
+                use circuit = CircuitModel.create m coders
                 use run = Prompt.run circuit [| 1; 2; 3; 4 |]
-                let root = FeatureVector.ofFeature run 1 0 3
-                let search = Paths.find run { PathSearchOptions.Default with Ranking = Magnitude; IncludeErrors = true } root
+                let root = FeatureVector.ofFeature run { FeatureAt.Layer = 1; Position = 3; Feature = 0 }
+                let search = PathSearch.find run { PathSearchOptions.Default with Ranking = Magnitude; IncludeErrors = true } root
                 let all = search.Paths
-                let viaHead = Paths.filter [ Infix [ OfKind HeadComponent ] ] all
-                let notViaHead = Paths.filter [ NotInfix [ OfKind HeadComponent ] ] all
+                let viaHead = PathSearch.filter [ Infix [ OfKind HeadComponent ] ] all
+                let notViaHead = PathSearch.filter [ NotInfix [ OfKind HeadComponent ] ] all
                 Expect.isNonEmpty viaHead "some paths go through a head"
                 Expect.isNonEmpty notViaHead "some do not"
                 Expect.equal (viaHead.Length + notViaHead.Length) all.Length "infix and not-infix split the paths"
                 for p in viaHead do Expect.isTrue (p.Nodes |> List.exists (fun n -> n.Component.Display.StartsWith "attn")) p.Display
-                let endingInEmbed = Paths.filter [ Suffix [ OfKind HeadComponent; OfKind EmbeddingComponent ] ] all
+                let endingInEmbed = PathSearch.filter [ Suffix [ OfKind HeadComponent; OfKind EmbeddingComponent ] ] all
                 Expect.isNonEmpty endingInEmbed "paths ending head <- embed"
                 for p in endingInEmbed do
                     let n = p.Nodes |> List.map (fun x -> x.Component) |> Array.ofList
                     Expect.equal (Component.kind n[n.Length - 1], Component.kind n[n.Length - 2]) (EmbeddingComponent, HeadComponent) p.Display
-                let feat = Paths.filter [ Infix [ IsComponent (TranscoderFeature (0, 0, 3)); AtPosition (Eq, 1) ] ] all
+                let feat = PathSearch.filter [ Infix [ IsComponent (TranscoderFeature { FeatureAt.Layer = 0; Position = 3; Feature = 0 }); AtPosition (Eq, 1) ] ] all
                 for p in feat do Expect.stringContains p.Display "mlp0tc[0]@3 <- attn0[0]@1" p.Display
                 // candidates filtered during the search: no head anywhere
-                let noHeads = Paths.find run { PathSearchOptions.Default with Candidates = Not (OfKind HeadComponent) } root
+                let noHeads = PathSearch.find run { PathSearchOptions.Default with Candidates = Not (OfKind HeadComponent) } root
                 Expect.isNonEmpty noHeads.Paths "paths without heads"
                 for p in noHeads.Paths do Expect.isFalse (p.Nodes |> List.exists (fun n -> Component.kind n.Component = HeadComponent)) p.Display
-                Expect.stringContains (Paths.format search) "mlp1tc[0]@3 <- mlp0tc[0]@3" "formatted"
+                Expect.stringContains (PathSearch.format search) "mlp1tc[0]@3 <- mlp0tc[0]@3" "formatted"
                 Expect.stringContains (PathGraph.format (PathGraph.ofPaths run search.Paths)) "prune_error" "graph formatted"
             finally
                 dispose m coders
@@ -407,11 +408,11 @@ let pathTests =
         testPropertyWithConfig (config 4) "every graph node's value splits into its kept edges and its errors; edges into the root sum depth-1 paths" <| fun (NonNegativeInt seed) ->
             let _, m, coders, tokens = setup seed kinds[seed % 3] true
             try
-                use circuit = Circuit.create m coders
+                use circuit = CircuitModel.create m coders
                 use run = Prompt.run circuit tokens
                 let fl = circuit.FeatureLayer (circuit.Config.NLayers - 1)
-                let root = FeatureVector.ofFeature run fl.Layer (seed % fl.DSae) (tokens.Length - 1)
-                let search = Paths.find run { PathSearchOptions.Default with Ranking = Magnitude; Depth = 2; Beam = 6 } root
+                let root = FeatureVector.ofFeature run { FeatureAt.Layer = fl.Layer; Position = tokens.Length - 1; Feature = seed % fl.DSae }
+                let search = PathSearch.find run { PathSearchOptions.Default with Ranking = Magnitude; Depth = 2; Beam = 6 } root
                 if not search.Paths.IsEmpty then
                     let graph = PathGraph.ofPaths run search.Paths
                     let depth1 = search.Paths |> List.filter (fun p -> p.Nodes.Length = 2) |> List.sumBy (fun p -> p.Attribution)
@@ -434,23 +435,23 @@ let badInputTests =
         test "layer, feature, position, token and prompt errors say what is wrong" {
             let m, coders = plantedModel ()
             try
-                use circuit = Circuit.create m coders
+                use circuit = CircuitModel.create m coders
                 use run = Prompt.run circuit [| 1; 2; 3 |]
                 let throws (f: unit -> 'a) (words: string list) =
                     let e = Expect.throwsC (fun () -> f () |> ignore) id
                     for w in words do Expect.stringContains e.Message w (sprintf "message mentions '%s'" w)
-                throws (fun () -> FeatureVector.ofFeature run 5 0 0) [ "layer 5"; "2 layers" ]
-                throws (fun () -> FeatureVector.ofFeature run 1 4 0) [ "feature 4"; "4 features" ]
-                throws (fun () -> FeatureVector.ofFeature run 1 0 3) [ "position 3"; "3 tokens" ]
+                throws (fun () -> FeatureVector.ofFeature run { FeatureAt.Layer = 5; Position = 0; Feature = 0 }) [ "layer 5"; "2 layers" ]
+                throws (fun () -> FeatureVector.ofFeature run { FeatureAt.Layer = 1; Position = 0; Feature = 4 }) [ "feature 4"; "4 features" ]
+                throws (fun () -> FeatureVector.ofFeature run { FeatureAt.Layer = 1; Position = 3; Feature = 0 }) [ "position 3"; "3 tokens" ]
                 throws (fun () -> FeatureVector.ofLogit run 6 0) [ "token id 6"; "vocabulary" ]
                 throws (fun () -> Prompt.run circuit [||]) [ "empty" ]
                 throws (fun () -> Prompt.run circuit (Array.create 9 1)) [ "9 tokens"; "n_ctx" ]
                 throws (fun () -> Prompt.run circuit [| 0; 7 |]) [ "token id 7"; "position 1" ]
                 throws (fun () -> Attribution.featurePullback circuit 1 1 0) [ "source layer 1" ]
-                throws (fun () -> Paths.find run { PathSearchOptions.Default with Beam = 0 } (FeatureVector.ofFeature run 1 0 2)) [ "Beam" ]
+                throws (fun () -> PathSearch.find run { PathSearchOptions.Default with Beam = 0 } (FeatureVector.ofFeature run { FeatureAt.Layer = 1; Position = 2; Feature = 0 })) [ "Beam" ]
                 use sae = randomCoder 1 (CoderConfig.sae "test" (HookNames.attnOut 0) 0 8 4)
-                throws (fun () -> Circuit.create m [ sae ]) [ "sae" ]
-                let circuit1 = Circuit.create m [ coders[0] ]
+                throws (fun () -> CircuitModel.create m [ sae ]) [ "sae" ]
+                let circuit1 = CircuitModel.create m [ coders[0] ]
                 use _ = circuit1
                 throws (fun () -> Attribution.featurePullback circuit1 0 1 0) [ "no transcoder reads layer 1" ]
                 throws (fun () -> circuit1.FeatureLayer 1) [ "no transcoder reads layer 1"; "0" ]

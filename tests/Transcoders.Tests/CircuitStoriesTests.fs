@@ -102,18 +102,18 @@ let tests =
             let model, tokenizer, coders = setup.Force()
             let tokens = Tokenizer.encodeDocument tokenizer true false prompt
             let last = tokens.Length - 1
-            use circuit = Circuit.create model coders
+            use circuit = CircuitModel.create model coders
             use run = Prompt.run circuit tokens
             let layer = model.Config.NLayers - 1
             let acts = run.ActivationsAt(layer, last)
             let f = acts |> Array.mapi (fun i a -> i, a) |> Array.maxBy snd |> fst
             Expect.isGreaterThan acts[f] 0.0 "an active feature at the last position"
-            let root = FeatureVector.ofFeature run layer f last
+            let root = FeatureVector.ofFeature run { FeatureAt.Layer = layer; Position = last; Feature = f }
             let terms = Attribution.direct run root
-            let found = Paths.find run { PathSearchOptions.Default with Candidates = NodeFilter.ignoreBos } root
+            let found = PathSearch.find run { PathSearchOptions.Default with Candidates = NodeFilter.ignoreBos } root
             Expect.isNonEmpty found.Paths "paths found"
             let nodes = found.Paths |> List.collect (fun p -> p.Nodes |> List.tail |> List.map (fun n -> n.Component))
-            Expect.exists nodes (function TranscoderFeature(l, _, _) -> l < layer | _ -> false) "an earlier-layer feature on the paths"
+            Expect.exists nodes (function TranscoderFeature { Layer = l } -> l < layer | _ -> false) "an earlier-layer feature on the paths"
             Expect.exists nodes (function AttentionHead(l, _, s) -> l <= layer && s <= last | _ -> false) "an attention head on the paths"
             let best = found.Paths.Head
             Expect.isTrue (found.Paths |> List.forall (fun p -> p.Attribution <= best.Attribution + 1e-12)) "best path first"

@@ -298,7 +298,7 @@ let private frontierTests =
         testProperty "Pareto flags mark exactly the undominated points of each series" <| fun (points: (bool * int * int * int) list) ->
             let point (a, l0, ce, fvu) =
                 let kind = if a then MlpTranscoder else MlpOutSae
-                let cfg = Sweep.coderConfig "m" 8 kind 0 16 (TopKLevel 2)
+                let cfg = LayerCoder.config "m" 8 kind 0 16 (TopKLevel 2)
                 let job = { Name = "p"; Coder = cfg; Train = TrainConfig.Paper }
                 let metrics : EvalResult =
                     { Tokens = 1L; L0 = float ((l0 % 7 + 7) % 7); L0PerLayer = [||]; Mse = 0.0; MsePerLayer = [||]; NormalizedMse = 0.0

@@ -40,7 +40,7 @@ let tests =
             torch.manual_seed (int64 seed) |> ignore
             use z = torch.randn([| int64 b; int64 f |], dtype = torch.float64).requires_grad_(true)
             use w = torch.randn([| int64 b; int64 f |], dtype = torch.float64)
-            use a = Activations.groupMax k z
+            use a = SparseActivations.groupMax k z
             use loss = (a * w).sum()
             loss.backward()
             let zv, av, wv, gv = values z, values a, values w, values z.grad
@@ -133,10 +133,10 @@ let tests =
             let f = k * size
             torch.manual_seed (int64 seed) |> ignore
             use pre = torch.randn([| int64 nL; int64 b; int64 f |])
-            let v, i = Activations.groupMaxSparse k pre
+            let v, i = SparseActivations.groupMaxSparse k pre
             use v = v
             use i = i
-            use dense = Activations.scatterActive pre (v, i)
+            use dense = SparseActivations.scatterActive pre (v, i)
             use s1 = new FiringStats(nL, f, torch.CPU)
             use s2 = new FiringStats(nL, f, torch.CPU)
             for _ in 1 .. 2 do

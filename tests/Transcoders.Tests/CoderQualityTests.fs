@@ -240,7 +240,7 @@ let private store (batch: int) =
 let private trainedTranscoder (layer: int) (steps: int) =
     let m, t = model.Force(), text.Force()
     let cfg = { CoderConfig.transcoder "stories260K" layer m.Config.DModel 128 with Activation = TopK 8 }
-    let spec = { Coders = [ CoderJobs.hooksOf "tc" cfg ] }
+    let spec = { Coders = [ CoderJob.hooksOf "tc" cfg ] }
     let s = ActivationStore(m, t.Train, t.Bos, spec, store 256, "train")
     use buffer = s.OpenBuffer()
     let batches =
@@ -250,7 +250,7 @@ let private trainedTranscoder (layer: int) (steps: int) =
              | None -> failwith "the store ran out" |]
     try
         let tc = { recipeTrain steps 3e-3 (LossConfig.TopK 32) with BatchSize = 256; DeadAfterTokens = 10_000L }
-        let state, _ = CoderTraining.run tc cfg dev (fun i -> CoderJobs.pair cfg batches[i % batches.Length])
+        let state, _ = CoderTraining.run tc cfg dev (fun i -> CoderJob.pair cfg batches[i % batches.Length])
         let folded = Coder.foldScale state.Coder
         let saved = Coder.foldInputBias folded
         (folded :> IDisposable).Dispose()
@@ -268,7 +268,7 @@ let private modelTests =
             randomise c 12L
             let st = store 512
             let evaluated, _ =
-                CoderJobs.evaluate m t st { JobEval.Default with ActivationRows = 3000L; SplicedRows = 0 } ignore [ "c", c ]
+                JobEvaluation.evaluate m t st { JobEval.Default with ActivationRows = 3000L; SplicedRows = 0 } ignore [ "c", c ]
             let reference = match evaluated with [ _, Some e, _ ] -> e | _ -> failwith "no activation metrics"
             let mutable chunks = 0
             let streamed =

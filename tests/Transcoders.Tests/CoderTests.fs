@@ -29,7 +29,7 @@ let activationTests =
             use tt = torch.tensor(theta, dtype = torch.float64).requires_grad_(true)
             use wt = torch.tensor(w, dtype = torch.float64).reshape(int64 b, int64 f)
             use t1 = tt.unsqueeze 0
-            use a = Activations.jumpReLU zt t1 eps
+            use a = SparseActivations.jumpReLU zt t1 eps
             use loss = (a * wt).sum()
             loss.backward()
             let av, gz, gt = values a, values zt.grad, values tt.grad
@@ -56,7 +56,7 @@ let activationTests =
             use tt = torch.tensor(theta, dtype = torch.float64).requires_grad_(true)
             use wt = torch.tensor(w, dtype = torch.float64).reshape(int64 b, int64 f)
             use t1 = tt.unsqueeze 0
-            use h = Activations.step zt t1 eps
+            use h = SparseActivations.step zt t1 eps
             use loss = (h * wt).sum()
             loss.backward()
             let hv = values h
@@ -78,7 +78,7 @@ let activationTests =
             torch.manual_seed (int64 seed) |> ignore
             use z = torch.randn([| int64 b; int64 f |], dtype = torch.float64).requires_grad_(true)
             use w = torch.randn([| int64 b; int64 f |], dtype = torch.float64)
-            use a = Activations.topK k z
+            use a = SparseActivations.topK k z
             use loss = (a * w).sum()
             loss.backward()
             let zv, av, wv, gv = values z, values a, values w, values z.grad
@@ -101,7 +101,7 @@ let activationTests =
             use z0 = zraw.abs().add(sc 0.01) // all positive, so exactly round(k·B) are non-zero
             use z = z0.detach().requires_grad_(true)
             use w = torch.randn([| int64 nL; int64 b; int64 f |], dtype = torch.float64)
-            let a, minKept = Activations.batchTopK k z
+            let a, minKept = SparseActivations.batchTopK k z
             use a = a
             use minKept = minKept
             use loss = (a * w).sum()

@@ -41,7 +41,7 @@ let private gradients (train: TrainConfig) (coder: Coder) (x: torch.Tensor) (y: 
         let f = CoderTraining.forwardLoss state x y
         state.Optimizer.ZeroGrad()
         f.Terms.Total.backward()
-        Activations.BackwardTensors.release ()
+        SparseActivations.BackwardTensors.release ()
         [ for n, p in coder.NamedParameters -> n, values p.grad ]
     finally (state :> IDisposable).Dispose()
 

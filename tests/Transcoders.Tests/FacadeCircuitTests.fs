@@ -17,7 +17,7 @@ module CoderFileCore = Transcoders.Coders.CoderFile
 module CoderRunCore = Transcoders.Coders.CoderRun
 module GraphCore = Transcoders.Circuits.AttributionGraph
 module PruningCore = Transcoders.Circuits.Pruning
-module PathsCore = Transcoders.Circuits.Paths
+module PathsCore = Transcoders.Circuits.PathSearch
 module InterventionsCore = Transcoders.Circuits.Interventions
 module LocalCore = Transcoders.Circuits.LocalReplacement
 module TokCore = Transcoders.Text.Tokenizer
@@ -69,8 +69,8 @@ let graphTests =
                              (List.ofSeq (Transcoders.Circuits.Graph.edges core)) "edges"
                 Expect.isNonEmpty progress "progress reported"
                 Expect.equal graph.Features[0].Label (Transcoders.Circuits.Graph.label core 0) "labels"
-                Expect.equal (graph.Label(graph.ErrorNode(1, 2))) "err1@2" "error node ids"
-                Expect.equal (graph.Label(graph.TokenNode 3)) "emb@3" "token node ids"
+                Expect.equal (graph.Label(graph.ErrorNode(1, 2))) "tc_error1@2" "error node ids"
+                Expect.equal (graph.Label(graph.TokenNode 3)) "embed@3" "token node ids"
                 let pruned = graph.Prune(PruneOptions(NodeThreshold = 0.7))
                 let corePruned = PruningCore.prune { PruneConfigCore.Default with NodeThreshold = 0.7 } core
                 Expect.equal (List.ofSeq pruned.KeptNodes) (List.ofArray corePruned.KeptNodes) "kept nodes"
@@ -100,7 +100,7 @@ let graphTests =
             let model, coders, tokens = circuitSetup 12
             try
                 use finder = new PathFinder(model, coders, tokens)
-                use circuit = Transcoders.Circuits.Circuit.create model.Core (coreCoders coders)
+                use circuit = Transcoders.Circuits.CircuitModel.create model.Core (coreCoders coders)
                 use run = Transcoders.Circuits.Prompt.run circuit tokens
                 let last = tokens.Length - 1
                 let token = (Transcoders.Models.NextToken.top 1 (run.LogitsAt last)) |> List.head |> fst
@@ -117,7 +117,7 @@ let graphTests =
                 Expect.equal [ for kv in top -> kv.Key, kv.Value ] [ for c, v in coreTop -> c.Display, v ] "top features"
                 let toFeature = finder.FindToFeature(1, 0, last)
                 Expect.equal (toFeature |> Seq.map string |> List.ofSeq)
-                    [ for p in (PathsCore.find run PathSearchCore.Default (Transcoders.Circuits.FeatureVector.ofFeature run 1 0 last)).Paths -> p.Display ] "paths to a feature"
+                    [ for p in (PathsCore.find run PathSearchCore.Default (Transcoders.Circuits.FeatureVector.ofFeature run { Transcoders.Circuits.FeatureAt.Layer = 1; Position = last; Feature = 0 })).Paths -> p.Display ] "paths to a feature"
                 Expect.equal (List.ofSeq (finder.FeatureDeembedding(0, 1))) (List.ofArray (Transcoders.Circuits.Attribution.featureDeembedding circuit 0 1)) "de-embedding"
                 Expect.equal (List.ofSeq (finder.Activations(1, last))) (List.ofArray (run.ActivationsAt(1, last))) "activations"
                 let e = raised "an embedding as root" (fun () -> finder.Find("embed@0") |> ignore)

@@ -236,7 +236,7 @@ let configTests =
                 { ConfigCore.gpt2 with
                     Positions = Transcoders.Models.Positions.Rotary(Transcoders.Models.RotaryLayout.Interleaved, 500.0)
                     Norm = Transcoders.Models.Normalization.RMSNorm
-                    Mlp = Transcoders.Models.MlpKind.Gated Transcoders.Models.Activation.Silu
+                    Mlp = Transcoders.Models.MlpKind.Gated Transcoders.Models.MlpActivation.Silu
                     DHead = Some 32; NKvHeads = 4; Dropout = 0.1
                     Biases = { ConfigCore.gpt2.Biases with Qkv = false; Unembed = true } }
             Expect.equal (mc.ToCore()) expected "record"

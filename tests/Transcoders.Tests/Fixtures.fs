@@ -136,7 +136,7 @@ module Fixtures =
             | _ -> p.normal_(0.0, 0.4) |> ignore
 
     /// A config of the given kind with small random dimensions.
-    let smallConfig (rng: Random) (kind: CoderKind) (activation: int -> Activation) (inputBias: bool) =
+    let smallConfig (rng: Random) (kind: CoderKind) (activation: int -> CoderActivation) (inputBias: bool) =
         let dIn = rng.Next(3, 9)
         let dOut = if kind = Sae then dIn else rng.Next(3, 9)
         let dSae = rng.Next(6, 17)

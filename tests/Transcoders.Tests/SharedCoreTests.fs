@@ -192,8 +192,8 @@ let coderTests =
 let circuitTests =
     testList "circuits" [
         test "Interventions.parseFeature: the paper's names, @last, clear errors" {
-            Expect.equal (Interventions.parseFeature 7 "mlp2tc[17]@5") (2, 17, 5) "a position"
-            Expect.equal (Interventions.parseFeature 7 " mlp0tc[3]@last ") (0, 3, 6) "the last position"
+            Expect.equal (Interventions.parseFeature 7 "mlp2tc[17]@5") { FeatureAt.Layer = 2; Position = 5; Feature = 17 } "a position"
+            Expect.equal (Interventions.parseFeature 7 " mlp0tc[3]@last ") { FeatureAt.Layer = 0; Position = 6; Feature = 3 } "the last position"
             let e = raised "an attention head" (fun () -> Interventions.parseFeature 7 "attn1[0]@2" |> ignore)
             Expect.stringContains e.Message "not a transcoder feature" "says so"
         }
@@ -210,12 +210,12 @@ let circuitTests =
             let coders = [ for l in 0 .. 1 -> randomCoder (40 + l) (coderConfig (Random l) model.Config Transcoder [| l |]) ]
             try
                 let tokens = [| 1; 2; 3; 1 |] |> Array.map (fun t -> t % model.Config.VocabSize)
-                use circuit = Circuit.create model coders
+                use circuit = CircuitModel.create model coders
                 use run = Prompt.run circuit tokens
                 let f = Tracing.root run (Component.parse "logit[2]@3")
                 Expect.equal f.Component (TokenLogit(2, 3)) "a logit root"
-                let f = Tracing.root run (TranscoderFeature(1, 0, 2))
-                Expect.equal f.Component (TranscoderFeature(1, 0, 2)) "a feature root"
+                let f = Tracing.root run (TranscoderFeature { FeatureAt.Layer = 1; Position = 2; Feature = 0 })
+                Expect.equal f.Component (TranscoderFeature { FeatureAt.Layer = 1; Position = 2; Feature = 0 }) "a feature root"
                 let e = raised "an embedding" (fun () -> Tracing.root run (Component.Embedding 0) |> ignore)
                 Expect.stringContains e.Message "embed@0" "names it"
                 let tok = Tokenizer.gpt2 ()

@@ -303,7 +303,7 @@ let tests =
                 for KeyValue(k, w) in read do
                     Expect.floatClose Accuracy.medium (float w) (float original[k]) (sprintf "edge %A" k)
                 for f in back.Features do
-                    let i = (Graph.featureIndex g)[(f.Layer, f.Position, f.Feature)]
+                    let i = (Graph.featureIndex g)[f.At]
                     Expect.floatClose Accuracy.medium f.Activation g.Features[i].Activation "activation"
             }
 

@@ -1,4 +1,6 @@
-/// Attribution with transcoders (Dunefsky et al. 2024, §3–4 of `transcoder_circuits`): input-invariant connections
+/// The method of Dunefsky, Chlenski & Nanda 2024, "Transcoders find interpretable LLM feature circuits" (NeurIPS 2024,
+/// arXiv 2406.11944; code `transcoder_circuits`), §3–4: attribution with transcoders. (Attribution graphs after
+/// Ameisen et al. 2025, "Circuit Tracing", are `AttributionGraph`.) Input-invariant connections
 /// (the pullback W_dec·w_enc of a later feature's encoder vector through an earlier transcoder's decoder, de-embeddings
 /// directly and through a head's OV circuit), their dataset means, and the input-dependent decomposition of a node's
 /// value on one prompt into transcoder features (activation × decoder·direction), attention heads per source position
@@ -83,7 +85,7 @@ type CircuitModel internal (model: Transformer, coders: Coder list) =
                       let writes =
                           [ for j in i .. cfg.NLayers - 1 ->
                                 cfg.Layers[j], T.keep (T.f64(coder.WDec[i].select(1, int64 (j - i))).div(sc cfg.Scale.Out[j])) ]
-                      let bIn = if cfg.InputBias then coder.BIn |> Option.map (fun b -> T.keep (T.f64 (b.select(0, int64 i)))) else None
+                      let bIn = coder.InputBias |> Option.map (fun b -> T.keep (T.f64 (b.select(0, int64 i))))
                       yield FeatureLayer(coder, i, T.keep (T.f64 (coder.WEnc.select(0, int64 i))), T.keep (T.f64 (coder.BEnc.select(0, int64 i))),
                                          bIn, cfg.Scale.In[i], writes) ]
         let biases =
@@ -189,7 +191,7 @@ type DirectAttribution =
 
 /// Preparing a model and its transcoders for attribution.
 [<RequireQualifiedAccess>]
-module Circuit =
+module CircuitModel =
 
     /// Checks that every coder is a transcoder or cross-layer transcoder from a layer's MLP input
     /// (`blocks.{l}.ln2.hook_normalized`) to its MLP output (`blocks.{l}.hook_mlp_out`) of this model, at most one per
@@ -332,26 +334,27 @@ module FeatureVector =
         normBias - inputBias + T.scalar (fl.BEnc[int64 feature])
 
     /// The pre-activation of a feature at a position on this prompt (from its actual input, as the coder computes it).
-    let preActivation (run: PromptRun) (layer: int) (feature: int) (position: int) : float =
+    let preActivation (run: PromptRun) (at: FeatureAt) : float =
+        let layer, feature, position = at.Layer, at.Feature, at.Position
         let circuit = run.Circuit
         let fl = checkFeature circuit layer feature
         run.CheckPosition position
         use _ = torch.no_grad ()
         use scope = torch.NewDisposeScope()
         let x = run[HookNames.ln2Normalized layer][int64 position]
-        let wEnc = fl.WEnc.select(1, int64 feature)
-        let inputBias = match fl.BIn with Some b -> T.scalar (b.dot wEnc) | None -> 0.0
-        T.scalar (x.dot wEnc) * fl.ScaleIn - inputBias + T.scalar (fl.BEnc[int64 feature])
+        T.scalar (Encoder.preActivations torch.float64 fl.BIn (fl.WEnc.select(1, int64 feature)) (fl.BEnc[int64 feature]) (x.mul(sc fl.ScaleIn)))
 
     /// The activation of a feature at a position on this prompt.
-    let activation (run: PromptRun) (layer: int) (feature: int) (position: int) : float =
+    let activation (run: PromptRun) (at: FeatureAt) : float =
+        let layer, feature, position = at.Layer, at.Feature, at.Position
         checkFeature run.Circuit layer feature |> ignore
         run.CheckPosition position
         T.scalar ((run.Acts layer)[int64 position, int64 feature])
 
     /// A feature vector for a transcoder feature at a position scaled by `connection` (1 for a root), with the
     /// contribution `connection · pre-activation`.
-    let internal scaledFeature (run: PromptRun) (layer: int) (feature: int) (position: int) (connection: float) : FeatureVector =
+    let internal scaledFeature (run: PromptRun) (at: FeatureAt) (connection: float) : FeatureVector =
+        let layer, feature, position = at.Layer, at.Feature, at.Position
         let circuit = run.Circuit
         let fl = checkFeature circuit layer feature
         run.CheckPosition position
@@ -360,17 +363,17 @@ module FeatureVector =
         let w, _ = circuit.Ln2 layer
         let sigma = Linear.scaleAt run (HookNames.ln2Scale layer) position
         let v = Linear.throughNorm circuit.Config.Norm w sigma (fl.WEnc.select(1, int64 feature).mul(sc fl.ScaleIn))
-        { Component = TranscoderFeature (layer, feature, position)
+        { Component = TranscoderFeature at
           Stream = ResidMid layer
           Position = position
           Vector = T.values (v.mul(sc connection))
           Bias = connection * featureBias circuit fl feature
-          Contribution = connection * preActivation run layer feature position }
+          Contribution = connection * preActivation run at }
 
-    /// The root for transcoder feature `feature` of layer `layer` at `position`: the encoder vector on the stream
-    /// entering the MLP, through ln2 linearised by its scale at that token; its value is the feature's pre-activation.
-    let ofFeature (run: PromptRun) (layer: int) (feature: int) (position: int) : FeatureVector =
-        scaledFeature run layer feature position 1.0
+    /// The root for a transcoder feature at a position: the encoder vector on the stream entering the MLP, through
+    /// ln2 linearised by its scale at that token; its value is the feature's pre-activation.
+    let ofFeature (run: PromptRun) (at: FeatureAt) : FeatureVector =
+        scaledFeature run at 1.0
 
     let private logitVector (run: PromptRun) (token: int) (position: int) : Tensor * float =
         let circuit = run.Circuit
@@ -512,7 +515,7 @@ module Attribution =
             | Some dots ->
                 let contrib = T.values ((run.Acts fl.Layer).select(0, int64 t).mul(dots))
                 for i in 0 .. contrib.Length - 1 do
-                    if contrib[i] <> 0.0 then terms.Add((TranscoderFeature (fl.Layer, i, t), contrib[i]))
+                    if contrib[i] <> 0.0 then terms.Add((TranscoderFeature { FeatureAt.Layer = fl.Layer; Position = t; Feature = i }, contrib[i]))
             | None -> ()
         for l in mlpLayers do
             terms.Add((ErrorTerm (TranscoderError, l, t), T.scalar ((run.TcError l).select(0, int64 t).dot(v))))
@@ -534,13 +537,14 @@ module Attribution =
         use scope = torch.NewDisposeScope()
         let before = streamLayer parent.Stream
         match term with
-        | TranscoderFeature (l, i, s) ->
+        | TranscoderFeature at ->
+            let l, i, s = at.Layer, at.Feature, at.Position
             if s <> t then invalidArg "term" (sprintf "%O is not at the parent's position %d" term t)
             let fl = FeatureVector.checkFeature circuit l i
             let v = T.ofArray circuit.Device parent.Vector
             match Linear.decoderDot fl before v with
             | None -> invalidArg "term" (sprintf "%O does not write to the stream %O read by %O" term parent.Stream parent.Component)
-            | Some dots -> Some (FeatureVector.scaledFeature run l i s (T.scalar dots[int64 i]))
+            | Some dots -> Some (FeatureVector.scaledFeature run at (T.scalar dots[int64 i]))
         | AttentionHead (l, hi, s) ->
             let attnLayers, _ = writers parent.Stream
             if not (List.contains l attnLayers) then invalidArg "term" (sprintf "%O does not write to the stream %O read by %O" term parent.Stream parent.Component)

@@ -20,11 +20,19 @@ type ErrorKind =
     /// What the kept children of a graph node do not explain: the node's value minus its kept edges and other errors.
     | PruneError
 
+/// Where a transcoder feature fires: the model layer whose MLP input it reads, the token position, and its index within
+/// that layer's coder. The one order of a feature's coordinates in the library (layer, position, feature).
+type FeatureAt =
+    { Layer: int
+      Position: int
+      Feature: int }
+
 /// One component of the computation on one prompt.
 [<StructuredFormatDisplay("{Display}")>]
 type Component =
-    /// Feature `feature` of the transcoder reading layer `layer`'s MLP input, at token `position`: `mlp3tc[12]@5`.
-    | TranscoderFeature of layer: int * feature: int * position: int
+    /// A feature of the transcoder reading a layer's MLP input, at a token position: `mlp3tc[12]@5` (layer 3,
+    /// feature 12, position 5).
+    | TranscoderFeature of FeatureAt
     /// Head `head` of layer `layer`'s attention, reading source position `source` (through its OV circuit, weighted by
     /// the attention pattern): `attn1[0]@2`.
     | AttentionHead of layer: int * head: int * source: int
@@ -43,7 +51,7 @@ type Component =
     member c.Display =
         let i (n: int) = n.ToString(CultureInfo.InvariantCulture)
         match c with
-        | TranscoderFeature (l, f, p) -> "mlp" + i l + "tc[" + i f + "]@" + i p
+        | TranscoderFeature f -> "mlp" + i f.Layer + "tc[" + i f.Feature + "]@" + i f.Position
         | AttentionHead (l, h, s) -> "attn" + i l + "[" + i h + "]@" + i s
         | Embedding p -> "embed@" + i p
         | PositionEmbedding p -> "pos@" + i p
@@ -71,13 +79,13 @@ module Component =
     /// The token position a component sits at (the source position of a head).
     let position (c: Component) =
         match c with
-        | TranscoderFeature (_, _, p) | AttentionHead (_, _, p) | Embedding p | PositionEmbedding p
+        | TranscoderFeature { Position = p } | AttentionHead (_, _, p) | Embedding p | PositionEmbedding p
         | ErrorTerm (_, _, p) | TokenLogit (_, p) | LogitDifference (_, _, p) -> p
 
     /// The layer of a component: the embeddings are layer 0; logits are layer `nLayers`, given as None here.
     let layer (c: Component) : int option =
         match c with
-        | TranscoderFeature (l, _, _) | AttentionHead (l, _, _) | ErrorTerm (_, l, _) -> Some l
+        | TranscoderFeature { Layer = l } | AttentionHead (l, _, _) | ErrorTerm (_, l, _) -> Some l
         | Embedding _ | PositionEmbedding _ -> Some 0
         | TokenLogit _ | LogitDifference _ -> None
 
@@ -118,7 +126,7 @@ module Component =
                 | None ->
                     let n (g: string) = Int32.Parse(m.Groups[g].Value, CultureInfo.InvariantCulture)
                     let p = n "p"
-                    if m.Groups["f"].Success then Ok (TranscoderFeature (n "l", n "f", p))
+                    if m.Groups["f"].Success then Ok (TranscoderFeature { FeatureAt.Layer = n "l"; Position = p; Feature = n "f" })
                     elif m.Groups["h"].Success then Ok (AttentionHead (n "l", n "h", p))
                     elif m.Groups["e"].Success then Ok (Embedding p)
                     elif m.Groups["pos"].Success then Ok (PositionEmbedding p)

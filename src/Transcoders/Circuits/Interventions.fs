@@ -76,13 +76,11 @@ module Interventions =
     /// feature and position see the earlier ones' result).
     let changesOf (lr: LocalReplacement) (interventions: FeatureIntervention list) : NodeChanges =
         for iv in interventions do checkOne lr.NLayers (fun l -> lr.Sites[l].DSae) (Some lr.NPositions) iv
-        let current = Collections.Generic.Dictionary<int * int * int, float>()
-        for k in 0 .. lr.Active.Count - 1 do
-            current[(lr.Active.Layer[k], lr.Active.Position[k], lr.Active.Feature[k])] <- lr.Active.Activation[k]
-        let touched = Collections.Generic.List<int * int * int>()
+        let current = lr.Active.ByPlace()
+        let touched = Collections.Generic.List<FeatureAt>()
         for iv in interventions do
             for p in positionsOf lr.NPositions iv.Position do
-                let key = (iv.Layer, p, iv.Feature)
+                let key = { FeatureAt.Layer = iv.Layer; Position = p; Feature = iv.Feature }
                 let a = match current.TryGetValue key with | true, a -> a | _ -> 0.0
                 current[key] <- newValue iv.Action a
                 if not (touched.Contains key) then touched.Add key
@@ -162,13 +160,13 @@ module Interventions =
         let changes = changesOf lr interventions
         let predicted =
             graph.Logits |> Array.mapi (fun k _ ->
-                changes.Features |> List.sumBy (fun ((l, p, f), v) ->
-                    match index.TryGetValue((l, p, f)) with
+                changes.Features |> List.sumBy (fun (at, v) ->
+                    match index.TryGetValue at with
                     | true, id ->
                         let a = graph.Features[id].Activation
                         float (Graph.edge graph (Graph.logitNode graph k) id) / a * (v - a)
                     | _ ->
-                        invalidArg "interventions" (sprintf "feature %d of layer %d at position %d is not a node of the graph (inactive there, or left out by MaxFeatureNodes)" f l p)))
+                        invalidArg "interventions" (sprintf "feature %d of layer %d at position %d is not a node of the graph (inactive there, or left out by MaxFeatureNodes)" at.Feature at.Layer at.Position)))
         let targets = graph.Logits |> Array.map (fun l -> l.Token)
         let baseline = (use o = LocalReplacement.forward lr in demeanedLogits o targets)
         let constrained = (use o = constrained lr interventions in demeanedLogits o targets)
@@ -176,11 +174,11 @@ module Interventions =
         Array.init targets.Length (fun k ->
             { Token = targets[k]; Predicted = predicted[k]; Constrained = constrained[k] - baseline[k]; Free = free[k] - baseline[k] })
 
-    /// A transcoder feature in the transcoder paper's names, `mlp2tc[17]@5`, as (layer, feature, position); the
-    /// position may be `last`, the last of a prompt of `n` tokens. Anything else fails with a message naming it.
-    let parseFeature (n: int) (text: string) : int * int * int =
+    /// A transcoder feature in the transcoder paper's names, `mlp2tc[17]@5`; the position may be `last`, the last
+    /// of a prompt of `n` tokens. Anything else fails with a message naming it.
+    let parseFeature (n: int) (text: string) : FeatureAt =
         let text = text.Trim()
         let text = if text.EndsWith "@last" then text.Substring(0, text.Length - 4) + string (n - 1) else text
         match Component.parse text with
-        | TranscoderFeature(l, f, p) -> l, f, p
+        | TranscoderFeature at -> at
         | c -> invalidArg "feature" (sprintf "%s is not a transcoder feature: give mlpLtc[F]@P" c.Display)

@@ -27,12 +27,19 @@ type ActiveFeatures =
       Activation: float[] }
 
     member a.Count = a.Layer.Length
+    /// Where entry k fires.
+    member a.At(k: int) : FeatureAt = { Layer = a.Layer[k]; Position = a.Position[k]; Feature = a.Feature[k] }
+    /// Each active feature's activation by where it fires.
+    member a.ByPlace() : Collections.Generic.Dictionary<FeatureAt, float> =
+        let d = Collections.Generic.Dictionary<FeatureAt, float>(a.Count)
+        for k in 0 .. a.Count - 1 do d[a.At k] <- a.Activation[k]
+        d
 
 /// Changes to the nodes of a local replacement model (constrained interventions and the slow checks): feature
 /// activations set to new values, error and embedding vectors multiplied by a factor.
 type NodeChanges =
-    { /// (layer, position, feature) → the feature's new activation (any feature, active or not).
-      Features: ((int * int * int) * float) list
+    { /// A feature's new activation (any feature, active or not).
+      Features: (FeatureAt * float) list
       /// (layer, position) → factor on that error vector (0 ablates it).
       ErrorScales: ((int * int) * float) list
       /// position → factor on the embedding (token plus position embedding) there.
@@ -373,17 +380,17 @@ module LocalReplacement =
         use _ = torch.no_grad ()
         use scope = torch.NewDisposeScope()
         let scalar (v: float) = torch.tensor(v, dtype = dtype, device = device)
-        for (l, pos, f), _ in changes.Features do
+        for at, _ in changes.Features do
+            let l, pos, f = at.Layer, at.Position, at.Feature
             if l < 0 || l >= nL then invalidArg "changes" (sprintf "feature layer %d is outside 0..%d" l (nL - 1))
             if pos < 0 || pos >= p then invalidArg "changes" (sprintf "feature position %d is outside the prompt (0..%d)" pos (p - 1))
             if f < 0 || f >= lr.Sites[l].DSae then invalidArg "changes" (sprintf "feature %d is outside 0..%d of layer %d" f (lr.Sites[l].DSae - 1) l)
         let extraByLayer = Array.init nL (fun _ -> torch.zeros([| int64 p; lr.Embedding.shape[1] |], dtype = dtype, device = device))
         // feature changes: (a' − a)·W_dec into every layer the feature writes to
-        let activeValue = Collections.Generic.Dictionary<int * int * int, float>()
-        for k in 0 .. lr.Active.Count - 1 do
-            activeValue[(lr.Active.Layer[k], lr.Active.Position[k], lr.Active.Feature[k])] <- lr.Active.Activation[k]
-        for (l, pos, f), v in changes.Features do
-            let a = match activeValue.TryGetValue((l, pos, f)) with | true, a -> a | _ -> 0.0
+        let activeValue = lr.Active.ByPlace()
+        for at, v in changes.Features do
+            let l, pos, f = at.Layer, at.Position, at.Feature
+            let a = match activeValue.TryGetValue at with | true, a -> a | _ -> 0.0
             let delta = v - a
             if delta <> 0.0 then
                 let fi = torch.tensor([| int64 f |], device = device)

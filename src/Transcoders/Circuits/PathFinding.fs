@@ -1,4 +1,5 @@
-/// The transcoder paper's circuit search (Dunefsky et al. 2024): Algorithm 1, greedy computational-path-finding (from
+/// The circuit search of Dunefsky, Chlenski & Nanda 2024, "Transcoders find interpretable LLM feature circuits"
+/// (NeurIPS 2024, arXiv 2406.11944): Algorithm 1, greedy computational-path-finding (from
 /// a root feature vector, take each node's strongest direct contributors, top-k per layer then the best overall, and
 /// keep a beam of the best paths at each depth, down to the embeddings), and Algorithm 2, merging paths into a graph
 /// whose edges sum the path attributions, with error nodes (transcoder error, bias, pruning) that make every node's
@@ -137,7 +138,7 @@ module NodeFilter =
         | AtLayer (op, l) -> (match Component.layer c with Some x -> compare op x l | None -> false)
         | AtPosition (op, p) -> compare op (Component.position c) p
         | WithHead h -> (match c with AttentionHead (_, x, _) -> x = h | _ -> false)
-        | WithFeature f -> (match c with TranscoderFeature (_, x, _) -> x = f | _ -> false)
+        | WithFeature f -> (match c with TranscoderFeature at -> at.Feature = f | _ -> false)
         | IsComponent x -> x = c
         | Not f -> not (matches f c)
         | AllOf fs -> fs |> List.forall (fun f -> matches f c)
@@ -149,7 +150,7 @@ module NodeFilter =
 
 /// Algorithm 1 and path utilities.
 [<RequireQualifiedAccess>]
-module Paths =
+module PathSearch =
 
     let private key (ranking: Ranking) (v: float) = match ranking with Positive -> v | Magnitude -> abs v
 
@@ -173,7 +174,7 @@ module Paths =
             && (match options.Ranking with Positive -> v > 0.0 | Magnitude -> v <> 0.0)
         let group (c: Component) =
             match c with
-            | TranscoderFeature (l, _, _) -> Some (0, l)
+            | TranscoderFeature at -> Some (0, at.Layer)
             | AttentionHead (l, _, _) -> Some (1, l)
             | _ -> None
         d.Terms

@@ -46,7 +46,7 @@ module Tracing =
     /// difference (`logit[87-12]@14`) of the run's prompt; other components fail with a message naming them.
     let root (run: PromptRun) (node: Component) : FeatureVector =
         match node with
-        | TranscoderFeature(l, f, p) -> FeatureVector.ofFeature run l f p
+        | TranscoderFeature at -> FeatureVector.ofFeature run at
         | TokenLogit(t, p) -> FeatureVector.ofLogit run t p
         | LogitDifference(t, o, p) -> FeatureVector.ofLogitDiff run t o p
         | c -> invalidArg "node" (sprintf "%s cannot root a path search: give a feature mlpLtc[F]@P, a logit logit[T]@P or a logit difference logit[T-U]@P" c.Display)

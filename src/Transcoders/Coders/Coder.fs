@@ -6,9 +6,10 @@ open TorchSharp
 open Transcoders.Coders.Scalars
 open TorchSharp.Modules
 
-/// The active features of a pass with exactly k candidates per token (TopK, GroupMax): `Indices` (int64) and
-/// `Values` (≥ 0, zero where a candidate did not fire), both [L, B, k].
-type ActiveFeatures =
+/// The sparse code of a pass with exactly k candidates per token (TopK, GroupMax): `Indices` (int64) and
+/// `Values` (≥ 0, zero where a candidate did not fire), both [L, B, k]. (A prompt's active features as circuits see
+/// them are `Circuits.ActiveFeatures`.)
+type SparseCode =
     { Indices: torch.Tensor
       Values: torch.Tensor }
 
@@ -20,7 +21,7 @@ type CoderPass =
       Acts: torch.Tensor
       Prediction: torch.Tensor
       BatchMinKept: torch.Tensor option
-      Active: ActiveFeatures option }
+      Active: SparseCode option }
 
 /// How a forward pass computes; not part of the coder (nothing here is saved, and every choice gives the same
 /// function up to rounding).
@@ -35,6 +36,24 @@ type ComputeOptions =
 
     /// float32, dense decoding.
     static member Default = { Dtype = torch.float32; SparseDecode = false }
+
+/// The coder's affine encoder, the one formula every caller uses (training, splicing, attribution): pre-activations
+/// (x_n − b_in)·W_enc + b_enc of inputs already multiplied by the input scale, computed in `dtype` (the input
+/// bias is subtracted before the cast). Shapes broadcast: layer-major [L, B, d_in] with W_enc [L, d_in, d_sae] and
+/// biases [L, 1, ·]; rows [N, d_in] with one layer's W_enc [d_in, k]; one vector [d_in] with one feature's column.
+[<RequireQualifiedAccess>]
+module Encoder =
+    let preActivations (dtype: torch.ScalarType) (inputBias: torch.Tensor option) (wEnc: torch.Tensor) (bEnc: torch.Tensor) (xn: torch.Tensor) : torch.Tensor =
+        use xc = match inputBias with Some b -> xn.sub b | None -> xn.alias()
+        if xc.dtype = dtype && wEnc.dtype = dtype then
+            use xw = xc.matmul wEnc
+            xw.add bEnc
+        else
+            use xd = xc.to_type dtype
+            use wd = wEnc.to_type dtype
+            use xw = xd.matmul wd
+            use bd = bEnc.to_type dtype
+            xw.add bd
 
 /// A sparse coder (SAE, transcoder, skip transcoder or cross-layer transcoder) with its parameters.
 ///
@@ -117,6 +136,12 @@ type Coder internal (config: CoderConfig, tensors: IDictionary<string, torch.Ten
     member _.WDec = wDec
     member _.BDec = bDec
     member _.BIn = bIn
+    /// What is subtracted from the (scaled) input before encoding, [L, d_in]: `b_dec` for an SAE with an input bias
+    /// (SAELens' apply_b_dec_to_input), `b_in` for a transcoder with one; None without.
+    member _.InputBias : torch.Tensor option =
+        if not config.InputBias then None
+        elif config.Kind = Sae then Some(bDec :> torch.Tensor)
+        else bIn |> Option.map (fun p -> p :> torch.Tensor)
     member _.WSkip = wSkip
     /// The running BatchTopK threshold estimate [L] (NaN until the first training step), for BatchTopK coders.
     member _.BatchTopKThreshold = batchTopKThreshold
@@ -167,9 +192,8 @@ type Coder internal (config: CoderConfig, tensors: IDictionary<string, torch.Ten
     member this.PreActivations(xn: torch.Tensor) : torch.Tensor = this.PreActivationsIn(xn, torch.float32)
 
     /// Pre-activations computed in `dtype` (float32 master weights cast for the product); the result has that dtype.
-    member _.PreActivationsIn(xn: torch.Tensor, dtype: torch.ScalarType) : torch.Tensor =
-        let inputBias = if config.InputBias then (if config.Kind = Sae then Some(bDec :> torch.Tensor) else bIn |> Option.map (fun p -> p :> torch.Tensor)) else None
-        use be = bEnc.unsqueeze 1
+    member this.PreActivationsIn(xn: torch.Tensor, dtype: torch.ScalarType) : torch.Tensor =
+        let inputBias = this.InputBias
         if not xn.requires_grad && torch.is_grad_enabled () then
             // training: the input needs no gradient, so the input bias only needs −W_enc·∂b_enc (no [B, F]·[F, D] product)
             use xc =
@@ -179,22 +203,10 @@ type Coder internal (config: CoderConfig, tensors: IDictionary<string, torch.Ten
                 | None -> xn.alias()
             CoderKernels.encodeAffine xc wEnc bEnc inputBias dtype
         else
-        let xc =
-            match inputBias with
-            | Some b ->
-                use b1 = b.unsqueeze 1
-                xn.sub b1
-            | None -> xn.alias()
-        use xc = xc
-        if dtype = torch.float32 && xc.dtype = torch.float32 then
-            use xw = torch.bmm(xc, wEnc)
-            xw.add be
-        else
-            use xd = xc.to_type dtype
-            use wd = wEnc.to_type dtype
-            use xw = torch.bmm(xd, wd)
-            use bd = be.to_type dtype
-            xw.add bd
+        use be = bEnc.unsqueeze 1
+        let b1 = inputBias |> Option.map (fun b -> b.unsqueeze 1)
+        try Encoder.preActivations dtype b1 wEnc be xn
+        finally b1 |> Option.iter (fun t -> t.Dispose())
 
     /// Feature activations from pre-activations; for BatchTopK also the smallest positive kept value per layer.
     member this.Activate(pre: torch.Tensor) : torch.Tensor * torch.Tensor option =
@@ -203,12 +215,12 @@ type Coder internal (config: CoderConfig, tensors: IDictionary<string, torch.Ten
         | JumpReLU j ->
             use th = this.Threshold.Value
             use th1 = th.unsqueeze 1
-            Activations.jumpReLU pre th1 j.Bandwidth, None
-        | TopK k -> Activations.topK k pre, None
+            SparseActivations.jumpReLU pre th1 j.Bandwidth, None
+        | TopK k -> SparseActivations.topK k pre, None
         | BatchTopK k ->
-            let a, m = Activations.batchTopK k pre
+            let a, m = SparseActivations.batchTopK k pre
             a, Some m
-        | GroupMax k -> Activations.groupMax k pre, None
+        | GroupMax k -> SparseActivations.groupMax k pre, None
 
     /// Σ_{ℓ≤ℓ'} a_ℓ·W_dec^{ℓ→ℓ'} [L, B, d_out], without biases or skip path (as used by ghost grads and AuxK).
     member this.DecodeNoBias(acts: torch.Tensor) : torch.Tensor =
@@ -283,8 +295,8 @@ type Coder internal (config: CoderConfig, tensors: IDictionary<string, torch.Ten
             if not options.SparseDecode then None
             else
                 match config.Activation with
-                | TopK k -> Some(Activations.topKSparse k)
-                | GroupMax k -> Some(Activations.groupMaxSparse k)
+                | TopK k -> Some(SparseActivations.topKSparse k)
+                | GroupMax k -> Some(SparseActivations.groupMaxSparse k)
                 | _ -> None
         match select with
         | Some select when not (defaultArg preGradient true) && not xn.requires_grad ->
@@ -309,14 +321,14 @@ type Coder internal (config: CoderConfig, tensors: IDictionary<string, torch.Ten
             for t in perLayer do t.Dispose()
             use raw = raw
             let values = raw.relu ()
-            let acts = Activations.scatterActive pre (values, indices)
+            let acts = SparseActivations.scatterActive pre (values, indices)
             use y = this.DecodeSparseNoBias(values, indices)
             let pred = this.AddSkipAndBias(y, Some xn)
             { Pre = pre; Acts = acts; Prediction = pred; BatchMinKept = None; Active = Some { Indices = indices; Values = values } }
         | Some select ->
             let pre = this.PreActivationsIn(xn, options.Dtype)
             let values, indices = select pre
-            let acts = Activations.scatterActive pre (values, indices)
+            let acts = SparseActivations.scatterActive pre (values, indices)
             use y = this.DecodeSparseNoBias(values, indices)
             let pred = this.AddSkipAndBias(y, Some xn)
             { Pre = pre; Acts = acts; Prediction = pred; BatchMinKept = None; Active = Some { Indices = indices; Values = values } }

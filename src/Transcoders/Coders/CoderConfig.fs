@@ -27,7 +27,7 @@ type JumpReLUSpec =
     static member Default = { InitialThreshold = 0.001; Bandwidth = 0.001 }
 
 /// The activation function that turns pre-activations into (sparse) feature activations.
-type Activation =
+type CoderActivation =
     | ReLU
     | JumpReLU of JumpReLUSpec
     /// Keep the k largest (ReLU'd) pre-activations of each token (per layer for a cross-layer transcoder).
@@ -69,7 +69,7 @@ type CoderConfig =
       DOut: int
       /// Features per layer.
       DSae: int
-      Activation: Activation
+      Activation: CoderActivation
       /// Subtract a learned input-side bias before encoding. For an SAE this bias is `b_dec` itself (SAELens
       /// `apply_b_dec_to_input`). For transcoders it is a separate `b_in` [d_in] (the transcoder paper's `b_dec`,
       /// whose output bias is `b_dec_out`); it only reparametrises `b_enc`, so saving folds it:

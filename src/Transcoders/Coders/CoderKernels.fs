@@ -27,7 +27,7 @@ type SparseDecodeFunction() =
     inherit torch.autograd.SingleTensorFunction<SparseDecodeFunction>()
     override _.Name = "SparseDecode"
     override _.forward(ctx: torch.autograd.AutogradContext, vars: obj[]) : Tensor =
-        Activations.BackwardTensors.release ()
+        SparseActivations.BackwardTensors.release ()
         let values = vars[0] :?> Tensor
         let indices = vars[1] :?> Tensor
         let w = vars[2] :?> Tensor
@@ -57,7 +57,7 @@ type SparseDecodeFunction() =
         // ∂v[b, j] = G[b]·W[i[b, j]]
         let wRows = w.index_select(0L, cols).reshape(b, k, d)
         let gv = torch.bmm(wRows, g.unsqueeze 2).squeeze(2L).to_type values.dtype
-        Activations.BackwardTensors.result gradOutput [ gv; null; gw ]
+        SparseActivations.BackwardTensors.result gradOutput [ gv; null; gw ]
 
 /// y [B, D] = Σ_j values[b, j]·W[indices[b, j]], differentiable in `values` and `w` (W [F, D]).
 let decode (values: Tensor) (indices: Tensor) (w: Tensor) : Tensor =
@@ -74,7 +74,7 @@ type SparseEncodeFunction() =
     inherit torch.autograd.SingleTensorFunction<SparseEncodeFunction>()
     override _.Name = "SparseEncode"
     override _.forward(ctx: torch.autograd.AutogradContext, vars: obj[]) : Tensor =
-        Activations.BackwardTensors.release ()
+        SparseActivations.BackwardTensors.release ()
         let pre = vars[0] :?> Tensor
         let indices = vars[1] :?> Tensor
         let xc = vars[2] :?> Tensor
@@ -98,7 +98,7 @@ type SparseEncodeFunction() =
         let gw = gwT.t()
         let gb = torch.zeros([| f |], dtype = wEnc.dtype, device = wEnc.device).index_add_(0L, cols, g, Scalars.sc 1.0)
         let gbIn = if hasInputBias then torch.mv(wEnc, gb).neg() else null
-        Activations.BackwardTensors.result gradOutput [ null; null; null; gw; gb; gbIn; null ]
+        SparseActivations.BackwardTensors.result gradOutput [ null; null; null; gw; gb; gbIn; null ]
 
 /// v[b, j] = (xc·W_enc + b_enc)[b, i[b, j]] from a `pre` computed without gradient, differentiable in W_enc, b_enc and
 /// (when `bIn` is given, xc = x − b_in) b_in through the sparse backward of `SparseEncodeFunction`. `xc` must not
@@ -120,7 +120,7 @@ type AffineEncodeFunction() =
     inherit torch.autograd.SingleTensorFunction<AffineEncodeFunction>()
     override _.Name = "AffineEncode"
     override _.forward(ctx: torch.autograd.AutogradContext, vars: obj[]) : Tensor =
-        Activations.BackwardTensors.release ()
+        SparseActivations.BackwardTensors.release ()
         let xc = vars[0] :?> Tensor
         let wEnc = vars[1] :?> Tensor
         let bEnc = vars[2] :?> Tensor
@@ -144,7 +144,7 @@ type AffineEncodeFunction() =
         let gw = if gw.dtype = wEnc.dtype then gw else gw.to_type wEnc.dtype
         let gb = g.sum([| 1L |], false, wEnc.dtype)
         let gbIn = if hasInputBias then torch.bmm(wEnc, gb.unsqueeze 2).squeeze(2L).neg() else null
-        Activations.BackwardTensors.result gradOutput [ null; gw; gb; gbIn; null; null ]
+        SparseActivations.BackwardTensors.result gradOutput [ null; gw; gb; gbIn; null; null ]
 
 /// pre [L, B, F] = (x − b_in)·W_enc + b_enc in `dtype`, for an input `xc` = x − b_in computed without gradient; the
 /// gradients of W_enc, b_enc and (when given) b_in are those of the composed expression (`AffineEncodeFunction`).

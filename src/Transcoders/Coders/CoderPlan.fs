@@ -5,19 +5,18 @@ open TorchSharp
 open Transcoders.Activations
 open Transcoders.Models
 
-type private CoderActivation = Transcoders.Coders.Activation
 
 /// What to train on a model in one run: coders of some kinds at some layers, all with one width and one
 /// activation, fed from one activation stream. `train-coder` and the C# facade build their jobs from it.
 type CoderPlan =
-    { Kinds: SweepKind list
+    { Kinds: LayerCoderKind list
       /// Layers to train at; empty: every layer of the model.
       Layers: int list
       /// Features per coder; None: `Expansion` × d_model.
       Width: int option
       Expansion: int
       /// The activation; None: TopK with k = d_model / 4.
-      Activation: Transcoders.Coders.Activation option
+      Activation: CoderActivation option
       /// The sparsity coefficient λ of ReLU / JumpReLU coders (on activations normalised to E‖x‖ = √d).
       Lambda: float
       Steps: int
@@ -43,15 +42,15 @@ module CoderPlan =
     let width (dModel: int) (plan: CoderPlan) = defaultArg plan.Width (plan.Expansion * dModel)
 
     /// The plan's activation on a model of width `dModel`.
-    let activation (dModel: int) (plan: CoderPlan) : Transcoders.Coders.Activation = defaultArg plan.Activation (CoderActivation.TopK(max 1 (dModel / 4)))
+    let activation (dModel: int) (plan: CoderPlan) : CoderActivation = defaultArg plan.Activation (CoderActivation.TopK(max 1 (dModel / 4)))
 
     /// A cross-layer transcoder over `layers` with `activation`: Anthropic's free decoder norms go with their
     /// decoder-norm-weighted penalty (JumpReLU); TopK and ReLU coders keep unit-norm decoders, as the per-layer kinds do.
-    let crossLayerConfig (modelName: string) (layers: int[]) (dModel: int) (width: int) (activation: Transcoders.Coders.Activation) : CoderConfig =
+    let crossLayerConfig (modelName: string) (layers: int[]) (dModel: int) (width: int) (activation: CoderActivation) : CoderConfig =
         let decoder = match activation with CoderActivation.JumpReLU _ -> Free | _ -> UnitNorm
         CoderConfig.validate { CoderConfig.crossLayer modelName layers dModel width with Activation = activation; Decoder = decoder }
 
-    /// One job per (kind, layer), named `<kind>-L<layer>`, then the cross-layer transcoder when the plan asks for one.
+    /// One job per (kind, layer), named by `CoderJob.name` (`transcoder-L1`), then the cross-layer transcoder when the plan asks for one.
     /// Layers outside the model and unknown SAE hooks raise an error naming them.
     let jobs (model: Transformer) (modelName: string) (plan: CoderPlan) : CoderJob list =
         let c = model.Config
@@ -71,24 +70,16 @@ module CoderPlan =
               for layer in layers do
                   if layer < 0 || layer >= c.NLayers then
                       invalidArg "Layers" (sprintf "layer %d is outside the model's layers 0..%d" layer (c.NLayers - 1))
-                  let dIn =
-                      match kind with
-                      | SaeOn suffix ->
-                          let hook = sprintf "blocks.%d.%s" layer suffix
-                          HookNames.resolve c hook |> ignore
-                          int (ActivationStore.Widths(model, [ hook ])[hook])
-                      | _ -> c.DModel
-                  let coder = { Sweep.coderConfig modelName dIn kind layer width level with Activation = activation }
-                  let name = sprintf "%s-L%d" (kind.Name.Replace(":", "-").Replace(".", "-")) layer
-                  yield { Name = name; Coder = coder; Train = train coder }
+                  let dIn = LayerCoder.inputWidth model kind layer
+                  let coder = { LayerCoder.config modelName dIn kind layer width level with Activation = activation }
+                  yield { Name = CoderJob.name coder; Coder = coder; Train = train coder }
           if plan.CrossLayer then
               let layers = List.sort layers |> List.distinct
               for layer in layers do
                   if layer < 0 || layer >= c.NLayers then
                       invalidArg "Layers" (sprintf "layer %d is outside the model's layers 0..%d" layer (c.NLayers - 1))
               let coder = crossLayerConfig modelName (Array.ofList layers) c.DModel width activation
-              let name = sprintf "clt-L%s" (String.Join("-", layers))
-              yield { Name = name; Coder = coder; Train = train coder } ]
+              yield { Name = CoderJob.name coder; Coder = coder; Train = train coder } ]
 
     /// Store settings for training batches of `batch` tokens: rows of `ctx` tokens (default min(128, n_ctx)),
     /// a shuffle buffer of `bufferRows` rows (default 64 batches), seeded text order and shuffling, batches served on

@@ -6,7 +6,6 @@ open TorchSharp
 open Transcoders.Activations
 open Transcoders.Models
 
-type private RunActivation = Transcoders.Coders.Activation
 
 /// A `train-coder` run: what to train (a `CoderPlan`) and how the run is fed, checkpointed and evaluated. The
 /// command line, the C# facade and the quickstart all start from `CoderRunSettings.Default`.
@@ -44,24 +43,24 @@ module CoderRun =
 
     /// The activation named `name` (topk, batchtopk, groupmax, relu or jumprelu); `k` is the features kept per token
     /// for the TopK family.
-    let activation (name: string) (k: int) : Transcoders.Coders.Activation =
+    let activation (name: string) (k: int) : CoderActivation =
         match name.Trim().ToLowerInvariant() with
-        | "topk" -> RunActivation.TopK k
-        | "batchtopk" -> RunActivation.BatchTopK(float k)
-        | "groupmax" -> RunActivation.GroupMax k
-        | "relu" -> RunActivation.ReLU
-        | "jumprelu" -> RunActivation.JumpReLU JumpReLUSpec.Default
+        | "topk" -> CoderActivation.TopK k
+        | "batchtopk" -> CoderActivation.BatchTopK(float k)
+        | "groupmax" -> CoderActivation.GroupMax k
+        | "relu" -> CoderActivation.ReLU
+        | "jumprelu" -> CoderActivation.JumpReLU JumpReLUSpec.Default
         | a -> failwithf "unknown activation '%s': expected topk, batchtopk, groupmax, relu or jumprelu" a
 
     /// The activation named `name` for a model of width `dModel`, keeping `k` features per token (None: d_model / 4).
-    let activationFor (name: string) (k: int option) (dModel: int) : Transcoders.Coders.Activation =
+    let activationFor (name: string) (k: int option) (dModel: int) : CoderActivation =
         activation name (defaultArg k (max 1 (dModel / 4)))
 
     /// A fresh coder configuration of any kind with any activation: an SAE on `hook` (default: the layer's MLP
     /// output), a transcoder or skip transcoder of the layer's MLP (one layer), or a cross-layer transcoder over
     /// `layers` (`CoderPlan.crossLayerConfig`); `width` features per layer.
     let coderConfig (kind: CoderKind) (modelName: string) (layers: int[]) (hook: string option) (dModel: int) (width: int)
-                    (activation: Transcoders.Coders.Activation) : CoderConfig =
+                    (activation: CoderActivation) : CoderConfig =
         let one () =
             if layers.Length <> 1 then invalidArg "layers" (sprintf "a %s reads exactly one layer (got %d)" (CoderConfig.kindName kind) layers.Length)
             layers[0]
@@ -79,11 +78,11 @@ module CoderRun =
         | "clt" | "cross-layer-transcoder" | "cross_layer_transcoder" | "crosslayer" -> true
         | _ -> false
 
-    /// `plan` with the kinds named: transcoder, skip-transcoder, sae, sae:<hook suffix> (`SweepKind.Parse`) and clt
+    /// `plan` with the kinds named: transcoder, skip-transcoder, sae, sae:<hook suffix> (`LayerCoderKind.Parse`) and clt
     /// (one cross-layer transcoder over the plan's layers).
     let withKinds (names: string list) (plan: CoderPlan) : CoderPlan =
         { plan with
-            Kinds = names |> List.filter (isCrossLayer >> not) |> List.map SweepKind.Parse
+            Kinds = names |> List.filter (isCrossLayer >> not) |> List.map LayerCoderKind.Parse
             CrossLayer = names |> List.exists isCrossLayer }
 
     /// The kind names of a plan, as `withKinds` reads them.

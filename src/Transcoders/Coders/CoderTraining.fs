@@ -327,7 +327,7 @@ module CoderTraining =
                 (if badInput then "; the batch itself holds NaN/Inf values" else "; lower the learning rate or the sparsity coefficient")
         state.Optimizer.ZeroGrad()
         f.Terms.Total.backward()
-        Activations.BackwardTensors.release ()
+        SparseActivations.BackwardTensors.release ()
         afterBackward state
         state.Optimizer.SetLearningRate lr
         state.Optimizer.Step()

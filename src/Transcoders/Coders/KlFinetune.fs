@@ -98,7 +98,7 @@ let run (model: Transformer) (coders: Coder list) (config: KlFinetuneConfig) (to
             let loss = kl.mul(sc config.KlWeight).add(fvu.mul(sc config.FvuWeight))
             for o in optimisers do o.ZeroGrad()
             loss.backward ()
-            Activations.BackwardTensors.release ()
+            SparseActivations.BackwardTensors.release ()
             let lr = config.Lr * min 1.0 (float (step + 1) / float warmup)
             for (c, o), n in List.zip (List.zip coders optimisers) norms do
                 if c.Config.Decoder = UnitNorm then DecoderConstraint.removeParallelGradient c

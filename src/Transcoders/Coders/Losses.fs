@@ -197,7 +197,7 @@ module Losses =
     /// mean_t Σ_{ℓ,i} H(z_i − θ_i), differentiable in θ through the rectangle-kernel estimator.
     let l0 (pre: torch.Tensor) (threshold: torch.Tensor) (bandwidth: float) : torch.Tensor =
         use th = threshold.unsqueeze 1
-        use h = Activations.step pre th bandwidth
+        use h = SparseActivations.step pre th bandwidth
         sumLayersFeatures h
 
     /// (L0/target − 1)² with L0 = mean_t of Σ_i H(z_i − θ_i), averaged over layers; differentiable in θ.

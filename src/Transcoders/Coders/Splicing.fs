@@ -114,17 +114,12 @@ let private preActivations (coder: Coder) (i: int) (columns: Tensor option) (x: 
     let cfg = coder.Config
     let s = cfg.Scale.In[i]
     let xn = if s = 1.0 then x else x.mul(sc s)
-    let xc =
-        if not cfg.InputBias then xn
-        else
-            // an SAE's input bias is its b_dec (SAELens apply_b_dec_to_input); a transcoder's is b_in
-            let b = if cfg.Kind = Sae then coder.BDec.select(0, int64 i) else coder.BIn.Value.select(0, int64 i)
-            xn.sub b
+    let inputBias = coder.InputBias |> Option.map (fun b -> b.select(0, int64 i))
     let w = coder.WEnc.select(0, int64 i)
     let b = coder.BEnc.select(0, int64 i)
     match columns with
-    | None -> xc.matmul(w).add(b)
-    | Some idx -> xc.matmul(w.index_select(1L, idx)).add(b.index_select(0L, idx))
+    | None -> Encoder.preActivations torch.float32 inputBias w b xn
+    | Some idx -> Encoder.preActivations torch.float32 inputBias (w.index_select(1L, idx)) (b.index_select(0L, idx)) xn
 
 /// The threshold of a BatchTopK coder's layer, which splicing uses as a JumpReLU (batch-independent inference).
 let private batchTopKThreshold (coder: Coder) (i: int) : float =
@@ -140,13 +135,13 @@ let private activate (coder: Coder) (i: int) (columns: Tensor option) (pre: Tens
     | JumpReLU j ->
         let theta = coder.LogThreshold.Value.select(0, int64 i).exp()
         let theta = match columns with Some idx -> theta.index_select(0L, idx) | None -> theta
-        Activations.jumpReLU pre theta j.Bandwidth
+        SparseActivations.jumpReLU pre theta j.Bandwidth
     | TopK k ->
         if columns.IsSome then invalidOp "TopK needs every feature's pre-activation (use encodeLayer, then select)"
-        Activations.topK k pre
+        SparseActivations.topK k pre
     | GroupMax k ->
         if columns.IsSome then invalidOp "GroupMax needs every feature of a group (use encodeLayer, then select)"
-        Activations.groupMax k pre
+        SparseActivations.groupMax k pre
     | BatchTopK _ ->
         let t = batchTopKThreshold coder i
         pre.relu().mul(pre.gt(sc t))

@@ -35,7 +35,7 @@ let evaluate (model: Transcoders.Models.Transformer) (text: ModelText) (store: S
     if config.ChunkRows < 1L then invalidArg "ChunkRows" "ChunkRows must be at least 1"
     if coders.IsEmpty then []
     else
-        let spec = { Coders = [ for n, c in coders -> CoderJobs.hooksOf n c.Config ] }
+        let spec = { Coders = [ for n, c in coders -> CoderJob.hooksOf n c.Config ] }
         let tokens, start, seed, name =
             match config.Source with
             | ValidationText -> text.Validation, 0L, 0L, text.Name + " (validation)"
@@ -54,7 +54,7 @@ let evaluate (model: Transcoders.Models.Transformer) (text: ModelText) (store: S
                 try
                     let n = Rows.count rows
                     for (_, acc), (_, c) in List.zip accs coders do
-                        let x, y = CoderJobs.pair c.Config rows
+                        let x, y = CoderJob.pair c.Config rows
                         acc.Add(x, y)
                     left <- left - n
                     onChunk (config.Tokens - left)

@@ -7,51 +7,11 @@ open System.IO
 open Transcoders.Files
 open Transcoders.Models
 
-/// What a sweep point trains at a layer.
-type SweepKind =
-    /// A transcoder of the layer's MLP: reads `blocks.{l}.ln2.hook_normalized`, predicts `blocks.{l}.hook_mlp_out`.
-    | MlpTranscoder
-    /// The same with an affine skip path (Paulo et al.).
-    | MlpSkipTranscoder
-    /// An SAE on the layer's MLP output, `blocks.{l}.hook_mlp_out`: the transcoder paper's baseline.
-    | MlpOutSae
-    /// An SAE on another hook of the layer, `blocks.{l}.<suffix>` (e.g. "hook_resid_post").
-    | SaeOn of suffix: string
-
-    /// "transcoder", "skip-transcoder", "sae" (on mlp_out) or "sae:<suffix>".
-    member k.Name =
-        match k with
-        | MlpTranscoder -> "transcoder"
-        | MlpSkipTranscoder -> "skip-transcoder"
-        | MlpOutSae -> "sae"
-        | SaeOn s -> "sae:" + s
-
-    /// Parses `Name`'s forms.
-    static member Parse(s: string) =
-        match s.Trim().ToLowerInvariant() with
-        | "transcoder" | "tc" -> MlpTranscoder
-        | "skip-transcoder" | "skip_transcoder" | "skiptc" -> MlpSkipTranscoder
-        | "sae" | "sae:hook_mlp_out" -> MlpOutSae
-        | x when x.StartsWith "sae:" && x.Length > 4 -> SaeOn(s.Trim().Substring 4)
-        | _ -> invalidArg "kind" (sprintf "unknown coder kind '%s': expected transcoder, skip-transcoder, sae or sae:<hook suffix>" s)
-
-/// One sparsity setting of a sweep.
-type SparsityLevel =
-    /// TopK activation keeping k features per token.
-    | TopKLevel of k: int
-    /// ReLU activation with sparsity coefficient λ (L1 penalty).
-    | L1Level of lambda: float
-
-    member l.Name =
-        match l with
-        | TopKLevel k -> sprintf "k%d" k
-        | L1Level lambda -> "l1-" + lambda.ToString("G3", CultureInfo.InvariantCulture)
-
 /// A sparsity / width / layer / kind sweep (the transcoder paper's SAE-versus-transcoder comparison).
 type SweepConfig =
     { /// The model's name, recorded in each coder's config.
       Model: string
-      Kinds: SweepKind list
+      Kinds: LayerCoderKind list
       Layers: int list
       /// Features per coder (d_sae).
       Widths: int list
@@ -65,7 +25,7 @@ type SweepConfig =
 
 /// One point of a sweep.
 type SweepPoint =
-    { Kind: SweepKind
+    { Kind: LayerCoderKind
       Layer: int
       Width: int
       Level: SparsityLevel
@@ -97,20 +57,6 @@ type SweepResult =
 /// `SweepConfig.MaxConcurrent`), is evaluated like any `CoderJobs` coder, and the results are written as
 /// `sweep.csv`, `sweep.md` and `frontier.csv` (L0 against spliced CE and FVU, for plots).
 module Sweep =
-    /// The coder configuration of a point.
-    let coderConfig (model: string) (dModel: int) (kind: SweepKind) (layer: int) (width: int) (level: SparsityLevel) : CoderConfig =
-        let baseConfig =
-            match kind with
-            | MlpTranscoder -> CoderConfig.transcoder model layer dModel width
-            | MlpSkipTranscoder -> CoderConfig.skipTranscoder model layer dModel width
-            | MlpOutSae -> CoderConfig.sae model (CoderConfig.mlpOutHook layer) layer dModel width
-            | SaeOn suffix -> CoderConfig.sae model (sprintf "blocks.%d.%s" layer suffix) layer dModel width
-        let activation =
-            match level with
-            | TopKLevel k -> TopK k
-            | L1Level _ -> ReLU
-        CoderConfig.validate { baseConfig with Activation = activation }
-
     /// Every point of the sweep (kinds × layers × widths × levels), with its job. An SAE on a hook whose width is
     /// not d_model gets its real width from the model.
     let points (model: Transformer) (config: SweepConfig) : SweepPoint list =
@@ -119,22 +65,15 @@ module Sweep =
         empty "Layers" config.Layers
         empty "Widths" config.Widths
         empty "Levels" config.Levels
-        let d = model.Config.DModel
         [ for kind in config.Kinds do
               for layer in config.Layers do
                   if layer < 0 || layer >= model.Config.NLayers then
                       invalidArg "Layers" (sprintf "layer %d is outside the model's layers 0..%d" layer (model.Config.NLayers - 1))
-                  let dIn =
-                      match kind with
-                      | SaeOn suffix ->
-                          let hook = sprintf "blocks.%d.%s" layer suffix
-                          HookNames.resolve model.Config hook |> ignore
-                          int (ActivationStore.Widths(model, [ hook ])[hook])
-                      | _ -> d
+                  let dIn = LayerCoder.inputWidth model kind layer
                   for width in config.Widths do
                       for level in config.Levels do
-                          let coder = { coderConfig config.Model dIn kind layer width level with DIn = dIn; DOut = dIn }
-                          let name = sprintf "%s-L%d-w%d-%s" (kind.Name.Replace(":", "-").Replace(".", "-")) layer width level.Name
+                          let coder = { LayerCoder.config config.Model dIn kind layer width level with DIn = dIn; DOut = dIn }
+                          let name = sprintf "%s-w%d-%s" (CoderJob.name coder) width level.Name
                           let train = config.Train coder level
                           yield { Kind = kind; Layer = layer; Width = width; Level = level; Job = { Name = name; Coder = coder; Train = train } } ]
 

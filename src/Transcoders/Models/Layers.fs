@@ -24,7 +24,7 @@ module internal Init =
             kept.div(Scalar.op_Implicit (1.0 - p))
         else x
 
-    let activation (a: Activation) : torch.Tensor -> torch.Tensor =
+    let activation (a: MlpActivation) : torch.Tensor -> torch.Tensor =
         match a with
         | GeluNew -> fun x -> F.gelu(x, TorchSharp.Modules.GELU.Approximate.tanh)
         | Gelu -> fun x -> F.gelu(x)

@@ -24,7 +24,7 @@ type Positions =
     | Rotary of layout: RotaryLayout * theta: float
 
 /// Elementwise non-linearities of the MLP.
-type Activation =
+type MlpActivation =
     /// GPT-2's tanh approximation of GELU (HF `gelu_new`, `gelu_pytorch_tanh`).
     | GeluNew
     /// The exact GELU, x·Φ(x).
@@ -36,9 +36,9 @@ type Activation =
 /// The MLP of a block.
 type MlpKind =
     /// fc_out(act(fc_in x)).
-    | Plain of Activation
+    | Plain of MlpActivation
     /// fc_out(act(fc_gate x) ⊙ fc_in x): SwiGLU with `Gated Silu`, as in Llama.
-    | Gated of Activation
+    | Gated of MlpActivation
 
 /// Which linear maps carry a bias.
 type Biases =

@@ -128,7 +128,7 @@ module FeatureDashboard =
     /// the largest OV norm along the feature's read direction, in layers up to the feature's). None for coders that are
     /// not transcoders of the MLPs (SAEs, skip transcoders).
     let deembeddings (model: Transformer) (coder: Coder) (i: int) (k: int) (heads: int) (live: bool[]) : (TokenScore[] * (int * int * float * TokenScore[])[])[] option =
-        let circuit = try Some (Circuit.create model [ coder ]) with _ -> None
+        let circuit = try Some (CircuitModel.create model [ coder ]) with _ -> None
         match circuit with
         | None -> None
         | Some circuit ->

@@ -341,7 +341,7 @@ module GraphJson =
             | "mlp reconstruction error" -> Graph.errorNode g0 (int n.Layer) n.CtxIdx
             | "cross layer transcoder" | "transcoder" ->
                 let p = parts n.NodeId
-                fIndex[(int p[0], int p[2], int p[1])]
+                fIndex[{ FeatureAt.Layer = int p[0]; Position = int p[2]; Feature = int p[1] }]
             | t -> fail src "node '%s' has feature_type '%s', which this library's graphs do not hold" n.NodeId t
         let byId = doc.Nodes |> Array.map (fun n -> n.NodeId, idOf n) |> dict
         let blocks =

@@ -1,6 +1,6 @@
 /// Sparse activation functions: JumpReLU and its step function (custom autograd with a rectangle-kernel
 /// straight-through estimator for the threshold), TopK and BatchTopK.
-module Transcoders.Coders.Activations
+module Transcoders.Coders.SparseActivations
 
 open System.Collections.Generic
 open TorchSharp
@@ -62,17 +62,22 @@ module BackwardTensors =
         keep gradOutput |> ignore
         List<Tensor>(grads |> List.map keep)
 
+/// The forward of the JumpReLU functions: (z, θ, bandwidth) saved for the backward; returns z and θ.
+let private saveInputs (ctx: torch.autograd.AutogradContext) (vars: obj[]) : Tensor * Tensor =
+    BackwardTensors.release ()
+    let z = vars[0] :?> Tensor
+    let theta = vars[1] :?> Tensor
+    ctx.save_for_backward(List<Tensor>([ z; theta ]))
+    ctx.save_data("bandwidth", vars[2])
+    z, theta
+
 /// JumpReLU(z; θ) = z·H(z − θ). Backward: ∂/∂z = H(z − θ) (no estimator on z);
 /// ∂/∂θ = −(θ/ε)·K((z − θ)/ε), summed to θ's shape.
 type JumpReLUFunction() =
     inherit torch.autograd.SingleTensorFunction<JumpReLUFunction>()
     override _.Name = "JumpReLU"
     override _.forward(ctx: torch.autograd.AutogradContext, vars: obj[]) : Tensor =
-        BackwardTensors.release ()
-        let z = vars[0] :?> Tensor
-        let theta = vars[1] :?> Tensor
-        ctx.save_for_backward(List<Tensor>([ z; theta ]))
-        ctx.save_data("bandwidth", vars[2])
+        let z, theta = saveInputs ctx vars
         use mask = z.gt theta
         z.mul mask
     override _.backward(ctx: torch.autograd.AutogradContext, gradOutput: Tensor) : List<Tensor> =
@@ -97,11 +102,7 @@ type StepFunction() =
     inherit torch.autograd.SingleTensorFunction<StepFunction>()
     override _.Name = "JumpReLUStep"
     override _.forward(ctx: torch.autograd.AutogradContext, vars: obj[]) : Tensor =
-        BackwardTensors.release ()
-        let z = vars[0] :?> Tensor
-        let theta = vars[1] :?> Tensor
-        ctx.save_for_backward(List<Tensor>([ z; theta ]))
-        ctx.save_data("bandwidth", vars[2])
+        let z, theta = saveInputs ctx vars
         use mask = z.gt theta
         mask.to_type z.dtype
     override _.backward(ctx: torch.autograd.AutogradContext, gradOutput: Tensor) : List<Tensor> =
