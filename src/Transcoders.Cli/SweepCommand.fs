@@ -30,6 +30,9 @@ type Args =
     | No_Resume
     | Eval_Rows of int64
     | Spliced_Rows of int
+    | Slurm of folder: string
+    | Sbatch of options: string list
+    | Max_Parallel of int
     interface IArgParserTemplate with
         member this.Usage =
             match this with
@@ -52,6 +55,9 @@ type Args =
             | No_Resume -> "start over even if the output folder holds a checkpoint"
             | Eval_Rows _ -> "held-out activation rows per coder (default 32768)"
             | Spliced_Rows _ -> "validation rows spliced for CE/KL (default 128)"
+            | Slurm _ -> "write a Slurm job table and batch scripts into this shared folder instead of training (docs/cluster.md)"
+            | Sbatch _ -> "with --slurm: #SBATCH options as key=value, e.g. partition=gpu gres=gpu:1 time=04:00:00 cpus-per-task=8"
+            | Max_Parallel _ -> "with --slurm: array tasks running at once (default: no limit)"
 
 let run (common: Common.Options) (args: ParseResults<Args>) =
     let sw = Stopwatch.StartNew()

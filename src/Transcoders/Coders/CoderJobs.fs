@@ -52,11 +52,14 @@ type JobsConfig =
       Resume: bool
       Eval: JobEval
       /// Keep the newest this many checkpoints (0: all), so that a damaged one leaves an older one to resume from.
-      KeepCheckpoints: int }
+      KeepCheckpoints: int
+      /// Once cancelled (a scheduler's SIGTERM), the run writes a checkpoint after the current step and stops with
+      /// `OperationCanceledException`; resuming from that checkpoint continues bit for bit.
+      Stop: Threading.CancellationToken }
 
     static member Default(out: string) =
         { Out = out; Store = StoreConfig.Default; Cache = None; CheckpointEvery = 1000; Resume = true; Eval = JobEval.Default
-          KeepCheckpoints = 3 }
+          KeepCheckpoints = 3; Stop = Threading.CancellationToken.None }
 
 /// What a run reports while it works.
 type JobsProgress =
@@ -690,11 +693,13 @@ module CoderJobs =
                                 writers[job.Name].WriteLine(CoderTraining.logLine log)
                                 logged.Add((job.Name, log))
                     onProgress (Trained(s + 1, maxSteps, int64 (s + 1) * config.Store.Buffer.BatchSize, List.ofSeq logged))
-                    let due = s + 1 = maxSteps || (config.CheckpointEvery > 0 && (s + 1) % config.CheckpointEvery = 0)
+                    let stopping = config.Stop.IsCancellationRequested && s + 1 < maxSteps && s + 1 >= prefetched.Length
+                    let due = s + 1 = maxSteps || (config.CheckpointEvery > 0 && (s + 1) % config.CheckpointEvery = 0) || stopping
                     if due && s + 1 >= prefetched.Length then
                         let folder = saveCheckpoint config description (s + 1) (elapsed0 + sw.Elapsed.TotalSeconds) buffer states
                         lastCheckpoint <- Some(s + 1, folder)
                         onProgress (Checkpointed(s + 1, folder))
+                    if stopping then raise (OperationCanceledException(sprintf "stopped after the checkpoint at step %d" (s + 1)))
             finally
                 for w in writers.Values do (w :> IDisposable).Dispose()
                 for b in prefetched do Batch.dispose b
