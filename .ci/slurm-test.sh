@@ -82,7 +82,7 @@ export TRANSCODERS_CACHE="$work/cache" TRANSCODERS_DATA="$root/data"
 cd "$work"
 
 # A tiny model on a few shipped stories.
-zcat "$root/data/tinystories/ts_v2_valid_head_part2.txt.gz" | head -n 1500 > stories.txt
+{ zcat "$root/data/tinystories/ts_v2_valid_head_part2.txt.gz" || true; } | head -n 1500 > stories.txt || true
 "${cli[@]}" corpus --files stories.txt --vocab-size 300 --out corpus >/dev/null
 "${cli[@]}" train-lm --files stories.txt --vocab-size 300 --layers 2 --d-model 16 --heads 2 --ctx 64 --batch 4 --steps 4 \
     --warmup 1 --eval-every 2 --checkpoint-every 2 --out lm --device cpu --threads 1 >/dev/null
@@ -97,12 +97,13 @@ array="$(sed -E 's/.*array job ([0-9]+).*/\1/' submit.out)"
 
 # Stop task 1 mid-run, once it has trained past its first checkpoint.
 victim="${array}_1"
-for _ in $(seq 300); do
-    if ls shared/runs/*/checkpoint 2>/dev/null | grep -q step && [ "$(squeue -h -j "$victim" -o %T 2>/dev/null)" = RUNNING ] \
-       && [ -d "shared/runs/$(sed -n 3p shared/jobs.csv | cut -d, -f2)/checkpoint" ]; then break; fi
-    sleep 0.5
+victim_dir="shared/runs/$(sed -n 3p shared/jobs.csv | cut -d, -f2)"
+for _ in $(seq 600); do
+    if ls "$victim_dir/checkpoint" 2>/dev/null | grep -q '^step_' && [ "$(squeue -h -j "$victim" -o %T 2>/dev/null)" = RUNNING ]; then break; fi
+    sleep 0.2
 done
-scancel --signal=TERM "$victim"
+# The signal reaches the task's step at once; scancel then keeps asking about the (requeued) job and reports an error.
+timeout 5 scancel --signal=TERM "$victim" 2>/dev/null || true
 echo "sent SIGTERM to $victim"
 
 # Wait for everything (the requeued task and the gather job) to finish.
