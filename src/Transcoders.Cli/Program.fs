@@ -12,6 +12,9 @@ type Command =
     | [<CliPrefix(CliPrefix.None)>] Train_Coder of ParseResults<TrainCoderCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Eval_Coder of ParseResults<EvalCoderCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Sweep of ParseResults<SweepCommand.Args>
+    | [<CliPrefix(CliPrefix.None)>] Sweep_Cache of ParseResults<SlurmCommand.TaskArgs>
+    | [<CliPrefix(CliPrefix.None)>] Sweep_Task of ParseResults<SlurmCommand.TaskArgs>
+    | [<CliPrefix(CliPrefix.None)>] Sweep_Gather of ParseResults<SlurmCommand.TaskArgs>
     | [<CliPrefix(CliPrefix.None)>] Trace of ParseResults<TraceCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Intervene of ParseResults<InterveneCommand.Args>
     | [<CliPrefix(CliPrefix.None)>] Dashboard of ParseResults<DashboardCommand.Args>
@@ -33,6 +36,9 @@ type Command =
             | Train_Coder _ -> "train transcoders / SAEs / cross-layer transcoders on a model's activations, save and evaluate them"
             | Eval_Coder _ -> "evaluate saved coders on a model (L0, FVU, spliced CE, KL)"
             | Sweep _ -> "sweep coder kind, layer, width and sparsity; write the L0-vs-CE comparison"
+            | Sweep_Cache _ -> "Slurm sweep, stage 1: write the shared activation cache of a job table"
+            | Sweep_Task _ -> "Slurm sweep, stage 2: train one row of a job table (an array task; resumes, skips finished)"
+            | Sweep_Gather _ -> "Slurm sweep, stage 3: the sweep table, frontier and plot page from the finished runs"
             | Trace _ -> "attribution graph of a prediction (pruned, scored, saved) and the paper's computational paths"
             | Intervene _ -> "set, scale or ablate features: next-token changes (free and constrained), graph prediction, generation"
             | Dashboard _ -> "feature pages (top examples, quantiles, histogram, logit effects, de-embeddings, your texts) and an index"
@@ -85,7 +91,11 @@ let run (argv: string[]) : int =
             | Some(Train_Lm a) -> TrainLmCommand.run common a
             | Some(Train_Coder a) -> TrainCoderCommand.run common a
             | Some(Eval_Coder a) -> EvalCoderCommand.run common a
+            | Some(Sweep a) when a.Contains SweepCommand.Slurm -> SlurmCommand.prepare common a
             | Some(Sweep a) -> SweepCommand.run common a
+            | Some(Sweep_Cache a) -> SlurmCommand.cache common a
+            | Some(Sweep_Task a) -> SlurmCommand.task common a
+            | Some(Sweep_Gather a) -> SlurmCommand.gather a
             | Some(Trace a) -> TraceCommand.run common a
             | Some(Intervene a) -> InterveneCommand.run common a
             | Some(Dashboard a) -> DashboardCommand.run common a

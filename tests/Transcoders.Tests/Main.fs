@@ -7,6 +7,7 @@ open Expecto.Impl
 let all =
     testList "Transcoders" [
         ElfTests.tests
+        SlurmTests.tests
         TorchTests.tests
         SafetensorsTests.tests
         SafetensorsTests.pathsTests

@@ -267,6 +267,16 @@ type ActivationStore(model: Transformer, tokens: int[], bos: int option, spec: A
         use source = s.Source(ActivationCache.resumePosition cache.Dir)
         ActivationCache.writeWith (defaultArg onShard ignore) cache.Dir settings source
 
+    /// Whether `cache.Dir` holds a complete cache of at least `rows` rows of this store's passes for more hooks than
+    /// this store's (a sweep's cache, written once for all its coders): it is then read as it is, these hooks only.
+    member s.ServedBy(cache: DiskCache, rows: int64) : bool =
+        File.Exists(Path.Combine(cache.Dir, CacheManifest.FileName))
+        && (let m = CacheManifest.Read cache.Dir
+            let cached = set [ for h in m.Hooks -> h.Name ]
+            let source = Map.fold (fun (acc: Map<string, string>) k v -> acc.Add(k, v)) cache.Settings.Source s.Provenance
+            m.Complete && m.TotalRows >= rows && cached.Count > hooks.Length && hooks |> List.forall cached.Contains
+            && m.DType = cache.Settings.DType && m.Source = source)
+
     /// The cache reader settings of this store: the buffer's seed and device, shards in a seeded order, endless.
     member _.CacheReadConfig =
         { CachedReadConfig.Default with
@@ -279,7 +289,7 @@ type ActivationStore(model: Transformer, tokens: int[], bos: int option, spec: A
         | None -> new ShuffleBuffer(config.Buffer, s.Source())
         | Some c ->
             let rows = defaultArg cacheRows config.Buffer.Rows
-            s.WriteCache(c, rows) |> ignore
+            if not (s.ServedBy(c, rows)) then s.WriteCache(c, rows) |> ignore
             CachedActivationSource.Buffer(c.Dir, s.CacheReadConfig, config.Buffer, hooks)
 
     /// A buffer resumed from a state file written by `ShuffleBuffer.SaveState` (over the same model passes, or the

@@ -46,11 +46,14 @@ type JobsConfig =
       Resume: bool
       Eval: JobEval
       /// Keep the newest this many checkpoints (0: all), so that a damaged one leaves an older one to resume from.
-      KeepCheckpoints: int }
+      KeepCheckpoints: int
+      /// Once cancelled (a scheduler's SIGTERM), the run writes a checkpoint after the current step and stops with
+      /// `OperationCanceledException`; resuming from that checkpoint continues bit for bit.
+      Stop: Threading.CancellationToken }
 
     static member Default(out: string) =
         { Out = out; Store = StoreConfig.Default; Cache = None; CheckpointEvery = 1000; Resume = true; Eval = JobEval.Default
-          KeepCheckpoints = 3 }
+          KeepCheckpoints = 3; Stop = Threading.CancellationToken.None }
 
 /// What a run reports while it works.
 type JobsProgress =

@@ -128,11 +128,13 @@ module CoderJobs =
                                 writers[job.Name].WriteLine(CoderTraining.logLine log)
                                 logged.Add((job.Name, log))
                     onProgress (Trained(s + 1, maxSteps, int64 (s + 1) * config.Store.Buffer.BatchSize, List.ofSeq logged))
-                    let due = s + 1 = maxSteps || (config.CheckpointEvery > 0 && (s + 1) % config.CheckpointEvery = 0)
+                    let stopping = config.Stop.IsCancellationRequested && s + 1 < maxSteps && s + 1 >= prefetched.Length
+                    let due = s + 1 = maxSteps || (config.CheckpointEvery > 0 && (s + 1) % config.CheckpointEvery = 0) || stopping
                     if due && s + 1 >= prefetched.Length then
                         let folder = JobCheckpoints.save config description (s + 1) (elapsed0 + sw.Elapsed.TotalSeconds) buffer states
                         lastCheckpoint <- Some(s + 1, folder)
                         onProgress (Checkpointed(s + 1, folder))
+                    if stopping then raise (OperationCanceledException(sprintf "stopped after the checkpoint at step %d" (s + 1)))
             finally
                 for w in writers.Values do (w :> IDisposable).Dispose()
                 for b in prefetched do Batch.dispose b

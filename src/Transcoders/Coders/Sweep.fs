@@ -77,14 +77,14 @@ module Sweep =
                           let train = config.Train coder level
                           yield { Kind = kind; Layer = layer; Width = width; Level = level; Job = { Name = name; Coder = coder; Train = train } } ]
 
-    /// The frontier rows of evaluated points.
-    let frontier (evaluated: (SweepPoint * CoderResult) list) : FrontierRow list =
-        let rows =
-            [ for p, r in evaluated ->
-                let m = MetricsTable.row r
-                { Series = sprintf "%s L%d w%d" p.Kind.Name p.Layer p.Width; Kind = p.Kind.Name; Layer = p.Layer; Width = p.Width
-                  Level = p.Level.Name; L0 = m.L0; Fvu = m.Fvu; CeSpliced = m.CeSpliced; CeRecovered = m.CeRecovered
-                  ParetoCe = false; ParetoFvu = false } ]
+    /// The frontier row of a point's metrics (Pareto status not yet set: see `pareto`).
+    let frontierRow (kind: SweepKind) (layer: int) (width: int) (level: SparsityLevel) (m: MetricsRow) : FrontierRow =
+        { Series = sprintf "%s L%d w%d" kind.Name layer width; Kind = kind.Name; Layer = layer; Width = width
+          Level = level.Name; L0 = m.L0; Fvu = m.Fvu; CeSpliced = m.CeSpliced; CeRecovered = m.CeRecovered
+          ParetoCe = false; ParetoFvu = false }
+
+    /// Rows with their Pareto status, each series sorted by L0.
+    let pareto (rows: FrontierRow list) : FrontierRow list =
         let dominated (value: FrontierRow -> float) (a: FrontierRow) (series: FrontierRow list) =
             series |> List.exists (fun b ->
                 not (obj.ReferenceEquals(a, b)) && b.L0 <= a.L0 && value b <= value a && (b.L0 < a.L0 || value b < value a))
@@ -97,6 +97,10 @@ module Sweep =
                     ParetoCe = not (Double.IsNaN r.CeSpliced) && not (dominated (fun x -> x.CeSpliced) r series)
                     ParetoFvu = not (Double.IsNaN r.Fvu) && not (dominated (fun x -> x.Fvu) r series) })
             |> List.sortBy (fun r -> r.L0))
+
+    /// The frontier rows of evaluated points.
+    let frontier (evaluated: (SweepPoint * CoderResult) list) : FrontierRow list =
+        pareto [ for p, r in evaluated -> frontierRow p.Kind p.Layer p.Width p.Level (MetricsTable.row r) ]
 
     let private inv (v: float) = if Double.IsNaN v then "" else v.ToString("G6", CultureInfo.InvariantCulture)
 
