@@ -63,10 +63,10 @@ let feature, rule =
     match args.TryGet "feature" with
     | Some f -> int f, "given with --feature"
     | None ->
-        let live = summaries |> Array.filter (fun s -> s.Count >= minCount && float s.Count < 0.2 * float s.Tokens)
-        if live.Length = 0 then failwithf "no feature of layer %d fires %d times (or more, and on under 20%% of tokens) in %d stories: give --stories or --min-count" layer minCount stories.Length
+        let live = summaries |> Array.filter (fun s -> s.Count >= minCount && float s.Count < 0.05 * float s.Tokens)
+        if live.Length = 0 then failwithf "no feature of layer %d fires %d times (or more, and on under 5%% of tokens) in %d stories: give --stories or --min-count" layer minCount stories.Length
         let best = live |> Array.maxBy (fun s -> let p, _ = tokenPurity s.Top in p, s.Max)
-        best.Feature, sprintf "the feature of layer %d (among %d firing at least %d times on under 20%% of %d tokens) whose top %d examples are most dominated by one token (ties: the highest activation)"
+        best.Feature, sprintf "the feature of layer %d (among %d firing at least %d times on under 5%% of %d tokens) whose top %d examples are most dominated by one token (ties: the highest activation)"
                            layer live.Length minCount summaries[0].Tokens dashOptions.Stats.TopExamples
 let s = summaries[feature]
 let circuit = Circuit.create model transcoders

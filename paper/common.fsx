@@ -96,21 +96,28 @@ let resultsDir (a: Args) = a.Get("out", Path.Combine(__SOURCE_DIRECTORY__, "resu
 /// Scratch space (trained coders, blind pages): `--work`, default `runs/paper/<script>`.
 let workDir (a: Args) = a.Get("work", Path.Combine("runs", "paper", a.Script))
 
-/// The held-out TinyStories stories (the shipped validation file), each encoded with BOS first and cut to `ctx`
-/// tokens; stories shorter than `minTokens` are skipped.
-let validationStories (tokenizer: Tokenizer) (ctx: int) (minTokens: int) (count: int) : int[][] =
+/// The held-out text (the shipped validation file, read with the library's corpus reader) as paragraphs: the file
+/// has no `<|endoftext|>` delimiters, so its stories come as one text whose blank lines separate paragraphs.
+let heldOutParagraphs () : seq<string> =
     Corpus.readStories (Paths.data ("tinystories/" + Corpus.shippedValidationFile))
-    |> Seq.map (fun s -> Tokenizer.encodeDocument tokenizer true false s.Text)
+    |> Seq.collect (fun s -> s.Text.Replace("\r", "").Split("\n\n", StringSplitOptions.RemoveEmptyEntries))
+    |> Seq.map (fun p -> p.Trim())
+    |> Seq.filter (fun p -> p.Length > 0)
+
+/// Held-out paragraphs, each encoded with BOS first and cut to `ctx` tokens; those shorter than `minTokens` are
+/// skipped.
+let validationStories (tokenizer: Tokenizer) (ctx: int) (minTokens: int) (count: int) : int[][] =
+    heldOutParagraphs ()
+    |> Seq.map (fun p -> Tokenizer.encodeDocument tokenizer true false p)
     |> Seq.filter (fun t -> t.Length >= minTokens)
     |> Seq.map (fun t -> if t.Length > ctx then t[.. ctx - 1] else t)
     |> Seq.truncate count
     |> Array.ofSeq
 
-/// The first sentence of each held-out story (through its first '.', '!' or '?'), at least `minWords` words.
+/// The first sentence of each held-out paragraph (through its first '.', '!' or '?'), at least `minWords` words.
 let firstSentences (count: int) (minWords: int) : string[] =
-    Corpus.readStories (Paths.data ("tinystories/" + Corpus.shippedValidationFile))
-    |> Seq.choose (fun s ->
-        let t = s.Text.Trim()
+    heldOutParagraphs ()
+    |> Seq.choose (fun t ->
         let stop = t.IndexOfAny [| '.'; '!'; '?' |]
         let sentence = if stop > 0 then t.Substring(0, stop + 1) else t
         if sentence.Split(' ', StringSplitOptions.RemoveEmptyEntries).Length >= minWords then Some sentence else None)
