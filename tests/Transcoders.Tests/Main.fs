@@ -34,6 +34,7 @@ let all =
         KillTests.tests
         FuzzTests.tests
         ViewsTests.tests
+        PaperTests.tests
     ]
 
 [<EntryPoint>]

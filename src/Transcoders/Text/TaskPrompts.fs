@@ -40,10 +40,10 @@ let yearTokens (tokenizer: Tokenizer) : int[] =
     Array.init 100 (fun y ->
         let text = sprintf "%02d" y
         match Tokenizer.encode tokenizer text with
-        | [| id |] -> id
+        | [| id |] when Tokenizer.decode tokenizer [| id |] = text -> id
         | ids ->
             invalidArg "tokenizer"
-                (sprintf "the greater-than task needs \"%s\" as one token, but %s makes %d: use a GPT-2-vocabulary model (GPT-2 small, Pythia)"
+                (sprintf "the greater-than task needs \"%s\" as one token, but %s makes %d token(s) of it (an unknown token counts as none): use a GPT-2-vocabulary model (GPT-2 small, Pythia)"
                     text (Tokenizer.describe tokenizer) ids.Length))
 
 /// The (century, year) pairs of 1000..1899 whose " " + year is exactly two tokens, " XX" and a two-character "YY",
