@@ -84,6 +84,7 @@ say (table [ "top tokens"; "score"; "bottom tokens"; "score" ]
          |> List.map (fun ((t, v), (b, w)) -> [ tok t; f3 v; tok b; f3 (-w) ])))
 
 // ---- its computational paths on its top example ----
+if s.Top.Length = 0 then failwithf "%s never fires on the %d held-out paragraphs scanned: choose another --feature or scan more --stories" name stories.Length
 let top = s.Top[0]
 let prompt = stories[top.Sequence][.. top.Position]
 let position = prompt.Length - 1
