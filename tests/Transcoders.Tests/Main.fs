@@ -35,6 +35,7 @@ let all =
         KillTests.tests
         FuzzTests.tests
         ViewsTests.tests
+        PaperTests.tests
     ]
 
 /// Runs every synchronous test and property inside a TorchSharp dispose scope that, when the test ends, releases its tensors to
