@@ -56,7 +56,7 @@ for width in widths do
     let jobs =
         [ for name, change in chosen do
               for layer in layers do
-                  let coder = { CoderConfig.transcoder "model" layer dModel width with Activation = TopK k }
+                  let coder = { CoderConfig.transcoder "model" layer dModel width with Activation = CoderActivation.TopK k }
                   let train = { CoderDefaults.topK dModel width steps batch with Seed = 42L } |> change
                   yield { Name = sprintf "%s-w%d-L%d" name width layer; Coder = coder; Train = train } ]
     let store = CoderPlan.store model None batch None 42L device

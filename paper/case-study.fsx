@@ -69,7 +69,7 @@ let feature, rule =
         best.Feature, sprintf "the feature of layer %d (among %d firing at least %d times on under 5%% of %d tokens) whose top %d examples are most dominated by one token (ties: the highest activation)"
                            layer live.Length minCount summaries[0].Tokens dashOptions.Stats.TopExamples
 let s = summaries[feature]
-let circuit = Circuit.create model transcoders
+let circuit = CircuitModel.create model transcoders
 let name = sprintf "mlp%dtc[%d]" layer feature
 let purity, commonToken = tokenPurity s.Top
 say (sprintf "## 1. The feature %s\n" name)
@@ -91,10 +91,10 @@ let position = prompt.Length - 1
 let run = Prompt.run circuit prompt
 let search =
     let o = PathSearchOptions.Default
-    Paths.find run { o with Depth = args.Int("depth", o.Depth); Branches = args.Int("branches", o.Branches); Beam = args.Int("beam", o.Beam); Candidates = NodeFilter.ignoreBos }
-        (FeatureVector.ofFeature run layer feature position)
+    PathSearch.find run { o with Depth = args.Int("depth", o.Depth); Branches = args.Int("branches", o.Branches); Beam = args.Int("beam", o.Beam); Candidates = NodeFilter.ignoreBos }
+        (FeatureVector.ofFeature run { Layer = layer; Position = position; Feature = feature })
 say (sprintf "### Computational paths (Algorithm 1)\n\nOn its top example (%d tokens, the feature at the last position: activation %.3f), the greedy search (depth %d, %d branches, beam %d, excitatory paths, BOS ignored) finds:\n"
-        prompt.Length (FeatureVector.activation run layer feature position) (args.Int("depth", 3)) (args.Int("branches", 5)) (args.Int("beam", 15)))
+        prompt.Length (FeatureVector.activation run { Layer = layer; Position = position; Feature = feature }) (args.Int("depth", 3)) (args.Int("branches", 5)) (args.Int("beam", 15)))
 say (table [ "attribution"; "path" ] [ for p in search.Paths |> List.truncate 12 -> [ f3 p.Attribution; p.Display ] ])
 let pathGraph = PathGraph.ofPaths run (search.Paths |> List.truncate 12)
 say "### The paths merged into a graph (Algorithm 2)\n"
@@ -125,7 +125,7 @@ let baseline = featureAfter []
 let direct =
     search.Paths
     |> List.filter (fun p -> p.Nodes.Length = 2)
-    |> List.choose (fun p -> match p.Last.Component with TranscoderFeature(l, f, q) -> Some(l, f, q, p.Attribution) | _ -> None)
+    |> List.choose (fun p -> match p.Last.Component with TranscoderFeature at -> Some(at.Layer, at.Feature, at.Position, p.Attribution) | _ -> None)
     |> List.truncate 6
 let checks =
     [ for l, f, q, attribution in direct ->

@@ -42,13 +42,13 @@ printfn "%d layers, d_model %d; transcoders at layers %A" model.Config.NLayers m
 let prompt = PromptTokens.encode tokenizer "Once upon a time, there was a little girl named Lily. She loved to play with her"
 let layer = if args.Length > 2 then int args[2] else 2 * model.Config.NLayers / 3
 let coder = transcoders |> List.find (fun c -> c.Config.Layers[0] = layer)
-let circuit = Circuit.create model transcoders            // the model's weights and the transcoders, for attribution
+let circuit = CircuitModel.create model transcoders            // the model's weights and the transcoders, for attribution
 let run = Prompt.run circuit prompt                       // one cached pass over the prompt
 let last = prompt.Length - 1
 let feature =
     if args.Length > 3 then int args[3]
     else run.ActivationsAt(layer, last) |> Array.mapi (fun i a -> i, a) |> Array.maxBy snd |> fst
-printfn "\nfeature mlp%dtc[%d]: activation %.3f at the last token %s" layer feature (FeatureVector.activation run layer feature last) (show prompt[last])
+printfn "\nfeature mlp%dtc[%d]: activation %.3f at the last token %s" layer feature (FeatureVector.activation run { Layer = layer; Position = last; Feature = feature }) (show prompt[last])
 
 // 3. What the feature responds to: its top examples over held-out text (the shipped validation stories, one
 //    paragraph per sequence), with the activating token marked.
@@ -71,9 +71,9 @@ printfn "\nde-embedding: %s" (String.Join(", ", Attribution.top 8 false deembedd
 
 // 5. Input-dependent: the computational paths that make it fire on this prompt (Algorithm 1). Each path's
 //    attribution is the product of the connections along it, times the activation of its last feature.
-let search = Paths.find run { PathSearchOptions.Default with Candidates = NodeFilter.ignoreBos } (FeatureVector.ofFeature run layer feature last)
+let search = PathSearch.find run { PathSearchOptions.Default with Candidates = NodeFilter.ignoreBos } (FeatureVector.ofFeature run { Layer = layer; Position = last; Feature = feature })
 printfn "\npaths:"
-for p in search.Paths |> List.truncate 8 do printfn "  %+8.4f  %s" p.Attribution (Paths.display p)
+for p in search.Paths |> List.truncate 8 do printfn "  %+8.4f  %s" p.Attribution (PathSearch.display p)
 
 // 6. The paths merged into one graph (Algorithm 2), with each node's error terms: what the transcoders miss, the
 //    biases, and what the pruned paths leave out.
@@ -93,7 +93,7 @@ let featureWith (interventions: FeatureIntervention list) =
     for t in r.Cache.Values do t.Dispose()
     v
 let before = featureWith []
-match search.Paths |> List.tryPick (fun p -> match p.Nodes with [ _; child ] -> (match child.Component with TranscoderFeature(l, f, q) -> Some(l, f, q, p.Attribution) | _ -> None) | _ -> None) with
+match search.Paths |> List.tryPick (fun p -> match p.Nodes with [ _; child ] -> (match child.Component with TranscoderFeature at -> Some(at.Layer, at.Feature, at.Position, p.Attribution) | _ -> None) | _ -> None) with
 | Some(l, f, q, attribution) ->
     let after = featureWith [ { Layer = l; Feature = f; Position = At q; Action = Ablate } ]
     printfn "switching off mlp%dtc[%d]@%d: the path predicts %+.3f, measured %+.3f (%.3f → %.3f)" l f q (-attribution) (after - before) before after

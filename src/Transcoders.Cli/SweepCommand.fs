@@ -48,22 +48,11 @@ type Args =
             | Out _ -> "output folder (default sweeps/<model>)"
             | Max_Concurrent _ -> "coders trained at once from one stream (default: all)"
             | Seed _ -> "seed (default 42)"
-<<<<<<< HEAD
             | Cache_Activations _ | Tokens _ | Ctx _ | Buffer_Rows _ | Checkpoint_Every _ | No_Resume | Eval_Rows _
             | Spliced_Rows _ -> StoreOptions.usageOf this
-=======
-            | Cache_Activations _ -> "cache the model's activations in this folder (written once, reused)"
-            | Tokens _ -> "token shards (a folder with train/ and validation/; default: TinyStories in the model's tokenizer)"
-            | Ctx _ -> "tokens per text row (default 128)"
-            | Buffer_Rows _ -> "shuffle buffer rows (default 64 batches)"
-            | Checkpoint_Every _ -> "steps between checkpoints (default 500; 0: only at the end)"
-            | No_Resume -> "start over even if the output folder holds a checkpoint"
-            | Eval_Rows _ -> "held-out activation rows per coder (default 32768)"
-            | Spliced_Rows _ -> "validation rows spliced for CE/KL (default 128)"
             | Slurm _ -> "write a Slurm job table and batch scripts into this shared folder instead of training (docs/cluster.md)"
             | Sbatch _ -> "with --slurm: #SBATCH options as key=value, e.g. partition=gpu gres=gpu:1 time=04:00:00 cpus-per-task=8"
             | Max_Parallel _ -> "with --slurm: array tasks running at once (default: no limit)"
->>>>>>> scale
 
 let run (common: Common.Options) (args: ParseResults<Args>) =
     let sw = Stopwatch.StartNew()

@@ -151,8 +151,8 @@ module SlurmSweep =
     let private wholeSweep (config: SweepConfig) (all: SweepPoint list) (model: Transformer) (text: ModelText) =
         let jobs = [ for p in all -> p.Job ]
         ModelText.checkFits model.Config text
-        CoderJobs.validate model config.Run.Store jobs
-        let spec = { Coders = [ for j in jobs -> CoderJobs.hooksOf j.Name j.Coder ] }
+        CoderJob.validate model config.Run.Store jobs
+        let spec = { Coders = [ for j in jobs -> CoderJob.hooksOf j.Name j.Coder ] }
         let store = ActivationStore(model, text.Train, text.Bos, spec, config.Run.Store, text.Name + " (train)")
         let rows = int64 (jobs |> List.map (fun j -> j.Train.Steps) |> List.max) * config.Run.Store.Buffer.BatchSize
         store, rows
@@ -261,7 +261,7 @@ module SlurmSweep =
         let ordered = finished |> List.sortBy (fun (r, m) -> r.Kind, r.Layer, r.Width, m.L0)
         let levelOf (r: TableRow) =
             SweepSettings.levels table.Settings |> List.find (fun l -> l.Name = r.Level)
-        let front = Sweep.pareto [ for r, m in ordered -> Sweep.frontierRow (SweepKind.Parse r.Kind) r.Layer r.Width (levelOf r) m ]
+        let front = Sweep.pareto [ for r, m in ordered -> Sweep.frontierRow (LayerCoderKind.Parse r.Kind) r.Layer r.Width (levelOf r) m ]
         let rows = ordered |> List.map snd
         let s = table.Settings
         let file name = Path.Combine(table.Dir, name)

@@ -17,7 +17,7 @@ type SweepSettings =
       Model: string
       /// Token shards (a folder with train/ and validation/); None: TinyStories in the model's tokenizer.
       Tokens: string option
-      /// Kind names (`SweepKind.Parse`).
+      /// Kind names (`LayerCoderKind.Parse`).
       Kinds: string list
       /// Empty: the middle layer.
       Layers: int list
@@ -57,7 +57,7 @@ module SweepSettings =
     let config (s: SweepSettings) (model: Transformer) (out: string) (cache: string option) (device: torch.Device) : SweepConfig =
         let c = model.Config
         { Model = ModelName.ofPath s.Model
-          Kinds = s.Kinds |> List.map SweepKind.Parse
+          Kinds = s.Kinds |> List.map LayerCoderKind.Parse
           Layers = (if s.Layers.IsEmpty then [ c.NLayers / 2 ] else s.Layers)
           Widths = (if s.Widths.IsEmpty then [ 16 * c.DModel ] else s.Widths)
           Levels = levels s

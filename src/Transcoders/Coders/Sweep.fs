@@ -78,7 +78,7 @@ module Sweep =
                           yield { Kind = kind; Layer = layer; Width = width; Level = level; Job = { Name = name; Coder = coder; Train = train } } ]
 
     /// The frontier row of a point's metrics (Pareto status not yet set: see `pareto`).
-    let frontierRow (kind: SweepKind) (layer: int) (width: int) (level: SparsityLevel) (m: MetricsRow) : FrontierRow =
+    let frontierRow (kind: LayerCoderKind) (layer: int) (width: int) (level: SparsityLevel) (m: MetricsRow) : FrontierRow =
         { Series = sprintf "%s L%d w%d" kind.Name layer width; Kind = kind.Name; Layer = layer; Width = width
           Level = level.Name; L0 = m.L0; Fvu = m.Fvu; CeSpliced = m.CeSpliced; CeRecovered = m.CeRecovered
           ParetoCe = false; ParetoFvu = false }
