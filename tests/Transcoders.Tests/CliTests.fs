@@ -252,7 +252,7 @@ let scriptTests =
             let data = quickstartData ()
             let env = [ "TRANSCODERS_CACHE", path "qs-cache"; "TRANSCODERS_DATA", data ]
             let args = [ builtAssembly "src/Transcoders.Cli" "Transcoders.Cli.dll"; "quickstart"; "--train"; "--steps"; "2"; "--coder-steps"; "2"; "--out"; path "qs" ] @ common
-            let code, out, err = runDotnet args (work.Force()) env (TimeSpan.FromMinutes 5.0)
+            let code, out, err = runDotnet args (work.Force()) env (TimeSpan.FromMinutes 12.0)  // a guard against a hang, not a speed bound: the suite runs tests in parallel on 2 cores
             Expect.equal code 0 (sprintf "exit code (stdout: %s; stderr: %s)" out err)
             for section in [ "== 1."; "== 2."; "== 3."; "== 4."; "== 5."; "== 6."; "quickstart finished" ] do
                 Expect.stringContains out section (sprintf "%s in the output" section)
@@ -261,6 +261,19 @@ let scriptTests =
             exists "qs/coders/metrics.md"
             exists "qs/graph.safetensors"
             exists "qs/pages"
+        }
+
+        test "quickstart on the shipped model and coders: stories, the coders' table, features, a traced prediction, pages" {
+            let args = [ builtAssembly "src/Transcoders.Cli" "Transcoders.Cli.dll"; "quickstart"; "--stories"; "20"; "--out"; path "qs-shipped" ] @ common
+            let code, out, err = runDotnet args (work.Force()) [] (TimeSpan.FromMinutes 12.0)  // a guard against a hang
+            Expect.equal code 0 (sprintf "exit code (stdout: %s; stderr: %s)" out err)
+            for section in [ "== 1."; "== 2."; "== 3."; "== 4."; "== 5."; "quickstart finished" ] do
+                Expect.stringContains out section (sprintf "%s in the output" section)
+            Expect.stringContains out "| transcoder-L0 |" "the shipped coders' metrics table"
+            Expect.stringContains out "replacement score" "the traced prediction's scores"
+            Expect.stringContains out "raises:" "a feature's logit effects"
+            exists "qs-shipped/graph.safetensors"
+            exists "qs-shipped/pages/graph.html"
         }
 
         test "scripts/train-tinystories.fsx trains a GPT for a few steps and tells a story" {
