@@ -20,14 +20,14 @@ cli train-lm --layers 4 --d-model 256 --heads 8 --ctx 256 --batch 16 --steps 120
 cli train-coder "$work/lm/model" --kind transcoder sae skip-transcoder clt --width 2048 --k 32 \
     --steps 1500 --batch 1024 --checkpoint-every 250 --out "$work/coders"
 
-# 3. Dead features over 1M held-out tokens (the training stream past what the coders read), and the spliced model.
-coders=$(ls -d "$work"/coders/*/ | grep -v checkpoint)
-cli eval-coder "$work/lm/model" --coders $coders --activation-tokens 1000000 --activation-text train \
-    --train-offset 2000000 --validation-tokens 32768 --out "$work/coders-eval"
-
-# 4. Into data/: the model as trained (float32, 17 MB), the coders in float16.
+# 3. Into data/: the model as trained (float32, 17 MB), the coders in float16.
 mkdir -p data/models/tinystories-gpt
 cp "$work"/lm/model/* data/models/tinystories-gpt/
 cp "$work"/lm/metrics.jsonl data/models/tinystories-gpt/
 dotnet fsi scripts/ship-coders.fsx "$work/coders" data/coders/tinystories-gpt
-cp "$work"/coders-eval/metrics.md data/coders/tinystories-gpt/metrics.md
+
+# 4. The shipped (float16) coders evaluated: dead features over 1M held-out tokens (the training stream past what the
+#    coders read), L0, FVU, and the spliced model on 32,768 validation tokens; the table ships beside them.
+coders=$(ls -d data/coders/tinystories-gpt/*/)
+cli eval-coder data/models/tinystories-gpt --coders $coders --activation-tokens 1000000 --activation-text train \
+    --train-offset 1200000 --validation-tokens 32768 --out data/coders/tinystories-gpt

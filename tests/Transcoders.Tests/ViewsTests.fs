@@ -397,6 +397,7 @@ let tests =
                 use c = SaeLens.import dir.Path torch.CPU
                 Expect.equal c.Config.Layers [| 5 |] "layer"
                 Expect.equal c.Config.HookIn [| "blocks.5.hook_resid_pre" |] "hook"
+                Expect.equal c.Config.Decoder Free "decoder rows that are not unit-norm are not claimed to be (training would renormalise them)"
                 use _ = torch.no_grad ()
                 use x = torch.randn(4L, int64 dIn)
                 // SAELens' forward: relu((x − b_dec) W_enc + b_enc) W_dec + b_dec

@@ -163,6 +163,11 @@ module SaeLens =
         let bEnc = get "b_enc" [| int64 dSae |]
         let wDec = get "W_dec" [| int64 dSae; int64 dOut |]
         let bDec = get "b_dec" [| int64 dOut |]
+        // SAELens does not promise unit-norm decoder rows: claim them only where they hold, or further training would
+        // renormalise the rows and change what the coder computes
+        let cfg =
+            let deviation = (wDec.square().sum(1L).sqrt() - 1.0).abs().max().item<float32> ()
+            if deviation > 1e-3f then { cfg with Decoder = Free } else cfg
         // a transcoder that subtracts b_dec from its input (d_in = d_out): fold it into b_enc, as our files do
         let bEnc =
             if kind <> Sae && applyBDec && root["apply_b_dec_to_input"] <> null then bEnc - bDec.unsqueeze(0).matmul(wEnc).squeeze 0 else bEnc
