@@ -103,4 +103,26 @@ let tests =
             finally
                 Directory.Delete(dir, true)
         }
+
+        test "the C# facade prepares a Slurm sweep (table, scripts, submit.sh) and gathers it" {
+            let dir = Path.Combine(Path.GetTempPath(), "transcoders-cluster-" + Guid.NewGuid().ToString("N").[..11])
+            try
+                let options =
+                    Transcoders.ClusterSweepOptions(
+                        Kinds = ResizeArray [ "transcoder"; "sae" ], Layers = ResizeArray [ 1 ], Ks = ResizeArray [ 2; 4 ],
+                        Widths = ResizeArray [ 32 ], Steps = 5, Command = "dotnet /opt/t/Transcoders.Cli.dll", Device = "cpu")
+                options.Sbatch["partition"] <- "gpu"
+                let names = Transcoders.ClusterSweep.Prepare(Transcoders.Files.Paths.data "models/stories260K/stories260K.bin", dir, options)
+                Expect.equal names.Count 4 "2 kinds × 2 levels at one layer and width"
+                for f in [ "sweep.json"; "jobs.csv"; "cache.sbatch"; "train.sbatch"; "gather.sbatch"; "submit.sh" ] do
+                    Expect.isTrue (File.Exists(Path.Combine(dir, f))) f
+                let train = File.ReadAllText(Path.Combine(dir, "train.sbatch"))
+                Expect.contains (sbatchLines train) "--partition=gpu" "the user's #SBATCH option"
+                Expect.contains (sbatchLines train) "--array=0-3" "one array task per configuration"
+                let summary = Transcoders.ClusterSweep.Gather dir
+                Expect.equal summary.Finished 0 "nothing trained yet"
+                Expect.equal summary.Unfinished.Count 4 "every configuration named as unfinished"
+            finally
+                if Directory.Exists dir then Directory.Delete(dir, true)
+        }
     ]
