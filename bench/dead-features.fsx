@@ -47,6 +47,9 @@ let variants : (string * (TrainConfig -> TrainConfig)) list =
       "window-50", window 50
       "tied+window-50", window 50 >> (fun t -> { t with EncoderInit = DecoderTranspose })
       "tied+window-50+auxk-4k", window 50 >> auxK (4 * dModel) (1.0 / 32.0) >> (fun t -> { t with EncoderInit = DecoderTranspose })
+      "tied+window-20+aux-8th", window 20 >> auxK (dModel / 2) (1.0 / 8.0) >> (fun t -> { t with EncoderInit = DecoderTranspose })
+      "tied+window-20+auxk-4k+aux-4th", window 20 >> auxK (4 * dModel) (1.0 / 4.0) >> (fun t -> { t with EncoderInit = DecoderTranspose })
+      "tied+resample-100", window 50 >> (fun t -> { t with EncoderInit = DecoderTranspose; Resampling = Some { ResampleConfig.Default with EverySteps = 100; StopAfterStep = steps * 3 / 4 } })
       "resample-150", (fun t -> { t with Resampling = Some { ResampleConfig.Default with EverySteps = 150; StopAfterStep = steps * 3 / 4 } }) ]
 let chosen = match values "--variants" with [] -> variants | names -> variants |> List.filter (fun (n, _) -> List.contains n names)
 
@@ -69,7 +72,7 @@ for width in widths do
     let coders = [ for c in result.Coders -> c.Name, CoderFile.load c.Path device ]
     // held out: start after the model passes training read
     let passTokens = int64 (store.PassRows * store.Ctx)
-    let firstUnread = (result.Tokens + 64L * int64 batch) / passTokens + 2L  // + the shuffle buffer's 64 batches
+    let firstUnread = (result.Tokens + store.Buffer.Rows) / passTokens + 2L  // + what the shuffle buffer held
     let evaluated =
         StreamedEval.evaluate model text store
             { StreamedEval.StreamedEvalConfig.Default with Source = StreamedEval.TrainTextFrom firstUnread; Tokens = evalTokens }
