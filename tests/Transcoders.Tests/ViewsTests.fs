@@ -647,6 +647,20 @@ let tests =
             Expect.equal back.Core.Config.DSae 10 "read back"
         }
 
+        test "the C# facade exports and imports circuit-tracer's layout and loads a model with TransformerLens processing" {
+            use dir = new TempDir()
+            let cfgs = [ for l in 0 .. 1 -> { CoderConfig.transcoder "m" l 6 10 with Activation = JumpReLU JumpReLUSpec.Default } ]
+            let coders = [ for i, cfg in List.indexed cfgs -> Transcoders.SparseCoder(randomCoder cfg (int64 (20 + i))) ]
+            let folder = Transcoders.Pages.ExportCircuitTracer(ResizeArray coders, dir.File "ct", "m/tc")
+            let back = Transcoders.Pages.ImportCircuitTracer(folder, null)
+            Expect.equal back.Count 2 "two layers back"
+            for a, b in Seq.zip coders back do sameOutputs a.Core b.Core
+            use m = Transcoders.LanguageModel.Load(fixture "hf-gpt2-tiny", null, true)
+            Expect.isFalse m.Core.Config.TiedUnembed "processed (untied unembedding with a bias)"
+            for c in Seq.append (Seq.map (fun (c: Transcoders.SparseCoder) -> c.Core) coders) (Seq.map (fun (c: Transcoders.SparseCoder) -> c.Core) back) do
+                (c :> IDisposable).Dispose()
+        }
+
         testList "pages render in headless Chromium with the network off" [
             test "feature page, index, graph page and plots draw with no script errors" {
                 withChromium (fun chromium ->
