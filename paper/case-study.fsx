@@ -34,10 +34,10 @@ open Transcoders.Text
 open Transcoders.Views
 open Common
 
-let run = setup "case-study" fsi.CommandLineArgs
-let args, sw, device, model, tokenizer, modelPath = run.Args, run.Clock, run.Device, run.Model, run.Tokenizer, run.ModelPath
+let session = setup "case-study" fsi.CommandLineArgs
+let args, sw, device, model, tokenizer, modelPath = session.Args, session.Clock, session.Device, session.Model, session.Tokenizer, session.ModelPath
 let c = model.Config
-let transcoders = transcodersOf (run.Coders())
+let transcoders = transcodersOf (session.Coders())
 if transcoders.IsEmpty then failwithf "no per-layer transcoders in %s" (codersPath args)
 let layers = transcoders |> List.map (fun x -> x.Config.Layers[0])
 let layer = args.Int("layer", (layers |> List.filter (fun l -> l <= 2 * c.NLayers / 3) |> List.tryLast |> Option.defaultValue layers.Head))

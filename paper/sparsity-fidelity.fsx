@@ -27,8 +27,8 @@ open Transcoders.Models
 open Transcoders.Views
 open Common
 
-let run = setup "sparsity-fidelity" fsi.CommandLineArgs
-let args, sw, device, model, modelPath = run.Args, run.Clock, run.Device, run.Model, run.ModelPath
+let session = setup "sparsity-fidelity" fsi.CommandLineArgs
+let args, sw, device, model, modelPath = session.Args, session.Clock, session.Device, session.Model, session.ModelPath
 let c = model.Config
 let name = ModelName.ofPath modelPath
 let text =

@@ -17,10 +17,10 @@ open Transcoders.Coders
 open Transcoders.Models
 open Common
 
-let run = setup "spliced-table" fsi.CommandLineArgs
-let args, sw, device, model, tokenizer, modelPath = run.Args, run.Clock, run.Device, run.Model, run.Tokenizer, run.ModelPath
+let session = setup "spliced-table" fsi.CommandLineArgs
+let args, sw, device, model, tokenizer, modelPath = session.Args, session.Clock, session.Device, session.Model, session.Tokenizer, session.ModelPath
 let c = model.Config
-let coders = run.Coders()
+let coders = session.Coders()
 let ctx = args.Int("ctx", min 128 c.NCtx)
 let rows = validationRows tokenizer ctx (args.Int("rows", 64))
 

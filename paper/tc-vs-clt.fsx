@@ -17,10 +17,10 @@ open Transcoders.Coders
 open Transcoders.Models
 open Common
 
-let run = setup "tc-vs-clt" fsi.CommandLineArgs
-let args, sw, device, model, tokenizer, modelPath = run.Args, run.Clock, run.Device, run.Model, run.Tokenizer, run.ModelPath
+let session = setup "tc-vs-clt" fsi.CommandLineArgs
+let args, sw, device, model, tokenizer, modelPath = session.Args, session.Clock, session.Device, session.Model, session.Tokenizer, session.ModelPath
 let c = model.Config
-let coders = run.Coders()
+let coders = session.Coders()
 let transcoders = transcodersOf coders
 let clt =
     match coders |> List.filter (fun x -> x.Config.Kind = CrossLayerTranscoder) |> List.sortByDescending (fun x -> x.Config.NLayers) with

@@ -28,6 +28,7 @@ module RunDescription =
         o["normalisation_batches"] <- t.NormalisationBatches
         o["bias_init"] <- sprintf "%A" t.BiasInit
         o["bias_init_batches"] <- t.BiasInitBatches
+        o["encoder_init"] <- sprintf "%A" t.EncoderInit
         o["batchtopk_momentum"] <- t.BatchTopKMomentum
         o["seed"] <- t.Seed
         o["log_every"] <- t.LogEvery
