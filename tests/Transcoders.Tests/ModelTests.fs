@@ -423,6 +423,10 @@ let tests =
             hfActivations "hf-llama-tiny"
             hfGreedy "hf-gpt2-tiny"
             hfGreedy "hf-llama-tiny"
+            hfActivations "hf-neox-tiny"
+            hfActivations "hf-neox-tiny-sequential"
+            hfGreedy "hf-neox-tiny"
+            hfGreedy "hf-neox-tiny-sequential"
         ]
         stories260KTests
         hookTests
