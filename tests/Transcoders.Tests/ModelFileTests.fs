@@ -384,12 +384,12 @@ let loadingCheckTests =
 let neoxTests =
     testList "GPT-NeoX (Pythia) files" [
         testCase "config.json maps to a parallel-residual, partial-rotary LayerNorm model; inspection agrees with the loaded model" <| fun () ->
-            for name, parallel, theta in [ "hf-neox-tiny", true, 10000.0; "hf-neox-tiny-sequential", false, 500.0 ] do
+            for name, parallel, theta, vocab in [ "hf-neox-tiny", true, 10000.0, 320; "hf-neox-tiny-sequential", false, 500.0, 128 ] do
                 let dir = fixture name
                 let i = ModelFiles.inspect dir
                 Expect.equal i.Kind (ModelFiles.HuggingFace "GPTNeoXForCausalLM") "kind"
                 let c = i.Config
-                Expect.equal (c.DModel, c.NLayers, c.NHeads, c.DMlp, c.VocabSize, c.NCtx) (64, 2, 4, 256, 128, 64) "sizes"
+                Expect.equal (c.DModel, c.NLayers, c.NHeads, c.DMlp, c.VocabSize, c.NCtx) (64, 2, 4, 256, vocab, 64) "sizes"
                 Expect.equal c.ParallelResidual parallel "use_parallel_residual"
                 // rotary_pct 0.25 of d_head 16
                 Expect.equal c.RotaryDim (Some 4) "rotary dims"
@@ -443,7 +443,7 @@ let neoxTests =
             throwsCheckpoint (fun () -> HuggingFace.load dir.Path cpu) [ weights; "tensor 'gpt_neox.layers.0.mlp.dense_4h_to_h.bias' is missing"; "[64]" ]
             copyFolder (fixture "hf-neox-tiny") (dir.File "headless")
             rewrite (dir.File "headless/model.safetensors") (List.filter (fun (n, _) -> n <> "embed_out.weight"))
-            throwsCheckpoint (fun () -> HuggingFace.load (dir.File "headless") cpu) [ "tensor 'embed_out.weight' is missing"; "[128, 64]" ]
+            throwsCheckpoint (fun () -> HuggingFace.load (dir.File "headless") cpu) [ "tensor 'embed_out.weight' is missing"; "[320, 64]" ]
             copyFolder (fixture "hf-neox-tiny") (dir.File "stray")
             rewrite (dir.File "stray/model.safetensors") (fun all -> all @ [ "gpt_neox.layers.0.attention.q_proj.weight", torch.zeros(2L) ])
             throwsCheckpoint (fun () -> HuggingFace.load (dir.File "stray") cpu) [ "unexpected tensors for a GPT-NeoX model"; "gpt_neox.layers.0.attention.q_proj.weight" ]
