@@ -451,6 +451,10 @@ let private hfTests =
             Expect.isFalse (Array.contains 0 (Tokenizer.encode t "a<|endoftext|>b")) "<|endoftext|> is ordinary text"
             Expect.sequenceEqual (Tokenizer.encodeDocument t true true "hello") [| 0; id "hello"; 0 |] "document markers"
             Expect.equal (Tokenizer.decode t [| 0 |]) "<|endoftext|>" "special decodes to its content"
+            // ids of a padded model vocabulary beyond the tokenizer's decode to nothing; negative ids are refused
+            Expect.equal (Tokenizer.decode t [| id "hello"; 300; id "\u0120cat" |]) "hello cat" "padding id"
+            Expect.equal (Tokenizer.tokenText t 319) "" "padding id alone"
+            expectThrowsMessage (fun () -> Tokenizer.decode t [| -1 |] |> ignore) [ "token id -1" ] "negative id"
 
         testPropertyWithConfig (config 100) "GPT-NeoX's shape: NFC text decodes back; saved as JSON it encodes the same" <| Prop.forAll validTextArb (fun text ->
                 let t = neoxTokenizer.Force()

@@ -87,8 +87,9 @@ let ofJsonElement (path: string) (root: JsonElement) : ByteLevelBpe =
             | Some id when id >= 0 -> vocab[p.Name] <- id
             | _ -> fail path (sprintf "field 'model.vocab': token %A has id %s, not a non-negative integer" p.Name (p.Value.GetRawText()))
     | _ -> fail path "field 'model.vocab' is missing or not an object"
+    // every byte valid UTF-8 can hold needs a token of its own (GPT-NeoX's vocabulary lacks C0, C1 and F5..FF)
     for b in 0 .. 255 do
-        if not (vocab.ContainsKey(string Gpt2Tokenizer.byteToChar[b])) then
+        if not (b = 0xC0 || b = 0xC1 || b >= 0xF5) && not (vocab.ContainsKey(string Gpt2Tokenizer.byteToChar[b])) then
             fail path (sprintf "field 'model.vocab' lacks the single-byte token for byte %d (%A): not a byte-level vocabulary" b (string Gpt2Tokenizer.byteToChar[b]))
     let added =
         match root.TryGetProperty "added_tokens" with
@@ -186,12 +187,15 @@ let tokenBytes (t: ByteLevelBpe) (id: int) : byte[] =
     checkIds t [ id ]
     Array.copy t.TokenBytes[id]
 
-/// The text of `ids`; bytes that do not form valid UTF-8 become U+FFFD.
+/// The text of `ids`; bytes that do not form valid UTF-8 become U+FFFD. Ids at or beyond `VocabSize` decode to
+/// nothing, as in Hugging Face: a model's vocabulary is often padded beyond its tokenizer's (Pythia: 50,304 rows
+/// for 50,277 ids), and sampling or a de-embedding can reach those rows. Negative ids are an error.
 let decode (t: ByteLevelBpe) (ids: int[]) : string =
-    checkIds t ids
+    checkIds t (ids |> Seq.filter (fun id -> id < t.VocabSize))
     let out = ResizeArray<byte>(ids.Length * 4)
-    for id in ids do out.AddRange t.TokenBytes[id]
+    for id in ids do
+        if id < t.VocabSize then out.AddRange t.TokenBytes[id]
     Encoding.UTF8.GetString(out.ToArray())
 
-/// The text of one token, for display.
-let tokenText (t: ByteLevelBpe) (id: int) : string = Encoding.UTF8.GetString(tokenBytes t id)
+/// The text of one token, for display ("" for a padding id beyond the tokenizer, as `decode`).
+let tokenText (t: ByteLevelBpe) (id: int) : string = decode t [| id |]
