@@ -384,13 +384,13 @@ let loadingCheckTests =
 let neoxTests =
     testList "GPT-NeoX (Pythia) files" [
         testCase "config.json maps to a parallel-residual, partial-rotary LayerNorm model; inspection agrees with the loaded model" <| fun () ->
-            for name, parallel, theta, vocab in [ "hf-neox-tiny", true, 10000.0, 320; "hf-neox-tiny-sequential", false, 500.0, 128 ] do
+            for name, isParallel, theta, vocab in [ "hf-neox-tiny", true, 10000.0, 320; "hf-neox-tiny-sequential", false, 500.0, 128 ] do
                 let dir = fixture name
                 let i = ModelFiles.inspect dir
                 Expect.equal i.Kind (ModelFiles.HuggingFace "GPTNeoXForCausalLM") "kind"
                 let c = i.Config
                 Expect.equal (c.DModel, c.NLayers, c.NHeads, c.DMlp, c.VocabSize, c.NCtx) (64, 2, 4, 256, vocab, 64) "sizes"
-                Expect.equal c.ParallelResidual parallel "use_parallel_residual"
+                Expect.equal c.ParallelResidual isParallel "use_parallel_residual"
                 // rotary_pct 0.25 of d_head 16
                 Expect.equal c.RotaryDim (Some 4) "rotary dims"
                 Expect.equal c.Positions (Rotary (HalfSplit, theta)) "rotary layout and base"
@@ -399,7 +399,7 @@ let neoxTests =
                 use m = m
                 Expect.equal m.Config c "loaded config"
                 Expect.equal i.ParameterCount (Transformer.parameterCount m) "parameter count"
-                Expect.equal (HookNames.all c |> List.exists (fun h -> h.EndsWith "hook_resid_mid")) (not parallel) "hook_resid_mid only without a parallel residual"
+                Expect.equal (HookNames.all c |> List.exists (fun h -> h.EndsWith "hook_resid_mid")) (not isParallel) "hook_resid_mid only without a parallel residual"
 
         testCase "a GPTNeoXModel-style file (no gpt_neox. prefix) and a model_type-only config load the same model" <| fun () ->
             use dir = new TempDir()
