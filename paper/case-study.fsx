@@ -34,13 +34,10 @@ open Transcoders.Text
 open Transcoders.Views
 open Common
 
-let args = parseArgs "case-study" fsi.CommandLineArgs
-let sw = Stopwatch.StartNew()
-let device = deviceOf args
-let modelPath = modelPath args
-let model, tokenizer = loadModel modelPath device
+let run = setup "case-study" fsi.CommandLineArgs
+let args, sw, device, model, tokenizer, modelPath = run.Args, run.Clock, run.Device, run.Model, run.Tokenizer, run.ModelPath
 let c = model.Config
-let transcoders = transcodersOf (loadCoders (codersPath args) device)
+let transcoders = transcodersOf (run.Coders())
 if transcoders.IsEmpty then failwithf "no per-layer transcoders in %s" (codersPath args)
 let layers = transcoders |> List.map (fun x -> x.Config.Layers[0])
 let layer = args.Int("layer", (layers |> List.filter (fun l -> l <= 2 * c.NLayers / 3) |> List.tryLast |> Option.defaultValue layers.Head))

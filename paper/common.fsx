@@ -90,6 +90,28 @@ let loadCoders (path: string) (device: torch.Device) : Coder list =
         failwithf "no coders at %s: give CODERS (a folder of coder folders, e.g. from `train-coder`) as the second argument" path
     CoderFolders.load [ path ] device
 
+/// What a paper script starts from: its arguments, a clock started at once, the device, the model (eval mode) and
+/// its tokenizer.
+type Setup =
+    { Args: Args
+      Clock: Stopwatch
+      Device: torch.Device
+      ModelPath: string
+      Model: Transformer
+      Tokenizer: Tokenizer }
+
+    /// The coders the command line names (the shipped ones by default).
+    member s.Coders() = loadCoders (codersPath s.Args) s.Device
+
+/// Parses the script's command line and loads its model.
+let setup (script: string) (argv: string[]) : Setup =
+    let args = parseArgs script argv
+    let clock = Stopwatch.StartNew()
+    let device = deviceOf args
+    let path = modelPath args
+    let model, tokenizer = loadModel path device
+    { Args = args; Clock = clock; Device = device; ModelPath = path; Model = model; Tokenizer = tokenizer }
+
 /// Where results go: `--out`, default `paper/results`.
 let resultsDir (a: Args) = a.Get("out", Path.Combine(__SOURCE_DIRECTORY__, "results"))
 

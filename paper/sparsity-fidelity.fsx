@@ -27,11 +27,8 @@ open Transcoders.Models
 open Transcoders.Views
 open Common
 
-let args = parseArgs "sparsity-fidelity" fsi.CommandLineArgs
-let sw = Stopwatch.StartNew()
-let device = deviceOf args
-let modelPath = modelPath args
-let model, _ = loadModel modelPath device
+let run = setup "sparsity-fidelity" fsi.CommandLineArgs
+let args, sw, device, model, modelPath = run.Args, run.Clock, run.Device, run.Model, run.ModelPath
 let c = model.Config
 let name = ModelName.ofPath modelPath
 let text =

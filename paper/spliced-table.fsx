@@ -17,13 +17,10 @@ open Transcoders.Coders
 open Transcoders.Models
 open Common
 
-let args = parseArgs "spliced-table" fsi.CommandLineArgs
-let sw = Stopwatch.StartNew()
-let device = deviceOf args
-let modelPath = modelPath args
-let model, tokenizer = loadModel modelPath device
+let run = setup "spliced-table" fsi.CommandLineArgs
+let args, sw, device, model, tokenizer, modelPath = run.Args, run.Clock, run.Device, run.Model, run.Tokenizer, run.ModelPath
 let c = model.Config
-let coders = loadCoders (codersPath args) device
+let coders = run.Coders()
 let ctx = args.Int("ctx", min 128 c.NCtx)
 let rows = validationRows tokenizer ctx (args.Int("rows", 64))
 

@@ -17,13 +17,10 @@ open Transcoders.Coders
 open Transcoders.Models
 open Common
 
-let args = parseArgs "tc-vs-clt" fsi.CommandLineArgs
-let sw = Stopwatch.StartNew()
-let device = deviceOf args
-let modelPath = modelPath args
-let model, tokenizer = loadModel modelPath device
+let run = setup "tc-vs-clt" fsi.CommandLineArgs
+let args, sw, device, model, tokenizer, modelPath = run.Args, run.Clock, run.Device, run.Model, run.Tokenizer, run.ModelPath
 let c = model.Config
-let coders = loadCoders (codersPath args) device
+let coders = run.Coders()
 let transcoders = transcodersOf coders
 let clt =
     match coders |> List.filter (fun x -> x.Config.Kind = CrossLayerTranscoder) |> List.sortByDescending (fun x -> x.Config.NLayers) with

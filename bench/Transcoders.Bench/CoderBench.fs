@@ -13,15 +13,16 @@ open Transcoders.Bench.Stats
 
 /// One benchmarked variant: the activation and how the step computes.
 type Case =
-    { /// relu | topk | groupmax
+    { /// relu | topk | batchtopk | jumprelu | groupmax
       Activation: string
       SparseDecode: bool }
     member c.Name = c.Activation + (if c.SparseDecode then "+sparse" else "")
     static member Parse(s: string) =
         let parts = s.Split('+')
         if parts.Length > 2 || (parts.Length = 2 && parts[1] <> "sparse") then failwithf "case '%s': expected ACT or ACT+sparse" s
-        if not (List.contains parts[0] [ "relu"; "topk"; "groupmax" ]) then failwithf "case '%s': activation must be relu, topk or groupmax" s
-        if parts[0] = "relu" && parts.Length = 2 then failwithf "case '%s': sparse decoding needs topk or groupmax" s
+        if not (List.contains parts[0] [ "relu"; "topk"; "batchtopk"; "jumprelu"; "groupmax" ]) then
+            failwithf "case '%s': activation must be relu, topk, batchtopk, jumprelu or groupmax" s
+        if parts.Length = 2 && not (List.contains parts[0] [ "topk"; "groupmax" ]) then failwithf "case '%s': sparse decoding needs topk or groupmax" s
         { Activation = parts[0]; SparseDecode = parts.Length = 2 }
 
 /// Benchmark settings (defaults: the issue's CPU config).
@@ -79,17 +80,21 @@ let stepFlops (o: Options) (width: int) (c: Case) (ours: bool) =
         else 4.0 * b * d * f + 2.0 * d * f
     encoder + decoder
 
-/// The library's configuration for a case: a transcoder (input bias, unit-norm decoder), MSE, L1 for ReLU.
+/// The library's configuration for a case: a transcoder (input bias, unit-norm decoder), MSE, + λ·L1 for ReLU,
+/// + λ·L0 (step function with the rectangle-kernel estimator for θ, Gemma Scope) for JumpReLU.
 let configs (o: Options) (width: int) (c: Case) =
     let act =
         match c.Activation with
         | "relu" -> ReLU
         | "topk" -> TopK o.K
+        | "batchtopk" -> BatchTopK(float o.K)
+        | "jumprelu" -> JumpReLU JumpReLUSpec.Default
         | _ -> GroupMax o.K
     let coder = { CoderConfig.transcoder "bench" 0 o.DModel width with Activation = act }
+    let sparsity = match act with ReLU -> L1 false | JumpReLU _ -> L0 | _ -> NoSparsity
     let loss =
-        { Reconstruction = Mse; Sparsity = (if act = ReLU then L1 false else NoSparsity)
-          SparsityCoefficient = (if act = ReLU then o.Lambda else 0.0)
+        { Reconstruction = Mse; Sparsity = sparsity
+          SparsityCoefficient = (if sparsity = NoSparsity then 0.0 else o.Lambda)
           PreActCoefficient = 0.0; PreActDeadOnly = true; Auxiliary = NoAuxiliary }
     let train =
         { TrainConfig.Paper with
@@ -135,7 +140,7 @@ type Ours(o: Options, width: int, c: Case, device: torch.Device) =
              let f = CoderTraining.forwardLoss state x y
              state.Optimizer.ZeroGrad()
              f.Terms.Total.backward()
-             Activations.BackwardTensors.release ())
+             SparseActivations.BackwardTensors.release ())
             sync device
             sw.Elapsed.TotalSeconds |]
     /// One step split into its phases (device-synchronised), seconds per phase in order; the same work as `step`.
@@ -158,7 +163,7 @@ type Ours(o: Options, width: int, c: Case, device: torch.Device) =
         state.Optimizer.ZeroGrad()
         mark "zero grad"
         f.Terms.Total.backward()
-        Activations.BackwardTensors.release ()
+        SparseActivations.BackwardTensors.release ()
         mark "backward"
         CoderTraining.afterBackward state
         mark "decoder-gradient projection"

@@ -284,7 +284,7 @@ let agreement (g: Graph) (pruned: PrunedGraph option) (theirsPath: string) =
     let toOurs =
         Array.init n (fun i ->
             if i < nF then
-                match index.TryGetValue((int feats[3 * i], int feats[3 * i + 1], int feats[3 * i + 2])) with
+                match index.TryGetValue({ Layer = int feats[3 * i]; Position = int feats[3 * i + 1]; Feature = int feats[3 * i + 2] }) with
                 | true, j -> j
                 | _ -> -1
             elif i < nF + (nL + 1) * p then g.ErrorStart + (i - nF)

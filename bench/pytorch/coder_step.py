@@ -2,7 +2,9 @@
 """The PyTorch side of the coder training-step benchmark (bench/Transcoders.Bench `coder`).
 
 The same transcoder step as the library's CoderTraining.step: x·W_enc with an input bias (pre = (x − b_in)·W_enc + b_enc),
-ReLU / TopK / GroupMax, decode ŷ = a·W_dec + b_dec, loss MSE (Σ over d, mean over tokens) + λ·L1 for ReLU, backward,
+ReLU / TopK / BatchTopK / JumpReLU / GroupMax, decode ŷ = a·W_dec + b_dec, loss MSE (Σ over d, mean over tokens) + λ·L1
+for ReLU or + λ·L0 for JumpReLU (step function, rectangle-kernel straight-through estimator for θ = exp(log θ), bandwidth
+1e-3, θ₀ = 1e-3, as Gemma Scope and the library), the BatchTopK threshold's running average, backward,
 removal of the decoder-gradient component parallel to each decoder row, Adam (lr 4e-4, β 0.9/0.999), renormalisation of
 the decoder rows, firing statistics, and one host sync for the logged values (loss, L0, FVU).
 Parameters and Adam are float32; with --dtype bf16/fp16 the products run in that dtype from cast copies (as autocast
@@ -56,6 +58,43 @@ class SparseDecode(torch.autograd.Function):
         return gv.to(values.dtype), None, gw
 
 
+def rectangle(u):
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class JumpReLU(torch.autograd.Function):
+    """a = z·H(z − θ); ∂z = H(z − θ)·g; ∂θ = −(θ/ε)·K((z − θ)/ε)·g summed over tokens."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        eps = ctx.eps
+        gt = (-(theta / eps) * rectangle((z - theta) / eps) * g).sum(0)
+        return g * (z > theta), gt, None
+
+
+class Step(torch.autograd.Function):
+    """H(z − θ); no gradient to z; ∂θ = −(1/ε)·K((z − θ)/ε)·g summed over tokens."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        eps = ctx.eps
+        return None, (-(1.0 / eps) * rectangle((z - theta) / eps) * g).sum(0), None
+
+
 class Bench:
     def __init__(self, a):
         self.a = a
@@ -72,6 +111,10 @@ class Bench:
         self.b_dec = torch.zeros(d, device=dev, requires_grad=True)
         self.b_in = torch.zeros(d, device=dev, requires_grad=True)
         self.params = [self.w_enc, self.b_enc, self.w_dec, self.b_dec, self.b_in]
+        if a.activation == "jumprelu":
+            self.log_threshold = torch.full((f,), math.log(1e-3), device=dev, requires_grad=True)
+            self.params.append(self.log_threshold)
+        self.batch_threshold = torch.full((), float("nan"), device=dev)
         self.opt = torch.optim.Adam(self.params, lr=4e-4, betas=(0.9, 0.999), eps=1e-8)
         self.since_fired = torch.zeros(f, dtype=torch.int64, device=dev)
         self.counts = torch.zeros(f, dtype=torch.int64, device=dev)
@@ -91,6 +134,18 @@ class Bench:
         active = None
         if a.activation == "relu":
             acts = pre.relu()
+        elif a.activation == "jumprelu":
+            acts = JumpReLU.apply(pre, self.log_threshold.exp().to(pre.dtype), 1e-3)
+        elif a.activation == "batchtopk":
+            r = pre.relu()
+            flat = r.reshape(-1)
+            v, i = flat.topk(max(1, min(flat.numel(), round(a.k * r.shape[0]))), sorted=False)
+            acts = torch.zeros_like(flat).scatter(0, i, v).view_as(r)
+            with torch.no_grad():
+                pos = v[v > 0]
+                if pos.numel() > 0:
+                    m = pos.min().float()
+                    self.batch_threshold = torch.where(self.batch_threshold.isnan(), m, 0.999 * self.batch_threshold + 0.001 * m)
         elif a.activation == "topk":
             if a.decode == "sparse":
                 v, i = pre.topk(a.k, dim=-1, sorted=False)
@@ -116,6 +171,8 @@ class Bench:
         loss = (pred - y).square().sum(-1).mean()
         if a.activation == "relu":
             loss = loss + a.lam * acts.abs().sum(-1).float().mean()
+        elif a.activation == "jumprelu":
+            loss = loss + a.lam * Step.apply(pre, self.log_threshold.exp().to(pre.dtype), 1e-3).sum(-1).float().mean()
         return loss, pred, fired, active
 
     def step(self, x, y):
@@ -204,7 +261,7 @@ def main():
     p.add_argument("--width", type=int, default=8192)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--activation", choices=["relu", "topk", "groupmax"], default="relu")
+    p.add_argument("--activation", choices=["relu", "topk", "batchtopk", "jumprelu", "groupmax"], default="relu")
     p.add_argument("--decode", choices=["dense", "sparse"], default="dense")
     p.add_argument("--lambda", dest="lam", type=float, default=1e-3)
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")

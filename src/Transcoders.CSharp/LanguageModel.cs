@@ -63,9 +63,13 @@ public sealed class LanguageModel : IDisposable
     /// </summary>
     /// <param name="path">A model folder or a llama2.c file.</param>
     /// <param name="device">Where to put the weights; null for the CPU.</param>
-    public static LanguageModel Load(string path, torch.Device? device = null)
+    /// <param name="transformerLensProcessing">Apply TransformerLens' weight processing after loading (LayerNorms
+    /// folded, writing weights and unembedding centred; same log-probabilities), as the transcoder paper's GPT-2
+    /// transcoders expect. LayerNorm models only.</param>
+    public static LanguageModel Load(string path, torch.Device? device = null, bool transformerLensProcessing = false)
     {
-        var (model, metadata) = ModelFiles.load(path, device ?? torch.CPU);
+        var options = new LoadOptions(false, transformerLensProcessing ? ProcessWeights.TransformerLens : ProcessWeights.AsStored);
+        var (model, metadata) = ModelFiles.loadWith(options, path, device ?? torch.CPU);
         try
         {
             TextTokenizer? tokenizer = null;

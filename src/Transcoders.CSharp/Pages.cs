@@ -152,6 +152,23 @@ public static class Pages
     public static SparseCoder ImportSaeLens(string folder, torch.Device? device = null) =>
         new SparseCoder(SaeLens.import(folder, device ?? torch.CPU));
 
+    /// <summary>
+    /// Writes coders in circuit-tracer's transcoder layout (config.yaml with layer_{l}.safetensors for a transcoder
+    /// set, or W_enc_{i}/W_dec_{i}.safetensors for a cross-layer transcoder); returns the folder.
+    /// </summary>
+    /// <param name="coders">One cross-layer transcoder, or per-layer (skip) transcoders of distinct layers with one
+    /// activation (ReLU, JumpReLU or TopK), width and hook pair.</param>
+    /// <param name="folder">The folder to write.</param>
+    /// <param name="scanName">circuit-tracer's scan_name (the feature set's id in its frontend).</param>
+    public static string ExportCircuitTracer(IReadOnlyList<SparseCoder> coders, string folder, string scanName) =>
+        CircuitTracer.export(folder, scanName, ListModule.OfSeq(coders.Select(c => c.Core)));
+
+    /// <summary>Reads a circuit-tracer transcoder folder: one coder per layer of a set, or one cross-layer transcoder.</summary>
+    /// <param name="folder">The folder holding config.yaml and the safetensors files.</param>
+    /// <param name="device">Where to put the weights; null for the CPU.</param>
+    public static IReadOnlyList<SparseCoder> ImportCircuitTracer(string folder, torch.Device? device = null) =>
+        CircuitTracer.import(folder, device ?? torch.CPU).Select(c => new SparseCoder(c)).ToList();
+
     private static FSharpFunc<int, string> TokenText(Graph g, TextTokenizer? tokenizer)
     {
         if (tokenizer != null) return FuncConvert.FromFunc<int, string>(t => Transcoders.Text.TokenizerModule.tokenText(tokenizer.Core, t));

@@ -31,7 +31,7 @@ let run (common: Common.Options) (args: ParseResults<Args>) =
     let sw = Stopwatch.StartNew()
     let device = Common.device common
     let out = args.GetResult(Out, Path.Combine("runs", "pages"))
-    let model, tokenizer, _ = Transcoders.Models.PromptTokens.load (args.GetResult Model) "" device
+    let model, tokenizer, _ = Transcoders.Models.PromptTokens.loadWith (Common.loadOptions common) (args.GetResult Model) "" device
     use _m = model
     let coders = Transcoders.Coders.CoderFolders.load (args.GetResult Coders) device
     try

@@ -28,7 +28,7 @@ let run (common: Common.Options) (args: ParseResults<Args>) =
     let path = args.GetResult Model
     let device = Common.device common
     let tokenizer = ModelTokenizer.find path
-    let model, _ = ModelFiles.load path device
+    let model, _ = ModelFiles.loadWith (Common.loadOptions common) path device
     use _m = model
     let prompt =
         match args.TryGetResult Prompt with

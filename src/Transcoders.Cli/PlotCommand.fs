@@ -40,7 +40,7 @@ let run (common: Common.Options) (args: ParseResults<Args>) =
           | None -> ()
           match args.TryGetResult Model, args.TryGetResult Coders, args.TryGetResult Prompt with
           | Some m, Some cs, Some prompt ->
-              let model, tokenizer, tokens = Transcoders.Models.PromptTokens.load m prompt device
+              let model, tokenizer, tokens = Transcoders.Models.PromptTokens.loadWith (Common.loadOptions common) m prompt device
               use _m = model
               let coders = Transcoders.Coders.CoderFolders.load cs device
               try

@@ -25,6 +25,7 @@ type Command =
     // The options every command shares (see Common.fs): declared once here, accepted after any command.
     | [<Inherit>] Device of string
     | [<Inherit>] Threads of int
+    | [<Inherit>] Tl_Processing
     interface IArgParserTemplate with
         member this.Usage =
             match this with
@@ -44,10 +45,11 @@ type Command =
             | Dashboard _ -> "feature pages (top examples, quantiles, histogram, logit effects, de-embeddings, your texts) and an index"
             | Plot _ -> "a page of charts: training curves, L0 frontiers, prompt heatmaps, correlations, PCA/t-SNE, importance"
             | Graph_Page _ -> "the interactive page of a saved attribution graph"
-            | Export _ -> "graph → circuit-tracer / Neuronpedia graph JSON (+ feature files); coder → SAELens layout"
-            | Import _ -> "circuit-tracer graph JSON → graph file; SAELens folder → coder"
+            | Export _ -> "graph → circuit-tracer / Neuronpedia graph JSON (+ feature files); coders → SAELens or circuit-tracer layout"
+            | Import _ -> "circuit-tracer graph JSON → graph file; SAELens or circuit-tracer folder → coders"
             | Device _ -> Common.deviceUsage
             | Threads _ -> Common.threadsUsage
+            | Tl_Processing -> Common.tlProcessingUsage
 
 /// The exit code of a command line that Argu refuses (the code Argu's ProcessExiter exits with).
 let private exitCodeOf (e: ArguParseException) = int e.ErrorCode
@@ -79,7 +81,8 @@ let run (argv: string[]) : int =
     | Ok args ->
         let common =
             { Common.Options.Device = args.GetResult(Device, Common.Options.Default.Device)
-              Common.Options.Threads = args.GetResult(Threads, Common.Options.Default.Threads) }
+              Common.Options.Threads = args.GetResult(Threads, Common.Options.Default.Threads)
+              Common.Options.TlProcessing = args.Contains Tl_Processing }
         Transcoders.Tensors.Device.init ()
         try
             Transcoders.Tensors.Device.setThreads common.Threads
@@ -101,9 +104,9 @@ let run (argv: string[]) : int =
             | Some(Dashboard a) -> DashboardCommand.run common a
             | Some(Plot a) -> PlotCommand.run common a
             | Some(Graph_Page a) -> GraphPageCommand.run a
-            | Some(Export a) -> ExportCommand.export a
+            | Some(Export a) -> ExportCommand.export common a
             | Some(Import a) -> ExportCommand.import a
-            | Some(Device _ | Threads _) | None ->
+            | Some(Device _ | Threads _ | Tl_Processing) | None ->
                 eprintfn "error: no command given (see 'transcoders --help')"
                 1
         with e when not (isNull e.Message) && Environment.GetEnvironmentVariable "TRANSCODERS_DEBUG" <> "1" ->

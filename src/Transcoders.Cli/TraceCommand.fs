@@ -127,7 +127,7 @@ let trace (modelPath: string) (model: Transformer) (tokenizer: Tokenizer) (coder
 let run (common: Common.Options) (args: ParseResults<Args>) =
     let modelPath = args.GetResult Model
     let device = Common.device common
-    let model, tokenizer, tokens = PromptTokens.load modelPath (args.GetResult Prompt) device
+    let model, tokenizer, tokens = PromptTokens.loadWith (Common.loadOptions common) modelPath (args.GetResult Prompt) device
     use _m = model
     let coders = CoderFolders.load (args.GetResult Coders) device
     try

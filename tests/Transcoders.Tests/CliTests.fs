@@ -199,6 +199,27 @@ let commandTests =
             fails [ "export"; "--coder"; Path.Combine(codersDir (), "transcoder-L0"); "--out"; path "sl" ] "SAELens" |> ignore
         }
 
+        test "export/import in circuit-tracer's layout round-trip the transcoders; --tl-processing loads the model processed" {
+            let l0, l1 = Path.Combine(codersDir (), "transcoder-L0"), Path.Combine(codersDir (), "transcoder-L1")
+            let out = ok [ "export"; "--coder"; l0; "--coder"; l1; "--format"; "circuit-tracer"; "--scan"; "tiny/tc"; "--out"; path "ct-coders" ]
+            Expect.stringContains out "circuit-tracer layout" "says what it wrote"
+            for f in [ "config.yaml"; "layer_0.safetensors"; "layer_1.safetensors" ] do exists ("ct-coders/" + f)
+            ok [ "import"; "--circuit-tracer"; path "ct-coders"; "--out"; path "ct-back" ] |> ignore
+            for l, original in [ 0, l0; 1, l1 ] do
+                use a = CoderFile.load original torch.CPU
+                use b = CoderFile.load (path (sprintf "ct-back/layer_%d" l)) torch.CPU
+                Expect.equal b.Config.Activation a.Config.Activation "activation"
+                use _ = torch.no_grad ()
+                use x = torch.randn(8L, int64 a.Config.DIn)
+                use ya = a.Forward x
+                use yb = b.Forward x
+                Expect.isLessThan (maxDiff ya yb) 1e-4 (sprintf "layer %d: same outputs" l)
+            fails [ "import"; "--circuit-tracer"; path "nothing-here"; "--out"; path "x" ] "nothing-here" |> ignore
+            let plain = ok ([ "generate"; modelDir (); "--prompt"; "Once upon a time"; "--max-new-tokens"; "8" ] @ common)
+            let processed = ok ([ "generate"; modelDir (); "--prompt"; "Once upon a time"; "--max-new-tokens"; "8"; "--tl-processing" ] @ common)
+            Expect.equal processed plain "the same greedy continuation from the processed model"
+        }
+
         test "a bad argument gives a one-line error and a non-zero exit code" {
             let m = modelDir ()
             let code = fails [ "train-coder"; m; "--k"; "abc" ] "'--k'"

@@ -566,7 +566,7 @@ let fileTests =
             let e = Expect.throwsC (fun () -> CoderFile.load (dir.File "tc") dev |> ignore) id
             Expect.isTrue (e :? CoderFile.CoderFileError) (sprintf "a CoderFileError, got %s" (e.GetType().Name))
             for fragment in [ st; "'W_dec'"; "non-finite" ] do Expect.stringContains e.Message fragment fragment
-            use allowed = CoderFile.loadWith { Transcoders.Models.LoadOptions.AllowNonFinite = true } (dir.File "tc") dev
+            use allowed = CoderFile.loadWith { Transcoders.Models.LoadOptions.Default with AllowNonFinite = true } (dir.File "tc") dev
             Expect.isTrue (allowed.StateDict() |> List.exists (fun (_, t) -> not (t.isfinite().all().item<bool> ()))) "allowed: loaded as stored"
             for _, t in all do t.Dispose()
         }

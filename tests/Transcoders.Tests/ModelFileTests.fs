@@ -357,7 +357,7 @@ let loadingCheckTests =
                     if n = "blocks.0.attn.k.weight" then (let u = t.clone() in u.view(-1L).[1L] <- torch.tensor(bad, dtype = torch.float32); n, u) else n, t))
                 throwsCheckpoint (fun () -> Checkpoint.load dir.Path cpu) [ weights; "'blocks.0.attn.k.weight'"; "1 non-finite value"; "AllowNonFinite" ]
                 throwsCheckpoint (fun () -> ModelFiles.load dir.Path cpu) [ weights; "'blocks.0.attn.k.weight'" ]
-                use allowed = fst (Checkpoint.loadWith { AllowNonFinite = true } dir.Path cpu)
+                use allowed = fst (Checkpoint.loadWith { LoadOptions.Default with AllowNonFinite = true } dir.Path cpu)
                 let k = allowed.get_parameter "blocks.0.attn.k.weight"
                 Expect.isFalse (k.view(-1L).[1L].isfinite().item<bool> ()) "allowed: the value as stored"
             // Hugging Face names the file's tensor
@@ -366,7 +366,7 @@ let loadingCheckTests =
             rewrite (hf.File "model.safetensors") (List.map (fun (n, t) ->
                 if n = "transformer.wte.weight" then (let u = t.clone() in u.[3L, 5L] <- torch.tensor(nan, dtype = torch.float32); n, u) else n, t))
             throwsCheckpoint (fun () -> HuggingFace.load hf.Path cpu) [ hf.File "model.safetensors"; "'transformer.wte.weight'"; "non-finite" ]
-            use allowedHf = HuggingFace.loadWith { AllowNonFinite = true } hf.Path cpu
+            use allowedHf = HuggingFace.loadWith { LoadOptions.Default with AllowNonFinite = true } hf.Path cpu
             Expect.isTrue ((allowedHf.get_parameter "embed.weight").[3L, 5L].isnan().item<bool> ()) "loaded as stored"
 
         testCase "a tied model whose file holds a different lm_head is refused" <| fun () ->

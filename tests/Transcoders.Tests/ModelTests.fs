@@ -416,6 +416,114 @@ let validationTests =
             Expect.equal (TransformerConfig.parameterCount TransformerConfig.gpt2) 124439808L "GPT-2 small"
     ]
 
+/// TransformerLens' weight processing (`LoadOptions.Processing = TransformerLens`) on the GPT-2 fixture.
+let tlProcessingTests =
+    let processed = { LoadOptions.Default with Processing = TransformerLens }
+    let maxAbs (t: torch.Tensor) = (use m = t.abs().max() in float (m.item<float32> ()))
+    testList "TransformerLens weight processing" [
+        testCase "hf-gpt2-tiny: the processed model gives the same log-probabilities" <| fun () ->
+            let dir = fixture "hf-gpt2-tiny"
+            use plain = HuggingFace.load dir cpu
+            use tl = HuggingFace.loadWith processed dir cpu
+            use expected = Safetensors.Reader.Open(Path.Combine(dir, "expected.safetensors"))
+            use ids = expected.Tensor "input_ids"
+            use _ = torch.no_grad ()
+            use a = Transformer.forward plain ids
+            use b = Transformer.forward tl ids
+            use la = a.log_softmax(-1L)
+            use lb = b.log_softmax(-1L)
+            Expect.isLessThan (maxDiff la lb) 1e-5 "log-softmax unchanged"
+            // the logits themselves move by one constant per position (the centred unembedding)
+            use shift = a.sub(b)
+            use spread = shift.amax([| -1L |]).sub(shift.amin([| -1L |]))
+            Expect.isLessThan (maxAbs spread) 1e-4 "logits shift by a per-position constant"
+            Expect.isGreaterThan (maxAbs shift) 1e-3 "…which is not zero (the unembedding was centred)"
+
+        testCase "hf-neox-tiny (parallel residual, partial rotary) and its sequential twin: the same log-probabilities processed" <| fun () ->
+            for name in [ "hf-neox-tiny"; "hf-neox-tiny-sequential" ] do
+                let dir = fixture name
+                use plain = HuggingFace.load dir cpu
+                use tl = HuggingFace.loadWith processed dir cpu
+                use expected = Safetensors.Reader.Open(Path.Combine(dir, "expected.safetensors"))
+                use ids = expected.Tensor "input_ids"
+                use _ = torch.no_grad ()
+                use a = Transformer.forward plain ids
+                use b = Transformer.forward tl ids
+                use la = a.log_softmax(-1L)
+                use lb = b.log_softmax(-1L)
+                Expect.isLessThan (maxDiff la lb) 1e-4 (name + ": log-softmax unchanged")
+
+        testCase "hf-gpt2-tiny: processed weights have the properties TransformerLens promises" <| fun () ->
+            use tl = HuggingFace.loadWith processed (fixture "hf-gpt2-tiny") cpu
+            let p = Transformer.parameters tl |> List.map (fun (n, t) -> n, (t :> torch.Tensor)) |> dict
+            Expect.isFalse tl.Config.TiedUnembed "the unembedding is untied (folding ln_final changed it, not W_E)"
+            for KeyValue(name, t) in p do
+                if name.Contains "ln" && name.EndsWith ".weight" then
+                    use d = t.sub(sc 1.0)
+                    Expect.equal (maxAbs d) 0.0 (name + " is all ones")
+                if name.Contains "ln" && name.EndsWith ".bias" then Expect.equal (maxAbs t) 0.0 (name + " is all zeros")
+            let meanOver (name: string) (dim: int64) =
+                use m = p[name].mean([| dim |])
+                maxAbs m
+            // writing weights: nn.Linear's [out = d_model, in], embeddings [·, d_model]
+            Expect.isLessThan (meanOver "embed.weight" 1L) 1e-6 "W_E centred over d_model"
+            Expect.isLessThan (meanOver "pos_embed.weight" 1L) 1e-6 "W_pos centred over d_model"
+            for l in 0 .. tl.Config.NLayers - 1 do
+                for w in [ "attn.o.weight"; "attn.o.bias"; "mlp.fc_out.weight"; "mlp.fc_out.bias" ] do
+                    Expect.isLessThan (meanOver (sprintf "blocks.%d.%s" l w) 0L) 1e-6 (sprintf "layer %d %s centred over d_model" l w)
+                // reading weights folded with their LayerNorm are centred over their d_model (input) axis
+                for w in [ "attn.q.weight"; "attn.k.weight"; "attn.v.weight"; "mlp.fc_in.weight" ] do
+                    Expect.isLessThan (meanOver (sprintf "blocks.%d.%s" l w) 1L) 1e-6 (sprintf "layer %d %s centred over its input" l w)
+                Expect.equal (maxAbs p[sprintf "blocks.%d.attn.v.bias" l]) 0.0 (sprintf "layer %d b_V folded into b_O" l)
+            Expect.isLessThan (meanOver "unembed.weight" 0L) 1e-6 "W_U centred over the vocabulary"
+            Expect.isLessThan (meanOver "unembed.bias" 0L) 1e-6 "b_U centred"
+
+        testCase "hf-gpt2-tiny: hook activations change as documented (ln2 output without the affine map, mlp_out centred)" <| fun () ->
+            let dir = fixture "hf-gpt2-tiny"
+            use plain = HuggingFace.load dir cpu
+            use tl = HuggingFace.loadWith processed dir cpu
+            use expected = Safetensors.Reader.Open(Path.Combine(dir, "expected.safetensors"))
+            use ids = expected.Tensor "input_ids"
+            let names = [ for l in 0 .. plain.Config.NLayers - 1 do yield HookNames.mlpIn l; yield HookNames.mlpOut l; yield HookNames.residMid l ]
+            use _ = torch.no_grad ()
+            use ra = Transformer.runWithCache plain names ids
+            use rb = Transformer.runWithCache tl names ids
+            let pa = Transformer.parameters plain |> dict
+            for l in 0 .. plain.Config.NLayers - 1 do
+                let w, b = pa[sprintf "blocks.%d.ln2.weight" l], pa[sprintf "blocks.%d.ln2.bias" l]
+                use bare = ra[HookNames.mlpIn l].sub(b).div(w)
+                Expect.isLessThan (maxDiff rb[HookNames.mlpIn l] bare) 1e-4 (sprintf "layer %d: ln2.hook_normalized = (plain − β)/w" l)
+                use centred = ra[HookNames.mlpOut l].sub(ra[HookNames.mlpOut l].mean([| -1L |], true))
+                Expect.isLessThan (maxDiff rb[HookNames.mlpOut l] centred) 1e-5 (sprintf "layer %d: hook_mlp_out centred over d_model" l)
+                use mean = rb[HookNames.residMid l].mean([| -1L |])
+                Expect.isLessThan (maxAbs mean) 1e-5 (sprintf "layer %d: the residual stream is centred" l)
+
+        testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 8 } "random LayerNorm GPTs with non-trivial LayerNorms: same log-probabilities after processing" <| fun (seed: int) ->
+            let rng = System.Random(seed)
+            let heads = rng.Next(1, 4)
+            let c = { TransformerConfig.gpt2 with DModel = 4 * heads; NHeads = heads; NKvHeads = heads; NLayers = rng.Next(1, 4); DMlp = 12
+                                                  NCtx = 16; VocabSize = 23; TiedUnembed = rng.Next 2 = 0 }
+            torch.manual_seed (int64 seed) |> ignore
+            use m = Transformer.create c cpu
+            (use _ = torch.no_grad ()
+             for name, p in Transformer.parameters m do
+                 if name.Contains "ln" then p.copy_(torch.randn(p.shape).mul(sc 0.5).add(sc (if name.EndsWith ".weight" then 1.0 else 0.0))) |> ignore
+                 elif name.EndsWith ".bias" then p.copy_(torch.randn(p.shape).mul(sc 0.1)) |> ignore)
+            m.eval ()
+            use tl = WeightProcessing.transformerLens m
+            use ids = torch.randint(23L, [| 2L; 9L |], dtype = torch.int64)
+            use _ = torch.no_grad ()
+            use a = Transformer.forward m ids
+            use b = Transformer.forward tl ids
+            use la = a.log_softmax(-1L)
+            use lb = b.log_softmax(-1L)
+            Expect.isLessThan (maxDiff la lb) 1e-5 "log-softmax unchanged"
+
+        testCase "RMSNorm models are refused with the reason" <| fun () ->
+            let msg = (try (HuggingFace.loadWith processed (fixture "hf-llama-tiny") cpu).Dispose(); "" with e -> e.Message)
+            Expect.stringContains msg "LayerNorm" "the reason"
+    ]
+
 let tests =
     testList "Models" [
         testList "Hugging Face fixtures" [
@@ -433,4 +541,5 @@ let tests =
         attentionTests
         kvCacheTests
         validationTests
+        tlProcessingTests
     ]

@@ -422,6 +422,214 @@ let tests =
             }
         ]
 
+        testList "circuit-tracer layout" [
+            testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 12 } "per-layer transcoders and CLTs round-trip through circuit-tracer's files with the same outputs" <| fun (seed: int) ->
+                let rng = Random(seed)
+                let dIn, dSae = rng.Next(2, 9), rng.Next(2, 17)
+                let layer = rng.Next(0, 4)
+                let cfg =
+                    match rng.Next 6 with
+                    | 0 -> CoderConfig.transcoder "m" layer dIn dSae
+                    | 1 -> { CoderConfig.transcoder "m" layer dIn dSae with Activation = JumpReLU JumpReLUSpec.Default }
+                    | 2 -> { CoderConfig.transcoder "m" layer dIn dSae with Activation = TopK (rng.Next(1, dSae + 1)) }
+                    | 3 -> CoderConfig.skipTranscoder "m" layer dIn dSae
+                    | 4 -> { CoderConfig.crossLayer "m" (Array.init (rng.Next(1, 4)) id) dIn dSae with Activation = ReLU }
+                    | _ -> CoderConfig.crossLayer "m" (Array.init (rng.Next(1, 4)) id) dIn dSae
+                torch.manual_seed (int64 seed) |> ignore
+                // random parameters everywhere, an input bias and activation scales ≠ 1: both must be folded on export
+                use c =
+                    Coder.ofTensors cfg torch.CPU
+                        [ for name, shape in Coder.ParameterShapes cfg do
+                            if name = "log_threshold" then yield name, torch.rand(shape).mul(sc 0.5).add(sc 0.05).log()
+                            elif name <> "batchtopk_threshold" then yield name, torch.randn(shape).mul(sc 0.5) ]
+                c.SetScale { In = Array.init cfg.NLayers (fun _ -> 0.5 + rng.NextDouble()); Out = Array.init cfg.NLayers (fun _ -> 0.5 + rng.NextDouble()) }
+                use dir = new TempDir()
+                let folder = CircuitTracer.export (dir.File "ct") "m/test" [ c ]
+                let back = CircuitTracer.import folder torch.CPU
+                Expect.equal back.Length 1 "one coder back"
+                use b = back.Head
+                Expect.equal b.Config.Kind cfg.Kind "kind"
+                Expect.equal b.Config.Activation cfg.Activation "activation"
+                Expect.equal b.Config.Layers cfg.Layers "layers"
+                Expect.equal b.Config.HookIn cfg.HookIn "input hooks"
+                Expect.equal b.Config.HookOut cfg.HookOut "output hooks"
+                use _ = torch.no_grad ()
+                let lead = if cfg.Kind = CrossLayerTranscoder then [| 7L; int64 cfg.NLayers; int64 dIn |] else [| 7L; int64 dIn |]
+                use x = torch.randn(lead).mul(sc 2.0)
+                use ya = c.Forward x
+                use yb = b.Forward x
+                use scale = ya.abs().max().add(sc 1.0)
+                let rel = (use d = ya.sub(yb).abs().max() in d.item<float32> ()) / scale.item<float32> ()
+                Expect.isLessThan rel 1e-5f (sprintf "%A: same outputs after the round trip" cfg.Kind)
+
+            test "exported files have circuit-tracer's keys and shapes, and config.yaml its fields" {
+                use dir = new TempDir()
+                torch.manual_seed 3L |> ignore
+                let cfgs = [ for l in 0 .. 1 -> { CoderConfig.skipTranscoder "gpt2" l 6 10 with Activation = JumpReLU JumpReLUSpec.Default } ]
+                let coders = [ for cfg in cfgs -> Coder.ofTensors cfg torch.CPU [ for name, shape in Coder.ParameterShapes cfg -> name, torch.randn(shape).mul(sc 0.3) ] ]
+                try
+                    let folder = CircuitTracer.export (dir.File "set") "gpt2/tc" coders
+                    for l in 0 .. 1 do
+                        use r = Safetensors.Reader.Open(Path.Combine(folder, sprintf "layer_%d.safetensors" l))
+                        let shapes = r.Entries |> List.map (fun e -> e.Name, List.ofArray e.Shape) |> Map.ofList
+                        Expect.equal shapes (Map [ "W_enc", [ 10L; 6L ]; "W_dec", [ 10L; 6L ]; "b_enc", [ 10L ]; "b_dec", [ 6L ]
+                                                   "activation_function.threshold", [ 10L ]; "W_skip", [ 6L; 6L ] ]) (sprintf "layer_%d keys and shapes" l)
+                    let yaml = CircuitTracer.readConfig (Path.Combine(folder, "config.yaml"))
+                    Expect.equal (yaml.TryFind "model_kind") (Some "transcoder_set") "model_kind"
+                    Expect.equal (yaml.TryFind "feature_input_hook") (Some "ln2.hook_normalized") "input hook without the blocks prefix"
+                    Expect.equal (yaml.TryFind "feature_output_hook") (Some "hook_mlp_out") "output hook"
+                    Expect.equal (yaml.TryFind "model_name") (Some "gpt2") "model_name"
+                    use clt = Coder.ofTensors (CoderConfig.crossLayer "gpt2" [| 0; 1; 2 |] 4 5) torch.CPU
+                                [ for name, shape in Coder.ParameterShapes (CoderConfig.crossLayer "gpt2" [| 0; 1; 2 |] 4 5) -> name, torch.randn(shape) ]
+                    let cf = CircuitTracer.export (dir.File "clt") "gpt2/clt" [ clt ]
+                    for i in 0 .. 2 do
+                        use e = Safetensors.Reader.Open(Path.Combine(cf, sprintf "W_enc_%d.safetensors" i))
+                        Expect.equal (e.Info(sprintf "W_enc_%d" i)).Shape [| 5L; 4L |] "W_enc_i [F, d]"
+                        Expect.equal (e.Info(sprintf "threshold_%d" i)).Shape [| 5L |] "threshold_i"
+                        use d = Safetensors.Reader.Open(Path.Combine(cf, sprintf "W_dec_%d.safetensors" i))
+                        Expect.equal (d.Info(sprintf "W_dec_%d" i)).Shape [| 5L; int64 (3 - i); 4L |] "W_dec_i [F, L−i, d]"
+                    Expect.equal ((CircuitTracer.readConfig (Path.Combine(cf, "config.yaml"))).TryFind "model_kind") (Some "cross_layer_transcoder") "CLT model_kind"
+                finally
+                    for c in coders do (c :> IDisposable).Dispose()
+            }
+
+            test "a transcoder set laid out by hand as circuit-tracer documents it computes act(x·W_encᵀ + b_enc)·W_dec + b_dec + x·W_skipᵀ" {
+                use dir = new TempDir()
+                let d, f = 5L, 7L
+                torch.manual_seed 11L |> ignore
+                let layers =
+                    [ for l in 0 .. 1 ->
+                        torch.randn(f, d), torch.randn(f).mul(sc 0.3), torch.randn(f, d), torch.randn(d), torch.rand(f).mul(sc 0.5).add(sc 0.1), torch.randn(d, d).mul(sc 0.2) ]
+                for l, (wEnc, bEnc, wDec, bDec, th, wSkip) in List.indexed layers do
+                    Safetensors.save (Path.Combine(dir.Path, sprintf "layer_%d.safetensors" l)) Map.empty
+                        [ "W_enc", wEnc; "W_dec", wDec; "b_enc", bEnc; "b_dec", bDec; "activation_function.threshold", th; "W_skip", wSkip ]
+                File.WriteAllText(Path.Combine(dir.Path, "config.yaml"), "model_name: \"gpt2\"\nmodel_kind: transcoder_set\nfeature_input_hook: \"ln2.hook_normalized\"\nfeature_output_hook: 'hook_mlp_out'\nscan_name: gpt2/hand\n")
+                let coders = CircuitTracer.import dir.Path torch.CPU
+                try
+                    Expect.equal coders.Length 2 "two layers"
+                    use _ = torch.no_grad ()
+                    use x = torch.randn(9L, d)
+                    for l, ((wEnc, bEnc, wDec, bDec, th, wSkip), c) in List.indexed (List.zip layers coders) do
+                        Expect.equal c.Config.Kind SkipTranscoder "W_skip present: skip transcoder"
+                        Expect.equal c.Config.HookIn [| sprintf "blocks.%d.ln2.hook_normalized" l |] "input hook"
+                        Expect.equal c.Config.HookOut [| sprintf "blocks.%d.hook_mlp_out" l |] "output hook"
+                        Expect.equal c.Config.Model "gpt2" "model"
+                        use pre = x.matmul(wEnc.t()).add(bEnc)
+                        use a = pre.mul(pre.gt(th))
+                        use expected = a.matmul(wDec).add(bDec).add(x.matmul(wSkip.t()))
+                        use y = c.Forward x
+                        Expect.isLessThan (use e = y.sub(expected).abs().max() in e.item<float32> ()) 1e-4f (sprintf "layer %d: circuit-tracer's forward reproduced" l)
+                        use acts = c.Encode x
+                        Expect.isLessThan (use e = acts.sub(a).abs().max() in e.item<float32> ()) 1e-5f (sprintf "layer %d: JumpReLU activations" l)
+                finally
+                    for c in coders do (c :> IDisposable).Dispose()
+                // TopK named in config.yaml, as circuit-tracer's load_transcoder_set reads it
+                use topDir = new TempDir()
+                let wEnc, bEnc, wDec, bDec = torch.randn(f, d), torch.randn(f), torch.randn(f, d), torch.randn(d)
+                Safetensors.save (Path.Combine(topDir.Path, "layer_0.safetensors")) Map.empty [ "W_enc", wEnc; "W_dec", wDec; "b_enc", bEnc; "b_dec", bDec ]
+                File.WriteAllText(Path.Combine(topDir.Path, "config.yaml"), "model_name: gpt2\nmodel_kind: transcoder_set\nfeature_input_hook: hook_resid_mid\nfeature_output_hook: hook_mlp_out\nactivation: topk\nk: 3\n")
+                use top = (CircuitTracer.import topDir.Path torch.CPU).Head
+                Expect.equal top.Config.Activation (TopK 3) "TopK from config.yaml"
+                use _ = torch.no_grad ()
+                use x = torch.randn(9L, d)
+                use pre = x.matmul(wEnc.t()).add(bEnc)
+                let struct (vals, idx) = pre.topk(3, dim = -1)
+                use vals = vals
+                use idx = idx
+                // ours keeps the k largest ReLU'd pre-activations (the same as circuit-tracer's when they are ≥ 0)
+                use a = torch.zeros_like(pre).scatter(-1L, idx, vals.relu())
+                use expected = a.matmul(wDec).add(bDec)
+                use y = top.Forward x
+                Expect.isLessThan (use e = y.sub(expected).abs().max() in e.item<float32> ()) 1e-4f "TopK forward"
+            }
+
+            test "a CLT laid out by hand as circuit-tracer documents it computes ŷ_ℓ = Σ_{i≤ℓ} a_i·W_dec_i[:, ℓ−i] + b_dec_ℓ" {
+                use dir = new TempDir()
+                let n, d, f = 3, 4L, 6L
+                torch.manual_seed 12L |> ignore
+                let enc = [ for _ in 0 .. n - 1 -> torch.randn(f, d), torch.randn(f).mul(sc 0.3), torch.randn(d), torch.rand(f).mul(sc 0.5).add(sc 0.1) ]
+                let dec = [ for i in 0 .. n - 1 -> torch.randn(f, int64 (n - i), d) ]
+                for i in 0 .. n - 1 do
+                    let wEnc, bEnc, bDec, th = enc[i]
+                    Safetensors.save (Path.Combine(dir.Path, sprintf "W_enc_%d.safetensors" i)) Map.empty
+                        [ sprintf "W_enc_%d" i, wEnc; sprintf "b_enc_%d" i, bEnc; sprintf "b_dec_%d" i, bDec; sprintf "threshold_%d" i, th ]
+                    Safetensors.save (Path.Combine(dir.Path, sprintf "W_dec_%d.safetensors" i)) Map.empty [ sprintf "W_dec_%d" i, dec[i] ]
+                File.WriteAllText(Path.Combine(dir.Path, "config.yaml"), "model_name: gpt2\nmodel_kind: cross_layer_transcoder\nfeature_input_hook: ln2.hook_normalized\nfeature_output_hook: hook_mlp_out\n")
+                use c = (CircuitTracer.import dir.Path torch.CPU).Head
+                Expect.equal c.Config.Kind CrossLayerTranscoder "CLT"
+                Expect.equal c.Config.Layers [| 0; 1; 2 |] "layers"
+                use _ = torch.no_grad ()
+                use x = torch.randn(5L, int64 n, d)
+                let acts =
+                    [ for i in 0 .. n - 1 ->
+                        let wEnc, bEnc, _, th = enc[i]
+                        let pre = x.select(1, int64 i).matmul(wEnc.t()).add(bEnc)
+                        pre.mul(pre.gt(th)) ]
+                use y = c.Forward x
+                for l in 0 .. n - 1 do
+                    let _, _, bDec, _ = enc[l]
+                    let mutable expected = bDec.expand(5L, d)
+                    for i in 0 .. l do expected <- expected.add(acts[i].matmul(dec[i].select(1, int64 (l - i))))
+                    Expect.isLessThan (use e = y.select(1, int64 l).sub(expected).abs().max() in e.item<float32> ()) 1e-4f (sprintf "layer %d output" l)
+            }
+
+            test "damaged folders give errors naming the file and the tensor or field" {
+                let throwsWith (f: unit -> Coder list) (fragments: string list) =
+                    match (try Ok (f ()) with e -> Error e.Message) with
+                    | Ok cs ->
+                        for c in cs do (c :> IDisposable).Dispose()
+                        failtest "expected an error"
+                    | Error msg -> for fragment in fragments do Expect.stringContains msg fragment "error names it"
+                let d, f = 4L, 6L
+                let write (dir: string) (tensors: (string * torch.Tensor) list) =
+                    Safetensors.save (Path.Combine(dir, "layer_0.safetensors")) Map.empty tensors
+                    File.WriteAllText(Path.Combine(dir, "config.yaml"), "model_name: gpt2\nmodel_kind: transcoder_set\nfeature_input_hook: ln2.hook_normalized\nfeature_output_hook: hook_mlp_out\n")
+                    Path.Combine(dir, "layer_0.safetensors")
+                let good () = [ "W_enc", torch.randn(f, d); "W_dec", torch.randn(f, d); "b_enc", torch.randn(f); "b_dec", torch.randn(d) ]
+                use missing = new TempDir()
+                let p = write missing.Path (good () |> List.filter (fun (n, _) -> n <> "W_dec"))
+                throwsWith (fun () -> CircuitTracer.import missing.Path torch.CPU) [ p; "'W_dec'"; "missing" ]
+                use transposed = new TempDir()
+                let p = write transposed.Path (good () |> List.map (fun (n, t) -> if n = "W_enc" then n, t.t().contiguous() else n, t))
+                throwsWith (fun () -> CircuitTracer.import transposed.Path torch.CPU) [ p; "'W_enc'"; "[4, 6]"; "[6, 4]" ]
+                use nanDir = new TempDir()
+                let p = write nanDir.Path (good () |> List.map (fun (n, t) -> if n = "b_enc" then n, t.index_fill(0L, torch.tensor([| 2L |]), sc Double.NaN) else n, t))
+                throwsWith (fun () -> CircuitTracer.import nanDir.Path torch.CPU) [ p; "'b_enc'"; "non-finite" ]
+                use extra = new TempDir()
+                let p = write extra.Path (good () @ [ "b_dec_out", torch.randn(d) ])
+                throwsWith (fun () -> CircuitTracer.import extra.Path torch.CPU) [ p; "'b_dec_out'" ]
+                use noConfig = new TempDir()
+                write noConfig.Path (good ()) |> ignore
+                File.Delete(Path.Combine(noConfig.Path, "config.yaml"))
+                throwsWith (fun () -> CircuitTracer.import noConfig.Path torch.CPU) [ Path.Combine(noConfig.Path, "config.yaml") ]
+                use noKind = new TempDir()
+                write noKind.Path (good ()) |> ignore
+                File.WriteAllText(Path.Combine(noKind.Path, "config.yaml"), "model_name: gpt2\nfeature_input_hook: ln2.hook_normalized\nfeature_output_hook: hook_mlp_out\n")
+                throwsWith (fun () -> CircuitTracer.import noKind.Path torch.CPU) [ "config.yaml"; "'model_kind'" ]
+                use clt = new TempDir()
+                for i in 0 .. 1 do
+                    Safetensors.save (Path.Combine(clt.Path, sprintf "W_enc_%d.safetensors" i)) Map.empty
+                        [ sprintf "W_enc_%d" i, torch.randn(f, d); sprintf "b_enc_%d" i, torch.randn(f); sprintf "b_dec_%d" i, torch.randn(d) ]
+                Safetensors.save (Path.Combine(clt.Path, "W_dec_0.safetensors")) Map.empty [ "W_dec_0", torch.randn(f, 1L, d) ]
+                File.WriteAllText(Path.Combine(clt.Path, "config.yaml"), "model_name: gpt2\nmodel_kind: cross_layer_transcoder\nfeature_input_hook: ln2.hook_normalized\nfeature_output_hook: hook_mlp_out\n")
+                throwsWith (fun () -> CircuitTracer.import clt.Path torch.CPU) [ "W_dec_1.safetensors" ]
+                Safetensors.save (Path.Combine(clt.Path, "W_dec_1.safetensors")) Map.empty [ "W_dec_1", torch.randn(f, 1L, d) ]
+                throwsWith (fun () -> CircuitTracer.import clt.Path torch.CPU) [ Path.Combine(clt.Path, "W_dec_0.safetensors"); "'W_dec_0'"; "[6, 2, 4]" ]
+            }
+
+            test "coders circuit-tracer cannot read are refused on export with the reason" {
+                use dir = new TempDir()
+                let refused (cfg: CoderConfig) (fragment: string) =
+                    use c = Coder.ofTensors cfg torch.CPU [ for name, shape in Coder.ParameterShapes cfg -> name, torch.randn(shape) ]
+                    let msg = (try CircuitTracer.export (dir.File "x") "s" [ c ] |> ignore; "" with e -> e.Message)
+                    Expect.stringContains msg fragment (sprintf "%A refused" cfg.Kind)
+                refused (CoderConfig.sae "m" "blocks.0.hook_resid_pre" 0 4 6) "SAE"
+                refused { CoderConfig.transcoder "m" 0 4 6 with Activation = BatchTopK 2.0 } "BatchTopK"
+                refused (CoderConfig.crossLayer "m" [| 1; 2 |] 4 6) "0..L−1"
+                refused { CoderConfig.transcoder "m" 0 4 6 with DOut = 5 } "d_in 4 ≠ d_out 5"
+            }
+        ]
+
         test "the C# facade writes plots, graph pages, graph JSON and SAELens folders" {
             use dir = new TempDir()
             let log = dir.File "log.jsonl"
@@ -437,6 +645,20 @@ let tests =
             let folder = Transcoders.Pages.ExportSaeLens(Transcoders.SparseCoder(c), dir.File "sl")
             use back = Transcoders.Pages.ImportSaeLens(folder, null)
             Expect.equal back.Core.Config.DSae 10 "read back"
+        }
+
+        test "the C# facade exports and imports circuit-tracer's layout and loads a model with TransformerLens processing" {
+            use dir = new TempDir()
+            let cfgs = [ for l in 0 .. 1 -> { CoderConfig.transcoder "m" l 6 10 with Activation = JumpReLU JumpReLUSpec.Default } ]
+            let coders = [ for i, cfg in List.indexed cfgs -> Transcoders.SparseCoder(randomCoder cfg (int64 (20 + i))) ]
+            let folder = Transcoders.Pages.ExportCircuitTracer(ResizeArray coders, dir.File "ct", "m/tc")
+            let back = Transcoders.Pages.ImportCircuitTracer(folder, null)
+            Expect.equal back.Count 2 "two layers back"
+            for a, b in Seq.zip coders back do sameOutputs a.Core b.Core
+            use m = Transcoders.LanguageModel.Load(fixture "hf-gpt2-tiny", null, true)
+            Expect.isFalse m.Core.Config.TiedUnembed "processed (untied unembedding with a bias)"
+            for c in Seq.append (Seq.map (fun (c: Transcoders.SparseCoder) -> c.Core) coders) (Seq.map (fun (c: Transcoders.SparseCoder) -> c.Core) back) do
+                (c :> IDisposable).Dispose()
         }
 
         testList "pages render in headless Chromium with the network off" [

@@ -223,7 +223,7 @@ let loadWith (options: LoadOptions) (dir: string) (device: torch.Device) : Trans
     with _ ->
         m.Dispose()
         reraise ()
-    m, meta
+    WeightProcessing.apply options m, meta
 
 /// `loadWith LoadOptions.Default`: finite weights only.
 let load (dir: string) (device: torch.Device) : Transformer * Metadata = loadWith LoadOptions.Default dir device

@@ -77,13 +77,23 @@ type JsonFields(path: string, element: JsonElement, prefix: string) =
             if v.ValueKind <> JsonValueKind.Array then fail name (sprintf "must be an array of strings, got %s" (v.GetRawText()))
             [ for x in v.EnumerateArray() -> asString name x ])
 
+/// What a model loader does to the weights it read (see `WeightProcessing`).
+type ProcessWeights =
+    /// The weights as the file stores them.
+    | AsStored
+    /// TransformerLens' `process_weights_`: LayerNorms folded into the next linear maps, writing weights and the
+    /// unembedding centred, value biases folded (same log-probabilities; some hook activations change).
+    | TransformerLens
+
 /// What the loaders of models and coders accept beyond well-formed files.
 type LoadOptions =
     { /// Accept weights holding NaN or ±∞. Off by default: such a tensor is refused, naming the file and the tensor.
-      AllowNonFinite: bool }
+      AllowNonFinite: bool
+      /// Model loaders: process the weights after loading (default `AsStored`; coder loaders ignore it).
+      Processing: ProcessWeights }
 
-    /// Finite weights only.
-    static member Default = { AllowNonFinite = false }
+    /// Finite weights only, as stored.
+    static member Default = { AllowNonFinite = false; Processing = AsStored }
 
 module internal CheckpointFile =
 

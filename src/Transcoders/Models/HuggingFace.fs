@@ -294,7 +294,7 @@ let loadWith (options: LoadOptions) (dir: string) (device: torch.Device) : Trans
         with _ ->
             m.Dispose()
             reraise ()
-        m
+        WeightProcessing.apply options m
     finally
         for r in readers do (r :> IDisposable).Dispose()
 

@@ -125,7 +125,7 @@ let loadWith (options: LoadOptions) (path: string) (device: torch.Device) : Tran
     with _ ->
         m.Dispose()
         reraise ()
-    m
+    WeightProcessing.apply options m
 
 /// `loadWith LoadOptions.Default`: finite weights only.
 let load (path: string) (device: torch.Device) : Transformer = loadWith LoadOptions.Default path device

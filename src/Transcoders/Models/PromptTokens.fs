@@ -12,9 +12,10 @@ let encode (tokenizer: Tokenizer) (prompt: string) : int[] =
     if tokens.Length = 0 then invalidArg "prompt" "the prompt is empty and the tokenizer has no BOS: nothing to trace"
     tokens
 
-/// The model at `modelPath` (eval mode, on `device`), its tokenizer (`ModelTokenizer.find`) and the prompt's tokens.
-let load (modelPath: string) (prompt: string) (device: torch.Device) : Transformer * Tokenizer * int[] =
-    let model, _ = ModelFiles.load modelPath device
+/// The model at `modelPath` loaded as `options` say (eval mode, on `device`), its tokenizer (`ModelTokenizer.find`)
+/// and the prompt's tokens.
+let loadWith (options: LoadOptions) (modelPath: string) (prompt: string) (device: torch.Device) : Transformer * Tokenizer * int[] =
+    let model, _ = ModelFiles.loadWith options modelPath device
     try
         model.eval ()
         let tokenizer = ModelTokenizer.find modelPath
@@ -22,6 +23,10 @@ let load (modelPath: string) (prompt: string) (device: torch.Device) : Transform
     with _ ->
         model.Dispose()
         reraise ()
+
+/// `loadWith LoadOptions.Default`: the model as stored.
+let load (modelPath: string) (prompt: string) (device: torch.Device) : Transformer * Tokenizer * int[] =
+    loadWith LoadOptions.Default modelPath prompt device
 
 /// The prompt as token ids [1, p] on `device` (one tensor, no intermediate).
 let tensor (tokens: int[]) (device: torch.Device) : torch.Tensor =
