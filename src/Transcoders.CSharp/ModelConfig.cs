@@ -127,6 +127,12 @@ public sealed class ModelConfig
     /// <summary>Dropout probability in training mode (embeddings, attention probabilities, sublayer outputs).</summary>
     public double Dropout { get; set; }
 
+    /// <summary>Attention and MLP both read the block's input, x + attn(ln1 x) + mlp(ln2 x) (GPT-NeoX, Pythia).</summary>
+    public bool ParallelResidual { get; set; }
+
+    /// <summary>How many leading coordinates of each head rotate (partial rotary, GPT-NeoX); null: the whole head.</summary>
+    public int? RotaryDim { get; set; }
+
     /// <summary>GPT-2 small: pre-LayerNorm, learned positions, gelu_new, biases, tied unembedding.</summary>
     public static ModelConfig Gpt2() => FromCore(ConfigCore.gpt2);
 
@@ -193,7 +199,8 @@ public sealed class ModelConfig
         var mlp = GatedMlp ? MlpKind.NewGated(activation) : MlpKind.NewPlain(activation);
         var biases = new Biases(QkvBias, AttnOutBias, MlpInBias, MlpOutBias, UnembedBias);
         return new TransformerConfig(DModel, NLayers, NHeads, NKvHeads, Interop.Some(DHead), DMlp, NCtx, VocabSize,
-                                     norm, NormEps, FinalNorm, positions, mlp, biases, TiedUnembed, InitRange, Dropout);
+                                     norm, NormEps, FinalNorm, positions, mlp, biases, TiedUnembed, InitRange, Dropout,
+                                     ParallelResidual, Interop.Some(RotaryDim));
     }
 
     internal static ModelConfig FromCore(TransformerConfig c)
@@ -219,6 +226,7 @@ public sealed class ModelConfig
             QkvBias = c.Biases.Qkv, AttnOutBias = c.Biases.AttnOut, MlpInBias = c.Biases.MlpIn, MlpOutBias = c.Biases.MlpOut,
             UnembedBias = c.Biases.Unembed,
             TiedUnembed = c.TiedUnembed, InitRange = c.InitRange, Dropout = c.Dropout,
+            ParallelResidual = c.ParallelResidual, RotaryDim = Interop.Nullable(c.RotaryDim),
         };
         if (c.Positions is Models.Positions.Rotary rotary)
         {

@@ -615,6 +615,22 @@ let badInputTests =
                 throwsWith<ArgumentException> (fun () -> Interventions.constrained lr [ ({ Layer = 0; Feature = 10_000; Position = At 0; Action = Ablate } : FeatureIntervention) ] |> ignore) [ "feature 10000" ] "feature out of range"
             finally disposeAll coders
         }
+
+        test "a parallel-residual model (GPT-NeoX) is refused by attribution graphs and path analysis, naming the reason" {
+            let c = { randomConfig 9 GptLike with NLayers = 2; Dropout = 0.0; ParallelResidual = true }
+            use m = randomModel 9 c
+            let coders = mlpCoders 9 c false
+            try
+                let reason = [ "parallel residual"; "use_parallel_residual" ]
+                throwsWith<ArgumentException> (fun () -> AttributionGraph.build m coders [| 0; 1 |] fullConfig |> ignore) ("attribution graphs" :: reason) "attribution graph"
+                throwsWith<ArgumentException> (fun () -> LocalReplacement.create m coders [| 0; 1 |] |> ignore) reason "local replacement"
+                throwsWith<ArgumentException> (fun () -> CircuitModel.create m coders |> ignore) ("path analysis" :: reason) "path analysis"
+                // the same coders on the sequential twin are accepted
+                use twin = randomModel 9 { c with ParallelResidual = false }
+                use lr = LocalReplacement.create twin coders [| 0; 1 |]
+                Expect.equal lr.NLayers 2 "sequential twin"
+            finally disposeAll coders
+        }
     ]
 
 let tests =

@@ -381,5 +381,95 @@ let loadingCheckTests =
             Expect.isTrue tied.Config.TiedUnembed "the same matrix: tied"
     ]
 
+let neoxTests =
+    testList "GPT-NeoX (Pythia) files" [
+        testCase "config.json maps to a parallel-residual, partial-rotary LayerNorm model; inspection agrees with the loaded model" <| fun () ->
+            for name, isParallel, theta, vocab in [ "hf-neox-tiny", true, 10000.0, 320; "hf-neox-tiny-sequential", false, 500.0, 128 ] do
+                let dir = fixture name
+                let i = ModelFiles.inspect dir
+                Expect.equal i.Kind (ModelFiles.HuggingFace "GPTNeoXForCausalLM") "kind"
+                let c = i.Config
+                Expect.equal (c.DModel, c.NLayers, c.NHeads, c.DMlp, c.VocabSize, c.NCtx) (64, 2, 4, 256, vocab, 64) "sizes"
+                Expect.equal c.ParallelResidual isParallel "use_parallel_residual"
+                // rotary_pct 0.25 of d_head 16
+                Expect.equal c.RotaryDim (Some 4) "rotary dims"
+                Expect.equal c.Positions (Rotary (HalfSplit, theta)) "rotary layout and base"
+                Expect.equal (c.Norm, c.Mlp, c.TiedUnembed, c.Biases) (LayerNorm, Plain Gelu, false, { Biases.All with Unembed = false }) "norm, MLP, head, biases"
+                let m, _ = ModelFiles.load dir cpu
+                use m = m
+                Expect.equal m.Config c "loaded config"
+                Expect.equal i.ParameterCount (Transformer.parameterCount m) "parameter count"
+                Expect.equal (HookNames.all c |> List.exists (fun h -> h.EndsWith "hook_resid_mid")) (not isParallel) "hook_resid_mid only without a parallel residual"
+
+        testCase "a GPTNeoXModel-style file (no gpt_neox. prefix) and a model_type-only config load the same model" <| fun () ->
+            use dir = new TempDir()
+            copyFolder (fixture "hf-neox-tiny") dir.Path
+            rewrite (dir.File "model.safetensors") (List.map (fun (n: string, t) -> (if n.StartsWith "gpt_neox." then n.Substring 9 else n), t))
+            editJson (dir.File "config.json") (fun o -> o.Remove "architectures" |> ignore)
+            use a = HuggingFace.load (fixture "hf-neox-tiny") cpu
+            use b = HuggingFace.load dir.Path cpu
+            use tokens = randomTokens 3 128 2 12
+            use la = Transformer.forward a tokens
+            use lb = Transformer.forward b tokens
+            Expect.isTrue (identical la lb) "same logits"
+
+        testCase "saved in our format, a GPT-NeoX model comes back with its parallel residual and partial rotary" <| fun () ->
+            use m = HuggingFace.load (fixture "hf-neox-tiny") cpu
+            use dir = new TempDir()
+            Checkpoint.save dir.Path Checkpoint.Metadata.Empty m
+            let loaded, _ = Checkpoint.load dir.Path cpu
+            use loaded = loaded
+            Expect.equal loaded.Config m.Config "config"
+            use tokens = randomTokens 4 128 2 10
+            use l1 = Transformer.forward m tokens
+            use l2 = Transformer.forward loaded tokens
+            Expect.isTrue (identical l1 l2) "identical logits"
+
+        testCase "a damaged folder (query_key_value of the wrong shape, a missing tensor, a stray tensor) is refused naming the file and tensor" <| fun () ->
+            for delta in [ -16L; 64L ] do
+                use dir = new TempDir()
+                copyFolder (fixture "hf-neox-tiny") dir.Path
+                let weights = dir.File "model.safetensors"
+                let name = "gpt_neox.layers.1.attention.query_key_value.weight"
+                rewrite weights (List.map (fun (n, t) ->
+                    if n = name then n, (if delta > 0L then torch.cat([| t; torch.zeros(delta, 64L) |], 0L) else t.narrow(0L, 0L, 192L + delta))
+                    else n, t))
+                throwsCheckpoint (fun () -> HuggingFace.load dir.Path cpu)
+                    [ weights; sprintf "'%s'" name; sprintf "has shape [%d, 64]" (192L + delta); "expects [192, 64]"; dir.File "config.json" ]
+            use dir = new TempDir()
+            copyFolder (fixture "hf-neox-tiny") dir.Path
+            let weights = dir.File "model.safetensors"
+            rewrite weights (List.filter (fun (n, _) -> n <> "gpt_neox.layers.0.mlp.dense_4h_to_h.bias"))
+            throwsCheckpoint (fun () -> HuggingFace.load dir.Path cpu) [ weights; "tensor 'gpt_neox.layers.0.mlp.dense_4h_to_h.bias' is missing"; "[64]" ]
+            copyFolder (fixture "hf-neox-tiny") (dir.File "headless")
+            rewrite (dir.File "headless/model.safetensors") (List.filter (fun (n, _) -> n <> "embed_out.weight"))
+            throwsCheckpoint (fun () -> HuggingFace.load (dir.File "headless") cpu) [ "tensor 'embed_out.weight' is missing"; "[320, 64]" ]
+            copyFolder (fixture "hf-neox-tiny") (dir.File "stray")
+            rewrite (dir.File "stray/model.safetensors") (fun all -> all @ [ "gpt_neox.layers.0.attention.q_proj.weight", torch.zeros(2L) ])
+            throwsCheckpoint (fun () -> HuggingFace.load (dir.File "stray") cpu) [ "unexpected tensors for a GPT-NeoX model"; "gpt_neox.layers.0.attention.q_proj.weight" ]
+
+        testCase "options this loader cannot compute faithfully are refused by field" <| fun () ->
+            use dir = new TempDir()
+            copyFolder (fixture "hf-neox-tiny") dir.Path
+            let config = dir.File "config.json"
+            let original = File.ReadAllText config
+            let cases : (string * (JsonObject -> unit) * string list) list =
+                [ "rope_scaling", (fun o -> o.["rope_scaling"] <- JsonNode.Parse """{"type":"linear","factor":2.0}"""), [ "'rope_scaling' is set" ]
+                  "hidden_act", (fun o -> o.["hidden_act"] <- JsonValue.Create "quick_gelu"), [ "'hidden_act' is 'quick_gelu'" ]
+                  "rotary_pct odd", (fun o -> o.["rotary_pct"] <- JsonValue.Create 0.1), [ "'rotary_pct' is 0.1"; "rotates 1 of the 16" ]
+                  "rotary_pct zero", (fun o -> o.["rotary_pct"] <- JsonValue.Create 0.0), [ "'rotary_pct' is 0" ]
+                  "heads", (fun o -> o.["num_attention_heads"] <- JsonValue.Create 5), [ "'num_attention_heads' is 5" ] ]
+            for what, edit, fragments in cases do
+                File.WriteAllText(config, original)
+                editJson config edit
+                let ex = Expect.throwsC (fun () -> HuggingFace.load dir.Path cpu |> ignore) id
+                for f in config :: fragments do Expect.stringContains ex.Message f (sprintf "%s: %s" what f)
+            // rotary_pct 1 rotates whole heads, as Llama does
+            File.WriteAllText(config, original)
+            editJson config (fun o -> o.["rotary_pct"] <- JsonValue.Create 1.0)
+            use whole = HuggingFace.load dir.Path cpu
+            Expect.equal whole.Config.RotaryDim (Some 16) "rotary_pct 1"
+    ]
+
 let tests =
-    testList "Model files" [ ownFormatTests; huggingFaceTests; llama2cTests; inspectionTests; loadingCheckTests ]
+    testList "Model files" [ ownFormatTests; huggingFaceTests; llama2cTests; inspectionTests; loadingCheckTests; neoxTests ]

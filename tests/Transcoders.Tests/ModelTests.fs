@@ -439,6 +439,20 @@ let tlProcessingTests =
             Expect.isLessThan (maxAbs spread) 1e-4 "logits shift by a per-position constant"
             Expect.isGreaterThan (maxAbs shift) 1e-3 "…which is not zero (the unembedding was centred)"
 
+        testCase "hf-neox-tiny (parallel residual, partial rotary) and its sequential twin: the same log-probabilities processed" <| fun () ->
+            for name in [ "hf-neox-tiny"; "hf-neox-tiny-sequential" ] do
+                let dir = fixture name
+                use plain = HuggingFace.load dir cpu
+                use tl = HuggingFace.loadWith processed dir cpu
+                use expected = Safetensors.Reader.Open(Path.Combine(dir, "expected.safetensors"))
+                use ids = expected.Tensor "input_ids"
+                use _ = torch.no_grad ()
+                use a = Transformer.forward plain ids
+                use b = Transformer.forward tl ids
+                use la = a.log_softmax(-1L)
+                use lb = b.log_softmax(-1L)
+                Expect.isLessThan (maxDiff la lb) 1e-4 (name + ": log-softmax unchanged")
+
         testCase "hf-gpt2-tiny: processed weights have the properties TransformerLens promises" <| fun () ->
             use tl = HuggingFace.loadWith processed (fixture "hf-gpt2-tiny") cpu
             let p = Transformer.parameters tl |> List.map (fun (n, t) -> n, (t :> torch.Tensor)) |> dict
@@ -517,6 +531,10 @@ let tests =
             hfActivations "hf-llama-tiny"
             hfGreedy "hf-gpt2-tiny"
             hfGreedy "hf-llama-tiny"
+            hfActivations "hf-neox-tiny"
+            hfActivations "hf-neox-tiny-sequential"
+            hfGreedy "hf-neox-tiny"
+            hfGreedy "hf-neox-tiny-sequential"
         ]
         stories260KTests
         hookTests

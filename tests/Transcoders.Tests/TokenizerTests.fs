@@ -391,4 +391,95 @@ let private unionTests =
         }
     ]
 
-let tests = testList "Text.Tokenizers" [ gpt2Tests; llamaTests; compactTests; unionTests ]
+/// GPT-2's shipped encoder.json and vocab.bpe rewritten as a Hugging Face tokenizer.json (no added tokens besides
+/// `<|endoftext|>`), so the tokenizer.json reader can be checked against the GPT-2 tokenizer's golden ids.
+let private gpt2AsTokenizerJson =
+    lazy (
+        let read (name: string) =
+            use f = File.OpenRead(Paths.data (Path.Combine("tokenizers", "gpt2", name)))
+            use z = new IO.Compression.GZipStream(f, IO.Compression.CompressionMode.Decompress)
+            use r = new StreamReader(z)
+            r.ReadToEnd()
+        let vocab = Nodes.JsonNode.Parse(read "encoder.json.gz")
+        let merges = Nodes.JsonArray()
+        for line in (read "vocab.bpe.gz").Split('\n') do
+            let line = line.TrimEnd('\r')
+            if line <> "" && not (line.StartsWith "#version") then merges.Add(Nodes.JsonValue.Create line)
+        let root = Nodes.JsonObject()
+        root["added_tokens"] <- Nodes.JsonNode.Parse """[{"id":50256,"content":"<|endoftext|>","special":true}]"""
+        root["normalizer"] <- null
+        root["pre_tokenizer"] <- Nodes.JsonNode.Parse """{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true}"""
+        let model = Nodes.JsonObject()
+        model["type"] <- Nodes.JsonValue.Create "BPE"
+        model["vocab"] <- vocab
+        model["merges"] <- merges
+        root["model"] <- model
+        ByteLevelBpe.ofJsonElement "gpt2-tokenizer.json" (JsonDocument.Parse(root.ToJsonString()).RootElement))
+
+let private neoxTokenizer = lazy (Tokenizer.huggingFace (fixture "hf-neox-tiny/tokenizer.json"))
+
+let private hfTests =
+    testList "Hugging Face tokenizer.json" [
+        testCase "GPT-2 written as a tokenizer.json reproduces the golden ids of every ordinary case" <| fun () ->
+            let t = gpt2AsTokenizerJson.Force()
+            Expect.equal t.VocabSize Gpt2Tokenizer.VocabSize "ids"
+            let cases = golden.Force() |> List.filter (fun c -> not c.Special)
+            Expect.isGreaterThan cases.Length 5 "golden cases"
+            for c in cases do Expect.sequenceEqual (ByteLevelBpe.encode t c.Text) c.Ids (sprintf "%A" c.Text)
+
+        testPropertyWithConfig (config 200) "GPT-2 as a tokenizer.json encodes any text as the GPT-2 tokenizer does, and decodes it back" <| Prop.forAll validTextArb (fun text ->
+                let t = gpt2AsTokenizerJson.Force()
+                let ids = ByteLevelBpe.encode t text
+                Expect.sequenceEqual ids (Gpt2Tokenizer.encode (Gpt2Tokenizer.get ()) text) "same ids"
+                Expect.equal (ByteLevelBpe.decode t ids) text "round trip")
+
+        testCase "GPT-NeoX's shape: merges, runs of spaces as added tokens (leftmost longest), NFC, specials as text" <| fun () ->
+            let t = neoxTokenizer.Force()
+            let id (piece: string) =
+                match t with
+                | HfBpe b -> (b.Bpe.Vocabulary: Collections.Generic.IReadOnlyDictionary<string, int>)[piece]
+                | _ -> failtest "a tokenizer.json tokenizer"
+            Expect.equal (Tokenizer.vocabSize t) 270 "ids"
+            Expect.equal (Tokenizer.bos t, Tokenizer.eos t, Tokenizer.pad t, Tokenizer.unk t) (Some 0, Some 0, Some 1, None) "specials"
+            Expect.sequenceEqual (Tokenizer.encode t "hello") [| id "hello" |] "merged word"
+            Expect.sequenceEqual (Tokenizer.encode t "hello cat") [| id "hello"; id "\u0120cat" |] "merged words"
+            // 2 and 3 spaces are added tokens 269 and 268; 4 spaces = 3 (longest first) then the space of " on"
+            Expect.sequenceEqual (Tokenizer.encode t "hello  on") [| id "hello"; 269; id "on" |] "two spaces"
+            Expect.sequenceEqual (Tokenizer.encode t "hello    on") [| id "hello"; 268; id "\u0120on" |] "four spaces"
+            // e + combining acute is NFC-normalised to é (two bytes, two byte tokens)
+            Expect.equal (Tokenizer.decode t (Tokenizer.encode t "cafe\u0301")) "caf\u00e9" "NFC"
+            Expect.isFalse (Array.contains 0 (Tokenizer.encode t "a<|endoftext|>b")) "<|endoftext|> is ordinary text"
+            Expect.sequenceEqual (Tokenizer.encodeDocument t true true "hello") [| 0; id "hello"; 0 |] "document markers"
+            Expect.equal (Tokenizer.decode t [| 0 |]) "<|endoftext|>" "special decodes to its content"
+            // ids of a padded model vocabulary beyond the tokenizer's decode to nothing; negative ids are refused
+            Expect.equal (Tokenizer.decode t [| id "hello"; 300; id "\u0120cat" |]) "hello cat" "padding id"
+            Expect.equal (Tokenizer.tokenText t 319) "" "padding id alone"
+            expectThrowsMessage (fun () -> Tokenizer.decode t [| -1 |] |> ignore) [ "token id -1" ] "negative id"
+
+        testPropertyWithConfig (config 100) "GPT-NeoX's shape: NFC text decodes back; saved as JSON it encodes the same" <| Prop.forAll validTextArb (fun text ->
+                let t = neoxTokenizer.Force()
+                let ids = Tokenizer.encode t text
+                Expect.equal (Tokenizer.decode t ids) (text.Normalize(NormalizationForm.FormC)) "round trip"
+                let again = Tokenizer.ofJsonElement "saved" (JsonSerializer.SerializeToElement(Tokenizer.toJson t))
+                Expect.sequenceEqual (Tokenizer.encode again text) ids "same ids after save/load"
+                true)
+
+        testCase "the Pythia-shaped fixture folder finds its own tokenizer.json; damaged files fail naming the field" <| fun () ->
+            let t = Transcoders.Models.ModelTokenizer.find (fixture "hf-neox-tiny")
+            Expect.equal (Tokenizer.describe t) "tokenizer.json(270)" "the folder's tokenizer"
+            use dir = new TempDir()
+            let original = File.ReadAllText(fixture "hf-neox-tiny/tokenizer.json")
+            let damaged (edit: Nodes.JsonObject -> unit) =
+                let o = Nodes.JsonNode.Parse(original).AsObject()
+                edit o
+                File.WriteAllText(dir.File "tokenizer.json", o.ToJsonString())
+                fun () -> ByteLevelBpe.load (dir.File "tokenizer.json") |> ignore
+            expectThrowsMessage (damaged (fun o -> o["model"].AsObject().Remove("merges") |> ignore)) [ dir.File "tokenizer.json"; "'model.merges'" ] "no merges"
+            expectThrowsMessage (damaged (fun o -> o["model"].AsObject().["vocab"].AsObject().Remove("a") |> ignore)) [ "'model.vocab'"; "byte 97" ] "a byte missing"
+            expectThrowsMessage (damaged (fun o -> o["model"].AsObject().["type"] <- Nodes.JsonValue.Create("WordPiece"))) [ "'model.type' is 'WordPiece'" ] "not BPE"
+            expectThrowsMessage (damaged (fun o -> o["pre_tokenizer"].AsObject().["add_prefix_space"] <- Nodes.JsonValue.Create(true))) [ "'pre_tokenizer.add_prefix_space'" ] "prefix space"
+            expectThrowsMessage (damaged (fun o -> o["normalizer"] <- Nodes.JsonNode.Parse """{"type":"Lowercase"}""")) [ "'normalizer'"; "Lowercase" ] "other normalizer"
+            expectThrowsMessage (damaged (fun o -> o["model"].AsObject().["merges"].AsArray().Add(Nodes.JsonValue.Create("x y")))) [ "'model.merges'"; "\"xy\"" ] "merge into nothing"
+    ]
+
+let tests = testList "Text.Tokenizers" [ gpt2Tests; llamaTests; compactTests; unionTests; hfTests ]

@@ -197,6 +197,7 @@ module CircuitModel =
     /// (`blocks.{l}.ln2.hook_normalized`) to its MLP output (`blocks.{l}.hook_mlp_out`) of this model, at most one per
     /// layer, and copies the weights the analysis needs (float64). Skip transcoders and SAEs are refused.
     let create (model: Transformer) (coders: Coder list) : CircuitModel =
+        BlockOrder.requireSequential "path analysis (feature vectors, computational paths)" model.Config
         Splicing.validate model.Config coders
         for coder in coders do
             let cfg = coder.Config

@@ -146,6 +146,16 @@ module Component =
         | Ok c -> c
         | Error e -> invalidArg "text" e
 
+/// Which block structures the circuit analyses handle.
+[<RequireQualifiedAccess>]
+module BlockOrder =
+    /// An ArgumentException for a model with a parallel residual (GPT-NeoX / Pythia): path finding and attribution
+    /// graphs linearise each block as resid_mid = x + attn(ln1 x) followed by mlp(ln2 resid_mid), so the MLP (and its
+    /// transcoder) would be credited with reading the same layer's attention output, which in such a model it never sees.
+    let requireSequential (analysis: string) (config: Transcoders.Models.TransformerConfig) =
+        if config.ParallelResidual then
+            invalidArg "model" (sprintf "%s needs blocks of the sequential kind (x + attn(ln1 x), then + mlp(ln2 ·)); this model has a parallel residual (GPT-NeoX's use_parallel_residual: the MLP reads ln2 of the block's input), which the linearised analysis does not model. Splicing coders, training and evaluating them, and hooked interventions work on it" analysis)
+
 /// Where a feature vector lives on the residual stream of one position.
 type Stream =
     /// The stream entering layer `layer`'s attention (`blocks.{layer}.hook_resid_pre`); layer n_layers is the stream

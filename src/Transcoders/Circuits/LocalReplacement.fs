@@ -123,6 +123,7 @@ module LocalReplacement =
     /// cross-layer transcoders reading `blocks.{l}.ln2.hook_normalized` and writing `blocks.{l}.hook_mlp_out`) and
     /// returns one site per layer; an ArgumentException naming the coder or layer at fault otherwise.
     let sites (config: TransformerConfig) (coders: Coder list) : MlpCoderSite[] =
+        BlockOrder.requireSequential "the local replacement model (attribution graphs)" config
         if coders.IsEmpty then
             invalidArg "coders" "no coders: the local replacement model needs a transcoder (or a cross-layer transcoder) in place of every MLP"
         for ci, c in List.indexed coders do

@@ -230,6 +230,7 @@ let hookWidth (config: TransformerConfig) (name: string) : int option =
         if not m.Success then None
         else
             match m.Groups[2].Value with
+            | "hook_resid_mid" when config.ParallelResidual -> None // no such stream: the MLP reads ln2(resid_pre)
             | "hook_resid_pre" | "hook_resid_mid" | "hook_resid_post" | "hook_attn_out" | "hook_mlp_out"
             | "ln1.hook_normalized" | "ln2.hook_normalized" -> Some d
             | "ln1.hook_scale" | "ln2.hook_scale" -> Some 1

@@ -78,6 +78,7 @@ module ConfigJson =
             w.WriteString("kind", "rotary")
             w.WriteString("layout", nameOf layouts layout)
             w.WriteNumber("theta", theta)
+            c.RotaryDim |> Option.iter (fun r -> w.WriteNumber("rotary_dim", r))
         w.WriteEndObject()
         w.WriteStartObject("mlp")
         let kind, act = match c.Mlp with Plain a -> "plain", a | Gated a -> "gated", a
@@ -94,13 +95,16 @@ module ConfigJson =
         w.WriteBoolean("tied_unembed", c.TiedUnembed)
         w.WriteNumber("init_range", c.InitRange)
         w.WriteNumber("dropout", c.Dropout)
+        if c.ParallelResidual then w.WriteBoolean("parallel_residual", true)
         w.WriteEndObject()
 
-    /// Reads and validates a configuration object; every field is required.
+    /// Reads and validates a configuration object; every field is required except the later additions
+    /// `parallel_residual` (default false) and `positions.rotary_dim` (default: the whole head).
     let read (f: JsonFields) : TransformerConfig =
         match f.String "architecture" with
         | "transformer" -> ()
         | other -> f.Fail("architecture", sprintf "is '%s', an architecture this version does not know (expected 'transformer')" other)
+        let rotaryDim = (f.Object "positions").IntOpt "rotary_dim"
         let positions =
             let p = f.Object "positions"
             match p.String "kind" with
@@ -122,7 +126,8 @@ module ConfigJson =
               Norm = parse f "normalization" normalizations; NormEps = f.Float "norm_eps"; FinalNorm = f.Bool "final_norm"
               Positions = positions; Mlp = mlp
               Biases = { Qkv = b.Bool "qkv"; AttnOut = b.Bool "attn_out"; MlpIn = b.Bool "mlp_in"; MlpOut = b.Bool "mlp_out"; Unembed = b.Bool "unembed" }
-              TiedUnembed = f.Bool "tied_unembed"; InitRange = f.Float "init_range"; Dropout = f.Float "dropout" }
+              TiedUnembed = f.Bool "tied_unembed"; InitRange = f.Float "init_range"; Dropout = f.Float "dropout"
+              ParallelResidual = f.BoolOr("parallel_residual", false); RotaryDim = rotaryDim }
         match TransformerConfig.problems config with
         | [] -> config
         | ps -> raise (CheckpointError(f.Path, "invalid model configuration: " + String.concat "; " ps))

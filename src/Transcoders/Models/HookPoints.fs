@@ -13,7 +13,7 @@ module internal Shape =
 /// positions including a KV cache's past, h = query heads, k = key/value heads, d = d_model, e = d_head,
 /// m = d_mlp):
 /// hook_embed, hook_pos_embed [b,p,d] (pos only with learned positions);
-/// blocks.{l}.hook_resid_pre, hook_resid_mid, hook_resid_post, hook_attn_out, hook_mlp_out [b,p,d];
+/// blocks.{l}.hook_resid_pre, hook_resid_mid (not with a parallel residual), hook_resid_post, hook_attn_out, hook_mlp_out [b,p,d];
 /// blocks.{l}.ln1.hook_scale, ln2.hook_scale, ln_final.hook_scale [b,p,1] (the divisor √(var+ε) or
 /// √(mean x²+ε); only with LayerNorm or RMSNorm); ln1.hook_normalized, ln2.hook_normalized,
 /// ln_final.hook_normalized [b,p,d] (the norm's output after its weight and bias, i.e. the input of the
@@ -65,7 +65,8 @@ module HookNames =
               yield ln1Normalized l
               yield! [ attnQ l; attnK l; attnV l ]
               if rotary then yield! [ attnRotQ l; attnRotK l ]
-              yield! [ attnScores l; pattern l; z l; attnOut l; residMid l ]
+              yield! [ attnScores l; pattern l; z l; attnOut l ]
+              if not c.ParallelResidual then yield residMid l
               if hasScale then yield ln2Scale l
               yield ln2Normalized l
               yield mlpPre l

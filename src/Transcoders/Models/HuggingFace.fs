@@ -1,7 +1,8 @@
 /// Hugging Face transformers checkpoints: a folder with config.json and model.safetensors (or shards
 /// listed in model.safetensors.index.json). Supported: `GPT2LMHeadModel` / `GPT2Model` (Conv1D weights
 /// stored [in, out], fused c_attn split into q, k, v) and `LlamaForCausalLM` / `LlamaModel` (HF's
-/// half-split rotary layout, grouped-query attention, optional attention/MLP biases).
+/// half-split rotary layout, grouped-query attention, optional attention/MLP biases) and `GPTNeoXForCausalLM` /
+/// `GPTNeoXModel` (Pythia; see `GptNeoX`).
 module Transcoders.Models.HuggingFace
 
 open System
@@ -14,11 +15,13 @@ open Transcoders.Files
 type Family =
     | Gpt2
     | Llama
+    | GptNeoX
 
 let private families =
     [ "GPT2LMHeadModel", Gpt2; "GPT2Model", Gpt2; "LlamaForCausalLM", Llama; "LlamaModel", Llama ]
+    @ (GptNeoX.architectures |> List.map (fun a -> a, Family.GptNeoX))
 
-let private modelTypes = [ "gpt2", Gpt2; "llama", Llama ]
+let private modelTypes = [ "gpt2", Gpt2; "llama", Llama; GptNeoX.modelType, Family.GptNeoX ]
 
 let private activation (f: JsonFields) field (name: string) =
     match name with
@@ -55,7 +58,7 @@ let private gpt2Config (f: JsonFields) : TransformerConfig =
       VocabSize = f.Int "vocab_size"; Norm = LayerNorm; NormEps = f.FloatOr("layer_norm_epsilon", 1e-5); FinalNorm = true
       Positions = Learned; Mlp = Plain (activation f "activation_function" (f.StringOpt "activation_function" |> Option.defaultValue "gelu_new"))
       Biases = Biases.All; TiedUnembed = f.BoolOr("tie_word_embeddings", true); InitRange = f.FloatOr("initializer_range", 0.02)
-      Dropout = 0.0 }
+      Dropout = 0.0; ParallelResidual = false; RotaryDim = None }
 
 let private llamaConfig (f: JsonFields) : TransformerConfig =
     let rope = f.ObjectOpt "rope_parameters"
@@ -81,13 +84,13 @@ let private llamaConfig (f: JsonFields) : TransformerConfig =
       Mlp = Gated (activation f "hidden_act" (f.StringOpt "hidden_act" |> Option.defaultValue "silu"))
       Biases = { Qkv = attnBias; AttnOut = attnBias; MlpIn = mlpBias; MlpOut = mlpBias; Unembed = false }
       TiedUnembed = f.BoolOr("tie_word_embeddings", false); InitRange = f.FloatOr("initializer_range", 0.02)
-      Dropout = 0.0 }
+      Dropout = 0.0; ParallelResidual = false; RotaryDim = None }
 
 /// The model family, the architecture name and our configuration for a Hugging Face folder's config.json.
 let readConfig (dir: string) : Family * string * TransformerConfig =
     let f = JsonFields.Read(Path.Combine(dir, "config.json"))
     let fam, name = family f
-    let config = match fam with Gpt2 -> gpt2Config f | Llama -> llamaConfig f
+    let config = match fam with Gpt2 -> gpt2Config f | Llama -> llamaConfig f | Family.GptNeoX -> GptNeoX.config f
     match TransformerConfig.problems config with
     | [] -> fam, name, config
     | ps -> raise (CheckpointError(f.Path, "invalid model configuration: " + String.concat "; " ps))
@@ -133,7 +136,7 @@ let private ignorable = Regex(@"(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.in
 
 /// The HF tensors a configuration needs, with their shapes as HF stores them (GPT-2's Conv1D as [in, out]).
 /// `gpt2Prefix` is "transformer." for `GPT2LMHeadModel` files, "" for `GPT2Model` ones.
-let private expectedTensors (fam: Family) (c: TransformerConfig) (gpt2Prefix: string) : (string * int64[]) list =
+let private expectedTensors (fam: Family) (c: TransformerConfig) (gpt2Prefix: string) (neoxPrefix: string) : (string * int64[]) list =
     let d, e = int64 c.DModel, int64 (TransformerConfig.dHead c)
     let h, kv, m, v = int64 c.NHeads, int64 c.NKvHeads, int64 c.DMlp, int64 c.VocabSize
     match fam with
@@ -171,6 +174,7 @@ let private expectedTensors (fam: Family) (c: TransformerConfig) (gpt2Prefix: st
               yield! linear (p + "mlp.down_proj") d m c.Biases.MlpOut
           yield "model.norm.weight", [| d |]
           if not c.TiedUnembed then yield "lm_head.weight", [| v; d |] ]
+    | Family.GptNeoX -> GptNeoX.expectedTensors c neoxPrefix
 
 /// (our name, tensor) pairs from HF tensors, for one family. `get` loads an HF tensor (the caller
 /// disposes nothing: every returned tensor is consumed by the copy).
@@ -229,6 +233,7 @@ let private convert (fam: Family) (c: TransformerConfig) (has: string -> bool) (
                 yield! linear "mlp.down_proj" "mlp.fc_out" c.Biases.MlpOut
             yield "ln_final.weight", get "model.norm.weight"
             if not c.TiedUnembed then yield "unembed.weight", get "lm_head.weight"
+        | Family.GptNeoX -> yield! GptNeoX.convert c (GptNeoX.prefix has) get
     }
 
 /// Loads a Hugging Face checkpoint folder as a Transformer on `device`. Fails clearly on an unsupported
@@ -244,10 +249,12 @@ let loadWith (options: LoadOptions) (dir: string) (device: torch.Device) : Trans
         let weightFiles = readers |> List.map (fun r -> r.Path) |> String.concat ", "
         CheckpointFile.checkLayerCount weightFiles describe config table.Count
         let gpt2Prefix = if table.ContainsKey "transformer.wte.weight" then "transformer." else ""
-        let expected = expectedTensors fam config gpt2Prefix
-        let tiedHead = config.TiedUnembed && table.ContainsKey "lm_head.weight"
-        let checkedNames = (expected |> List.map fst) @ (if tiedHead then [ "lm_head.weight" ] else [])
-        let shapes = dict (expected @ [ "lm_head.weight", [| int64 config.VocabSize; int64 config.DModel |] ])
+        let neoxPrefix = GptNeoX.prefix table.ContainsKey
+        let expected = expectedTensors fam config gpt2Prefix neoxPrefix
+        let headName = match fam with Family.GptNeoX -> GptNeoX.headName | Gpt2 | Llama -> "lm_head.weight"
+        let tiedHead = config.TiedUnembed && table.ContainsKey headName
+        let checkedNames = (expected |> List.map fst) @ (if tiedHead then [ headName ] else [])
+        let shapes = dict (expected @ [ headName, [| int64 config.VocabSize; int64 config.DModel |] ])
         let shapeOf name = shapes.[name]
         // every header checked against the configuration before anything is allocated
         for name in checkedNames do
@@ -256,20 +263,21 @@ let loadWith (options: LoadOptions) (dir: string) (device: torch.Device) : Trans
                 raise (CheckpointError(weightFiles, sprintf "tensor '%s' is missing from the weights (shape %s, needed by %s)" name (Shape.show (shapeOf name)) describe))
             | Some r -> CheckpointFile.checkEntries r.Path describe [ name, shapeOf name ] [ r.Info name ]
         let known = set checkedNames
-        let unexpected = table |> Map.toList |> List.filter (fun (k, _) -> not (known.Contains k) && not (ignorable.IsMatch k))
+        let ignored (k: string) = ignorable.IsMatch k || (fam = Family.GptNeoX && GptNeoX.ignorable.IsMatch k)
+        let unexpected = table |> Map.toList |> List.filter (fun (k, _) -> not (known.Contains k) && not (ignored k))
         if not unexpected.IsEmpty then
             let r = snd unexpected.Head
-            raise (CheckpointError(r.Path, sprintf "unexpected tensors for a %s model of %s: %s" (match fam with Gpt2 -> "GPT-2" | Llama -> "Llama") describe
+            raise (CheckpointError(r.Path, sprintf "unexpected tensors for a %s model of %s: %s" (match fam with Gpt2 -> "GPT-2" | Llama -> "Llama" | Family.GptNeoX -> "GPT-NeoX") describe
                                                (unexpected |> List.truncate 8 |> List.map fst |> String.concat ", ")))
         // a tied model whose file also holds a head of its own: it must be the embedding (else tying would discard it)
         if tiedHead then
-            let embedName = match fam with Gpt2 -> gpt2Prefix + "wte.weight" | Llama -> "model.embed_tokens.weight"
-            let headReader = table.["lm_head.weight"]
-            use head = headReader.TensorAs("lm_head.weight", torch.float32)
+            let embedName = match fam with Gpt2 -> gpt2Prefix + "wte.weight" | Llama -> "model.embed_tokens.weight" | Family.GptNeoX -> neoxPrefix + "embed_in.weight"
+            let headReader = table.[headName]
+            use head = headReader.TensorAs(headName, torch.float32)
             use embed = table.[embedName].TensorAs(embedName, torch.float32)
             use same = head.eq(embed).all()
             if not (same.item<bool> ()) then
-                raise (CheckpointError(headReader.Path, sprintf "'lm_head.weight' differs from '%s', but %s ties them (tie_word_embeddings): which one is meant?" embedName configFile))
+                raise (CheckpointError(headReader.Path, sprintf "'%s' differs from '%s', but %s ties them (tie_word_embeddings): which one is meant?" headName embedName configFile))
         let weightBytes = readers |> List.sumBy (fun r -> r.Entries |> List.sumBy (fun e -> e.ByteLength))
         CheckpointFile.checkRotaryBudget configFile "max_position_embeddings" config weightBytes
         let get name =

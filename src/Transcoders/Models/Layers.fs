@@ -155,7 +155,7 @@ type Mlp(c: TransformerConfig, layer: int) as this =
                 hp.Point(post, Init.activation act gate * linear)
         Init.dropout this.training c.Dropout (fcOut.forward hidden)
 
-/// A pre-norm residual block: x + attn(ln1 x), then + mlp(ln2 ·).
+/// A pre-norm residual block: x + attn(ln1 x), then + mlp(ln2 ·); with `ParallelResidual`, x + attn(ln1 x) + mlp(ln2 x).
 type Block(c: TransformerConfig, layer: int) as this =
     inherit torch.nn.Module("Block")
     let ln1 = new Norm(c.Norm, c.DModel, c.NormEps, HookNames.inBlock layer "ln1")
@@ -173,6 +173,10 @@ type Block(c: TransformerConfig, layer: int) as this =
     /// resid_pre (after its hook) → resid_post.
     member _.Run(residPre: torch.Tensor, hp: HookPoints, pos: PositionInfo, cache: KvCache option) : torch.Tensor =
         let attnOut = hp.Point(attnOut, attn.Run(ln1.Run(residPre, hp), hp, pos, cache))
-        let residMid = hp.Point(residMid, residPre + attnOut)
-        let mlpOut = hp.Point(mlpOut, mlp.Run(ln2.Run(residMid, hp), hp))
-        hp.Point(residPost, residMid + mlpOut)
+        if c.ParallelResidual then
+            let mlpOut = hp.Point(mlpOut, mlp.Run(ln2.Run(residPre, hp), hp))
+            hp.Point(residPost, residPre + attnOut + mlpOut)
+        else
+            let residMid = hp.Point(residMid, residPre + attnOut)
+            let mlpOut = hp.Point(mlpOut, mlp.Run(ln2.Run(residMid, hp), hp))
+            hp.Point(residPost, residMid + mlpOut)

@@ -26,7 +26,8 @@ let config (h: Header) : TransformerConfig =
     { DModel = h.Dim; NLayers = h.NLayers; NHeads = h.NHeads; NKvHeads = h.NKvHeads; DHead = None; DMlp = h.HiddenDim
       NCtx = h.SeqLen; VocabSize = h.VocabSize; Norm = RMSNorm; NormEps = 1e-5; FinalNorm = true
       Positions = Rotary (Interleaved, 10000.0); Mlp = Gated Silu; Biases = Biases.None
-      TiedUnembed = h.SharedClassifier; InitRange = 0.02; Dropout = 0.0 }
+      TiedUnembed = h.SharedClassifier; InitRange = 0.02; Dropout = 0.0
+      ParallelResidual = false; RotaryDim = None }
 
 /// The tensors in file order: name in our model (None for the skipped RoPE tables) and element count.
 let private layout (h: Header) : (string option * int64) list =

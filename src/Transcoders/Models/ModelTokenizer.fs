@@ -1,6 +1,7 @@
 /// The tokenizer that belongs to a checkpoint: the one recorded in our format's metadata; for a llama2.c
 /// `.bin`, a `tok{vocab}.bin` (or `tokenizer.bin`) beside it; GPT-2's BPE for a Hugging Face GPT-2 with its
-/// 50,257-token vocabulary. None when nothing fits (the model then works on ids only).
+/// 50,257-token vocabulary; for other Hugging Face folders, their own tokenizer.json (byte-level BPE, as Pythia's).
+/// None when nothing fits (the model then works on ids only).
 module Transcoders.Models.ModelTokenizer
 
 open System.IO
@@ -20,6 +21,12 @@ let tryFind (path: string) : Tokenizer option =
         |> Option.map (fun f -> Tokenizer.llama2c f info.Config.VocabSize)
     | ModelFiles.HuggingFace arch, _ when arch.StartsWith "GPT2" && info.Config.VocabSize = Gpt2Tokenizer.VocabSize ->
         Some(Tokenizer.gpt2 ())
+    | ModelFiles.HuggingFace _, _ when File.Exists(Path.Combine(path, "tokenizer.json")) ->
+        let file = Path.Combine(path, "tokenizer.json")
+        let t = Tokenizer.huggingFace file
+        if Tokenizer.vocabSize t > info.Config.VocabSize then
+            failwithf "%s: the tokenizer has %d ids but the model's vocabulary only %d" file (Tokenizer.vocabSize t) info.Config.VocabSize
+        Some t
     | ModelFiles.HuggingFace _, _ -> None
 
 /// Like `tryFind`, with a clear error when the checkpoint has no known tokenizer.

@@ -20,7 +20,8 @@ type Unembed(c: TransformerConfig) as this =
         F.linear(x, w, b)
 
 /// A decoder-only transformer (GPT-2, Llama, tinymodel and their mixtures, any size), as in nanoGPT:
-/// embed → blocks of x + attn(ln1 x), x + mlp(ln2 x) → ln_final → unembed. `forward tokens` gives logits
+/// embed → blocks of x + attn(ln1 x), x + mlp(ln2 x) (or x + attn(ln1 x) + mlp(ln2 x) with a parallel residual)
+/// → ln_final → unembed. `forward tokens` gives logits
 /// [batch, pos, vocab]; `Transformer.run` adds hook points (TransformerLens names, see `HookNames`).
 /// Make one with `Transformer.create` or a loader (`Checkpoint`, `HuggingFace`, `Llama2c`).
 type Transformer private (config: TransformerConfig) as this =
@@ -45,7 +46,7 @@ type Transformer private (config: TransformerConfig) as this =
         this.register_module("unembed", unembed)
         match c.Positions with
         | Rotary (_, theta) ->
-            let cos, sin = Rotary.tables c.NCtx (TransformerConfig.dHead c) theta torch.CPU
+            let cos, sin = Rotary.tables c.NCtx (TransformerConfig.rotaryDim c) theta torch.CPU
             this.register_buffer("rotary_cos", cos.DetachFromDisposeScope(), false)
             this.register_buffer("rotary_sin", sin.DetachFromDisposeScope(), false)
         | Learned -> ()

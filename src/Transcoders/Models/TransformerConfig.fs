@@ -87,7 +87,13 @@ type TransformerConfig =
       InitRange: float
       /// Dropout probability in training mode (`model.train()`), as in nanoGPT: on the embeddings, the
       /// attention probabilities, and the attention and MLP outputs. Ignored in eval mode.
-      Dropout: float }
+      Dropout: float
+      /// Attention and MLP both read the block's input: x + attn(ln1 x) + mlp(ln2 x) (GPT-NeoX, Pythia; there is
+      /// no hook_resid_mid). False: the MLP reads x + attn(ln1 x) (GPT-2, Llama).
+      ParallelResidual: bool
+      /// Rotary models: how many leading coordinates of each head rotate (GPT-NeoX's rotary_pct · d_head); the
+      /// rest pass unrotated, and the angles are p·θ^(−2i/RotaryDim). None: the whole head.
+      RotaryDim: int option }
 
 [<RequireQualifiedAccess>]
 module TransformerConfig =
@@ -97,6 +103,9 @@ module TransformerConfig =
         match c.DHead with
         | Some d -> d
         | None -> if c.NHeads > 0 then c.DModel / c.NHeads else 0
+
+    /// The coordinates of each head that rotary embeddings turn (RotaryDim, else the whole head).
+    let rotaryDim (c: TransformerConfig) = defaultArg c.RotaryDim (dHead c)
 
     /// Every problem with a configuration, in words; empty when it can be built.
     let problems (c: TransformerConfig) : string list =
@@ -116,13 +125,18 @@ module TransformerConfig =
               yield sprintf "n_kv_heads %d exceeds n_heads %d" c.NKvHeads c.NHeads
           match c.Positions with
           | Rotary (_, theta) ->
-              let d = dHead c
-              if d > 0 && d % 2 <> 0 then yield sprintf "rotary embeddings need an even head size, got d_head %d" d
+              let d = rotaryDim c
+              match c.RotaryDim with
+              | Some r when r <= 0 || r > dHead c ->
+                  yield sprintf "rotary_dim must be in 1..d_head (%d), got %d" (dHead c) r
+              | Some r when r % 2 <> 0 -> yield sprintf "rotary embeddings need an even rotary_dim, got %d" r
+              | _ -> if d > 0 && d % 2 <> 0 then yield sprintf "rotary embeddings need an even head size, got d_head %d" d
               if not (theta > 1.0) || System.Double.IsInfinity theta then
                   yield sprintf "rotary base theta must be a finite number above 1, got %g" theta
               if d > 0 && c.NCtx > 0 && int64 c.NCtx * int64 (d / 2) > int64 System.Int32.MaxValue then
                   yield sprintf "n_ctx %d × d_head/2 %d rotary angles exceed the 2^31 a table can hold" c.NCtx (d / 2)
-          | Learned -> ()
+          | Learned ->
+              if c.RotaryDim.IsSome then yield "rotary_dim is set but the model has learned positions, not rotary ones"
           if c.Norm <> NoNorm && (not (c.NormEps > 0.0) || System.Double.IsInfinity c.NormEps) then
               yield sprintf "norm_eps must be a small positive number, got %g" c.NormEps
           if not (c.InitRange > 0.0) || System.Double.IsInfinity c.InitRange then
@@ -141,14 +155,16 @@ module TransformerConfig =
     let gpt2 =
         { DModel = 768; NLayers = 12; NHeads = 12; NKvHeads = 12; DHead = None; DMlp = 3072; NCtx = 1024
           VocabSize = 50257; Norm = LayerNorm; NormEps = 1e-5; FinalNorm = true; Positions = Learned
-          Mlp = Plain GeluNew; Biases = Biases.All; TiedUnembed = true; InitRange = 0.02; Dropout = 0.0 }
+          Mlp = Plain GeluNew; Biases = Biases.All; TiedUnembed = true; InitRange = 0.02; Dropout = 0.0
+          ParallelResidual = false; RotaryDim = None }
 
     /// Llama's kind at the size of llama2.c's stories260K: RMSNorm, rotary (HF half-split layout,
     /// θ = 10000), SwiGLU, grouped-query attention, no biases, untied unembedding.
     let llama =
         { DModel = 64; NLayers = 5; NHeads = 8; NKvHeads = 4; DHead = None; DMlp = 172; NCtx = 512
           VocabSize = 512; Norm = RMSNorm; NormEps = 1e-5; FinalNorm = true; Positions = Rotary (HalfSplit, 10000.0)
-          Mlp = Gated Silu; Biases = Biases.None; TiedUnembed = false; InitRange = 0.02; Dropout = 0.0 }
+          Mlp = Gated Silu; Biases = Biases.None; TiedUnembed = false; InitRange = 0.02; Dropout = 0.0
+          ParallelResidual = false; RotaryDim = None }
 
     /// tinymodel's kind (Nabeshima): no normalisation anywhere, learned positions, ReLU MLP with biases,
     /// no query/key/value bias but an output bias, untied unembedding with a bias.
@@ -156,7 +172,8 @@ module TransformerConfig =
         { DModel = 768; NLayers = 4; NHeads = 16; NKvHeads = 16; DHead = None; DMlp = 3072; NCtx = 256
           VocabSize = 10000; Norm = NoNorm; NormEps = 1e-5; FinalNorm = false; Positions = Learned
           Mlp = Plain Relu; Biases = { Qkv = false; AttnOut = true; MlpIn = true; MlpOut = true; Unembed = true }
-          TiedUnembed = false; InitRange = 0.02; Dropout = 0.0 }
+          TiedUnembed = false; InitRange = 0.02; Dropout = 0.0
+          ParallelResidual = false; RotaryDim = None }
 
     /// The parameters a model of this configuration has, as (name, shape) in the order `Transformer.parameters`
     /// lists them, computed without building the model: loaders check a file's shapes against it before they
@@ -195,7 +212,7 @@ module TransformerConfig =
     /// 2 × n_ctx × d_head/2 float32 values.
     let rotaryTableBytes (c: TransformerConfig) : int64 =
         match c.Positions with
-        | Rotary _ -> 2L * 4L * int64 c.NCtx * int64 (dHead c / 2)
+        | Rotary _ -> 2L * 4L * int64 c.NCtx * int64 (rotaryDim c / 2)
         | Learned -> 0L
 
     /// Number of parameters a model of this configuration has (tied matrices counted once).

@@ -81,7 +81,7 @@ let VocabSize = 50257
 
 /// GPT-2's reversible map from bytes to printable characters (`bytes_to_unicode` in openai/gpt-2), in which
 /// encoder.json spells its tokens.
-let private byteToChar : char[] =
+let internal byteToChar : char[] =
     let printable = [ yield! [ 33 .. 126 ]; yield! [ 161 .. 172 ]; yield! [ 174 .. 255 ] ] |> set
     let table = Array.zeroCreate 256
     let mutable n = 0
@@ -92,7 +92,7 @@ let private byteToChar : char[] =
             n <- n + 1
     table
 
-let private charToByte : IReadOnlyDictionary<char, byte> =
+let internal charToByte : IReadOnlyDictionary<char, byte> =
     byteToChar |> Array.mapi (fun b c -> KeyValuePair(c, byte b)) |> Dictionary :> _
 
 /// A loaded GPT-2 tokenizer. Thread-safe (the BPE cache inside is locked).

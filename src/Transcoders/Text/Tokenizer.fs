@@ -7,6 +7,7 @@ open System.Text.Json.Nodes
 open Transcoders.Text.Gpt2Tokenizer
 open Transcoders.Text.CompactVocab
 open Transcoders.Text.Llama2cTokenizer
+open Transcoders.Text.ByteLevelBpe
 
 /// The tokenizers a model can use.
 type Tokenizer =
@@ -16,6 +17,8 @@ type Tokenizer =
     | Compact of CompactVocab * Gpt2Bpe
     /// llama2.c's SentencePiece BPE (e.g. the 512-piece vocabulary of stories260K).
     | Llama2c of Llama2cVocab
+    /// A byte-level BPE from a Hugging Face tokenizer.json (GPT-NeoX / Pythia's).
+    | HfBpe of ByteLevelBpe
 
 /// Which tokenizer file a JSON description failed on, and why.
 exception TokenizerJsonError of source: string * problem: string with
@@ -24,7 +27,8 @@ exception TokenizerJsonError of source: string * problem: string with
 /// Encoding, decoding, special ids and saving of every `Tokenizer`.
 ///
 /// Special ids: GPT-2 uses `<|endoftext|>` (50256) as both BOS and EOS (as Hugging Face's GPT-2 config does);
-/// a compact vocabulary has `[BEGIN]`, `[END]`, `[PAD]`, `[UNK]`; llama2.c has BOS 1, EOS 2, `<unk>` 0.
+/// a compact vocabulary has `[BEGIN]`, `[END]`, `[PAD]`, `[UNK]`; llama2.c has BOS 1, EOS 2, `<unk>` 0; a tokenizer.json
+/// uses its special `<|endoftext|>` as BOS and EOS (GPT-NeoX's bos_token_id = eos_token_id = 0) and `<|padding|>` as pad.
 [<RequireQualifiedAccess>]
 module Tokenizer =
 
@@ -33,6 +37,14 @@ module Tokenizer =
 
     /// A llama2.c tokenizer file with `vocabSize` pieces (from the model header).
     let llama2c (path: string) (vocabSize: int) = Llama2c(Llama2cTokenizer.load path vocabSize)
+
+    /// A Hugging Face tokenizer.json (byte-level BPE).
+    let huggingFace (path: string) = HfBpe(ByteLevelBpe.load path)
+
+    let private special (b: ByteLevelBpe) (content: string) =
+        match b.Specials.TryGetValue content with
+        | true, id -> Some id
+        | _ -> None
 
     /// A compact vocabulary over the shipped GPT-2.
     let compact (vocab: CompactVocab) =
@@ -45,29 +57,33 @@ module Tokenizer =
         | Gpt2 _ -> Gpt2Tokenizer.VocabSize
         | Compact(v, _) -> v.Size
         | Llama2c v -> v.VocabSize
+        | HfBpe b -> b.VocabSize
 
     /// The id that starts a document, if the tokenizer has one.
     let bos = function
         | Gpt2 _ -> Some Gpt2Tokenizer.EndOfTextId
         | Compact(v, _) -> Some v.Begin
         | Llama2c _ -> Some Llama2cTokenizer.Bos
+        | HfBpe b -> special b "<|endoftext|>"
 
     /// The id that ends a document, if the tokenizer has one.
     let eos = function
         | Gpt2 _ -> Some Gpt2Tokenizer.EndOfTextId
         | Compact(v, _) -> Some v.End
         | Llama2c _ -> Some Llama2cTokenizer.Eos
+        | HfBpe b -> special b "<|endoftext|>"
 
     /// The padding id, if the tokenizer has one.
     let pad = function
         | Compact(v, _) -> Some v.Pad
+        | HfBpe b -> special b "<|padding|>"
         | Gpt2 _ | Llama2c _ -> None
 
     /// The unknown-token id, if the tokenizer has one.
     let unk = function
         | Compact(v, _) -> Some v.Unk
         | Llama2c _ -> Some Llama2cTokenizer.Unk
-        | Gpt2 _ -> None
+        | Gpt2 _ | HfBpe _ -> None
 
     /// The ids of plain text, with no document markers. GPT-2 treats the text `<|endoftext|>` as text
     /// (tiktoken's `encode_ordinary`), so only `encodeDocument` ever emits BOS/EOS.
@@ -76,6 +92,7 @@ module Tokenizer =
         | Gpt2 g -> Gpt2Tokenizer.encode g text
         | Compact(v, g) -> CompactVocab.toCompact v (Gpt2Tokenizer.encode g text)
         | Llama2c v -> Llama2cTokenizer.encode v text
+        | HfBpe b -> ByteLevelBpe.encode b text
 
     /// A document's ids: BOS (when `addBos` and the tokenizer has one), the text's ids, then EOS (when `addEos`).
     let encodeDocument (t: Tokenizer) (addBos: bool) (addEos: bool) (text: string) : int[] =
@@ -91,6 +108,7 @@ module Tokenizer =
         | Gpt2 g -> Gpt2Tokenizer.decode g ids
         | Compact(v, g) -> CompactVocab.decodeWith (Gpt2Tokenizer.decode g) false v ids
         | Llama2c v -> Llama2cTokenizer.decode v ids
+        | HfBpe b -> ByteLevelBpe.decode b ids
 
     /// The text of one token, for display (tokens that hold part of a UTF-8 character show U+FFFD).
     let tokenText (t: Tokenizer) (id: int) : string =
@@ -101,12 +119,14 @@ module Tokenizer =
             | Some n -> n
             | None -> Gpt2Tokenizer.tokenText g (CompactVocab.toBase v [| id |]).[0]
         | Llama2c v -> Llama2cTokenizer.pieceText v id
+        | HfBpe b -> ByteLevelBpe.tokenText b id
 
     /// A short description: "gpt2", "compact(gpt2, 4096)", "llama2c(512)".
     let describe = function
         | Gpt2 _ -> "gpt2"
         | Compact(v, _) -> sprintf "compact(%s, %d)" v.Base v.Size
         | Llama2c v -> sprintf "llama2c(%d)" v.VocabSize
+        | HfBpe b -> sprintf "tokenizer.json(%d)" b.VocabSize
 
     /// The self-describing JSON of a tokenizer: `{"kind":"gpt2"}`, the compact vocabulary's JSON, or the
     /// llama2.c vocabulary with all its pieces and scores (so a model folder needs no other file).
@@ -119,6 +139,11 @@ module Tokenizer =
             o
         | Compact(v, _) -> CompactVocab.toJson v
         | Llama2c v -> Llama2cTokenizer.toJson v
+        | HfBpe b ->
+            let o = JsonObject()
+            o["kind"] <- JsonValue.Create "hf_tokenizer_json"
+            o["tokenizer"] <- JsonNode.Parse(b.Json.GetRawText())
+            o
 
     /// Rebuilds a tokenizer from its JSON (GPT-2 ones use the shipped GPT-2 files); `source` names the file in errors.
     let ofJsonElement (source: string) (root: JsonElement) : Tokenizer =
@@ -138,7 +163,11 @@ module Tokenizer =
                     raise (CompactVocabError(source, "base", sprintf "%s with %d ids: only gpt2 (%d ids) is supported" v.Base v.BaseVocabSize Gpt2Tokenizer.VocabSize))
                 compact v
             | "llama2c" -> Llama2c(Llama2cTokenizer.ofJsonElement source root)
-            | other -> raise (TokenizerJsonError(source, sprintf "field 'kind': unknown tokenizer kind %A (expected gpt2, compact or llama2c)" other))
+            | "hf_tokenizer_json" ->
+                match root.TryGetProperty "tokenizer" with
+                | true, t -> HfBpe(ByteLevelBpe.ofJsonElement source t)
+                | _ -> raise (TokenizerJsonError(source, "field 'tokenizer': missing (the tokenizer.json object)"))
+            | other -> raise (TokenizerJsonError(source, sprintf "field 'kind': unknown tokenizer kind %A (expected gpt2, compact, llama2c or hf_tokenizer_json)" other))
         | true, k -> raise (TokenizerJsonError(source, sprintf "field 'kind': expected a string, found %O" k.ValueKind))
         | _ -> raise (TokenizerJsonError(source, "field 'kind': missing"))
 
