@@ -345,8 +345,11 @@ let engineTests =
             let coders = mlpCoders 14 m.Config true
             try
                 let tokens = promptOf 14 m.Config 9
-                use lr = LocalReplacement.create m coders tokens
                 let live () = DisposeScopeManager.Statistics.ThreadTotalLiveCount
+                let start = live ()
+                (LocalReplacement.create m coders tokens :> IDisposable).Dispose()
+                Expect.equal (live ()) start "tensors alive after creating and disposing a local replacement model"
+                use lr = LocalReplacement.create m coders tokens
                 let before = live ()
                 for config in [ fullConfig; { fullConfig with MaxFeatureNodes = Some 3; UpdateInterval = 1; ZeroPositions = [ 0 ] }
                                 { fullConfig with BackwardDType = Some torch.bfloat16 } ] do

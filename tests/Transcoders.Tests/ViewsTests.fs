@@ -642,7 +642,7 @@ let tests =
             let json = Transcoders.Pages.ExportGraphJson(dir.File "g.safetensors", dir.File "ct", "toy", null)
             Expect.isTrue (File.Exists(Path.Combine(dir.File "ct", "graph-metadata.json"))) (json + " with its index")
             use c = randomCoder { CoderConfig.transcoder "m" 0 6 10 with InputBias = false } 4L
-            let folder = Transcoders.Pages.ExportSaeLens(Transcoders.SparseCoder(c), dir.File "sl")
+            let folder = Transcoders.Pages.ExportSaeLens(new Transcoders.SparseCoder(c), dir.File "sl")
             use back = Transcoders.Pages.ImportSaeLens(folder, null)
             Expect.equal back.Core.Config.DSae 10 "read back"
         }
@@ -650,7 +650,7 @@ let tests =
         test "the C# facade exports and imports circuit-tracer's layout and loads a model with TransformerLens processing" {
             use dir = new TempDir()
             let cfgs = [ for l in 0 .. 1 -> { CoderConfig.transcoder "m" l 6 10 with Activation = JumpReLU JumpReLUSpec.Default } ]
-            let coders = [ for i, cfg in List.indexed cfgs -> Transcoders.SparseCoder(randomCoder cfg (int64 (20 + i))) ]
+            let coders = [ for i, cfg in List.indexed cfgs -> new Transcoders.SparseCoder(randomCoder cfg (int64 (20 + i))) ]
             let folder = Transcoders.Pages.ExportCircuitTracer(ResizeArray coders, dir.File "ct", "m/tc")
             let back = Transcoders.Pages.ImportCircuitTracer(folder, null)
             Expect.equal back.Count 2 "two layers back"

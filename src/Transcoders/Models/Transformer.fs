@@ -65,8 +65,11 @@ type Transformer private (config: TransformerConfig) as this =
         m
 
     member _.Config = c
-    /// The device of the parameters.
-    member _.Device = embed.weight.device
+    /// The device of the parameters. (`embed.weight` makes a new wrapper on every read: disposed here, or each read
+    /// would leave a tensor to the finaliser.)
+    member _.Device =
+        use w = embed.weight
+        w.device
     member _.Blocks : Block list = List.ofSeq blocks
 
     /// The forward pass with hook points. `cache` supplies earlier positions' keys and values and
