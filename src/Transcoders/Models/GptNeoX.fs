@@ -45,25 +45,19 @@ let config (f: JsonFields) : TransformerConfig =
     if heads <= 0 || d % heads <> 0 then
         f.Fail("num_attention_heads", sprintf "is %d, which does not divide hidden_size %d into heads" heads d)
     let dHead = d / heads
-    let pct =
-        match f.FloatOpt "rotary_pct" with
-        | Some p -> p
-        | None ->
-            match f.FloatOpt "partial_rotary_factor" |> Option.orElse (rope |> Option.bind (fun r -> r.FloatOpt "partial_rotary_factor")) with
-            | Some p -> p
-            | None -> 0.25
+    // a value under its GPT-NeoX name, else under its newer name at the top level or in rope_parameters, else the default
+    let ropeFloat (neox: string) (newer: string) (fallback: float) =
+        f.FloatOpt neox
+        |> Option.orElse (f.FloatOpt newer)
+        |> Option.orElse (rope |> Option.bind (fun r -> r.FloatOpt newer))
+        |> Option.defaultValue fallback
+    let pct = ropeFloat "rotary_pct" "partial_rotary_factor" 0.25
     if not (pct > 0.0 && pct <= 1.0) then f.Fail("rotary_pct", sprintf "is %g; this loader needs a fraction in (0, 1]" pct)
     // HF: rotary_ndims = int(head_size * rotary_pct)
     let rotaryDims = int (float dHead * pct)
     if rotaryDims < 2 || rotaryDims % 2 <> 0 then
         f.Fail("rotary_pct", sprintf "is %g, which rotates %d of the %d coordinates of a head; an even count of at least 2 is needed" pct rotaryDims dHead)
-    let theta =
-        match f.FloatOpt "rotary_emb_base" with
-        | Some b -> b
-        | None ->
-            match f.FloatOpt "rope_theta" |> Option.orElse (rope |> Option.bind (fun r -> r.FloatOpt "rope_theta")) with
-            | Some b -> b
-            | None -> 10000.0
+    let theta = ropeFloat "rotary_emb_base" "rope_theta" 10000.0
     let attnBias = f.BoolOr("attention_bias", true)
     { DModel = d; NLayers = f.Int "num_hidden_layers"; NHeads = heads; NKvHeads = heads; DHead = None
       DMlp = f.Int "intermediate_size"; NCtx = f.Int "max_position_embeddings"; VocabSize = f.Int "vocab_size"
