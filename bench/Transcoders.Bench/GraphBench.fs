@@ -590,7 +590,12 @@ let long (o: Options) : int =
     let rows = ResizeArray()
     for n in o.Lengths do
         let tokens = prompt n model.Config.VocabSize n
+        // the previous length's graph and tensors: freed by the GC and handed back by glibc before the baseline, so
+        // that the build's peak above it counts what the build takes, not what it reuses from earlier builds
         GC.Collect()
+        GC.WaitForPendingFinalizers()
+        GC.Collect()
+        Transcoders.Native.Malloc.trim () |> ignore
         let baseline = procStatusMiB "VmRSS"
         resetPeak ()
         let config = ours.Config o.MaxFeatureNodes
@@ -599,8 +604,8 @@ let long (o: Options) : int =
         let setup = sw.Elapsed.TotalSeconds
         let est = AttributionGraph.estimateFor lr config
         let mib (b: int64) = float b / 1048576.0
-        printfn "  %d tokens: estimate %.0f MiB (clean run and tables %.0f, one batch %.0f, adjacency %.0f) above the %.0f MiB resident before the build"
-            n (mib est.TotalBytes) (mib est.CleanRunBytes) (mib est.BatchBytes) (mib est.AdjacencyBytes) baseline
+        printfn "  %d tokens: estimate %.0f MiB (clean run and tables %.0f, widest batch %.0f, adjacency, ranking and graph copy %.0f; bound %.0f) above the %.0f MiB resident before the build"
+            n (mib est.TotalBytes) (mib est.CleanRunBytes) (mib est.BatchBytes) (mib est.AdjacencyBytes) (mib est.BoundBytes) baseline
         Console.Out.Flush()
         let g = AttributionGraph.buildFrom lr config
         let build = sw.Elapsed.TotalSeconds

@@ -471,6 +471,63 @@ let memoryTests =
         }
     ]
 
+let estimateTests =
+    testList "memory estimate" [
+        testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 200 } "the estimate is the sum of its parts, within its bound, and grows with tokens, active features and batch"
+        <| fun (tokens: uint16) (active: uint16) (logits: uint8) (batch: uint8) (cap: uint16 option) (bf16: bool) ->
+            let c = { TransformerConfig.gpt2 with NLayers = 3; DModel = 64; NHeads = 4; NKvHeads = 4; DMlp = 256; VocabSize = 500 }
+            let n, a, k, b = 1 + int tokens % 2048, int64 active, 1 + int logits % 16, 1 + int batch
+            let config =
+                { GraphConfig.Default with
+                    MaxFeatureNodes = cap |> Option.map int; BatchSize = b
+                    BackwardDType = (if bf16 then Some torch.bfloat16 else None) }
+            let est n a b = AttributionGraph.estimateMemory c 4 n a k { config with BatchSize = b }
+            let e = est n a b
+            Expect.equal e.TotalBytes (e.CleanRunBytes + e.BatchBytes + e.AdjacencyBytes) "total is the sum of the parts"
+            Expect.isGreaterThan e.CleanRunBytes 0L "the clean run costs something"
+            Expect.isLessThanOrEqual e.TotalBytes e.BoundBytes "the estimate is within its bound"
+            Expect.isLessThanOrEqual e.TotalBytes (est (n + 1) a b).TotalBytes "monotone in tokens"
+            Expect.isLessThanOrEqual e.TotalBytes (est n (a + 1L) b).TotalBytes "monotone in active features"
+            Expect.isLessThanOrEqual e.TotalBytes (est n a (b + 1)).TotalBytes "monotone in batch"
+            Expect.isLessThan e.TotalBytes (est (n + 64) a b).TotalBytes "strictly more for many more tokens"
+
+        test "after the clean run: expected within the bound (equal without a binding cap), monotone in batch when capped, and not below the blocks the build holds" {
+            use scope = torch.NewDisposeScope()
+            use m = model 21 GptLike false
+            let coders = mlpCoders 21 m.Config false
+            try
+                let tokens = promptOf 21 m.Config 12
+                use lr = LocalReplacement.create m coders tokens
+                let nActive = lr.Active.Count
+                // fixed logit targets: the estimate counts MaxLogits rows, the build the likely tokens it picks
+                let uncapped = { fullConfig with ZeroPositions = [ 0 ]; LogitTokens = Some [| 1; 2; 3 |] }
+                let capped = { uncapped with MaxFeatureNodes = Some (max 1 (nActive / 3)) }
+                for config in [ uncapped; capped ] do
+                    let sizes = [ 1; 2; 3; 8 ] |> List.map (fun b -> AttributionGraph.estimateFor lr { config with BatchSize = b })
+                    for e in sizes do
+                        Expect.equal e.TotalBytes (e.CleanRunBytes + e.BatchBytes + e.AdjacencyBytes) "total is the sum"
+                        Expect.isLessThanOrEqual e.TotalBytes e.BoundBytes "within the bound"
+                    // (uncapped, the exact cones depend on how the batches split the positions, not monotonically)
+                    if config.MaxFeatureNodes.IsSome then
+                        sizes |> List.pairwise |> List.iter (fun (x, y) -> Expect.isLessThanOrEqual x.TotalBytes y.TotalBytes "monotone in batch")
+                let eu = AttributionGraph.estimateFor lr uncapped
+                Expect.equal eu.TotalBytes eu.BoundBytes "no cap: the expected is the bound"
+                let ec = AttributionGraph.estimateFor lr capped
+                Expect.isLessThan ec.TotalBytes ec.BoundBytes "a binding cap: the expected is below the bound"
+                Expect.isLessThan ec.AdjacencyBytes eu.AdjacencyBytes "fewer rows, less adjacency"
+                // uncapped, every block is kept: the build holds its float32 blocks and the graph's copy of them
+                let g = AttributionGraph.buildFrom lr uncapped
+                let weights = g.Blocks |> Array.sumBy (fun b -> int64 b.Weights.Length)
+                Expect.isGreaterThanOrEqual eu.AdjacencyBytes (8L * weights) "the adjacency part covers the blocks and their copy"
+                Expect.equal g.Stats.EstimatedBytes eu.TotalBytes "the build records the estimate"
+                // capped, whichever rows the ranking picks, the bound covers their blocks and copies
+                let gc = AttributionGraph.buildFrom lr capped
+                let weightsC = gc.Blocks |> Array.sumBy (fun b -> int64 b.Weights.Length)
+                Expect.isGreaterThanOrEqual (ec.BoundBytes - ec.CleanRunBytes - ec.BatchBytes) (8L * weightsC) "the bound covers the capped blocks"
+            finally disposeAll coders
+        }
+    ]
+
 let private tempFile () = Path.Combine(Path.GetTempPath(), sprintf "graph-%s.safetensors" (Guid.NewGuid().ToString "N"))
 
 let fileTests =
@@ -643,6 +700,7 @@ let tests =
         engineTests
         pruningTests
         memoryTests
+        estimateTests
         fileTests
         interventionTests
         badInputTests

@@ -39,8 +39,8 @@ type GraphConfig =
       DesiredLogitProbability: float
       /// Explain these next tokens instead of the most likely ones.
       LogitTokens: int[] option
-      /// Targets per backward pass; 0: the largest batch (up to 1,024) whose memory estimate fits
-      /// `MemoryBudgetBytes`.
+      /// Targets per backward pass; 0: the largest batch (up to 1,024) whose memory bound
+      /// (`MemoryEstimate.BoundBytes`) fits `MemoryBudgetBytes`.
       BatchSize: int
       /// At most this many feature nodes, chosen in order of influence on the logits (None: every active feature).
       MaxFeatureNodes: int option
@@ -49,7 +49,8 @@ type GraphConfig =
       /// Restrict each backward pass to its causal cone (layers up to the highest target, positions up to the last
       /// target's); false runs every pass over the whole prompt and model (same edges, more work).
       CausalCone: bool
-      /// Refuse to build a graph whose estimated memory exceeds this many bytes (None: no limit).
+      /// Refuse to build a graph whose memory bound (`MemoryEstimate.BoundBytes`, the conservative side of the
+      /// estimate) exceeds this many bytes (None: no limit).
       MemoryBudgetBytes: int64 option
       /// Positions whose coder activations and error vectors are zeroed: no feature nodes there and error nodes
       /// without edges (circuit-tracer's default drops position 0, where the attention sink makes features and
@@ -73,15 +74,28 @@ type GraphConfig =
         { MaxLogits = c.MaxLogits; DesiredLogitProbability = c.DesiredLogitProbability; BatchSize = c.BatchSize
           MaxFeatureNodes = c.MaxFeatureNodes; UpdateInterval = c.UpdateInterval; CausalCone = c.CausalCone }
 
-/// What building a graph will take, in bytes (upper bounds; the adjacency assumes every row spans every source).
+/// What building a graph will take, in bytes, above what the process held before the clean run (the model and
+/// coders already loaded). `TotalBytes` is the expected peak: the larger of the clean run's own peak and what the
+/// build holds at once (the clean run's frozen values, the engine's tables, the widest backward batch, the adjacency
+/// blocks, the ranking's square and the graph's copy), plus a fixed allowance for the runtime and the allocator. With a
+/// binding feature cap the rows the ranking will pick are not known before building: `TotalBytes` then takes their
+/// causal cones as wide as the active features' cones on average, and `BoundBytes` as wide as the whole prompt's.
+/// The memory budget (`GraphConfig.MemoryBudgetBytes`) is checked against `BoundBytes`, which no choice of rows can
+/// exceed; without a binding cap the two are equal.
 type MemoryEstimate =
-    { /// The clean run's frozen values: queries, keys, scales, MLP inputs, outputs, errors, logits.
+    { /// The clean run's part: its frozen values (queries, keys, patterns, scales, MLP inputs, outputs, errors),
+      /// the engine's prepared tables and the fixed allowance; or, when the clean run's own peak (every layer's
+      /// temporaries of one forward pass alive at once) exceeds all the build holds, the rest of that peak.
       CleanRunBytes: int64
-      /// One backward pass: the batched forward's saved activations, gradients and contraction temporaries.
+      /// The widest backward pass: its gradients, the transposed pass's temporaries and its rows.
       BatchBytes: int64
-      /// The adjacency blocks (float32).
+      /// The adjacency blocks (float32, each row over its causal cone), the ranking's square of the visited rows, and
+      /// the graph's copy of the blocks made at the end.
       AdjacencyBytes: int64
-      TotalBytes: int64 }
+      TotalBytes: int64
+      /// As `TotalBytes` with every capped row as wide as the whole prompt: the conservative bound the memory budget
+      /// is checked against.
+      BoundBytes: int64 }
 
 /// Building attribution graphs.
 [<RequireQualifiedAccess>]
@@ -123,51 +137,70 @@ module AttributionGraph =
     let private bytesOf (t: torch.ScalarType) =
         if t = torch.float64 then 8L elif t = torch.bfloat16 || t = torch.float16 then 2L else 4L
 
-    /// The estimate from its parts (see `estimateMemory`); `tableBytes` is the decoder tables' size, `adjacencyCells`
-    /// the number of float32 weights the blocks hold while the graph is built.
+    /// What the runtime and the allocator add to a build (code compiled on first use, thread pools, freed chunks
+    /// glibc keeps): measured as about 30 MiB on the bench fixture at 64 tokens.
+    let private slackBytes = 32L <<< 20
+
+    /// Bytes the clean run holds at its peak: `Transformer.run` keeps every layer's temporaries until it returns
+    /// (per layer four [heads, p, p] score-sized tensors — scores, scaled, masked, pattern — two [p, p] masks, about
+    /// 19 [p, d] and two (gated: four) [p, d_mlp]), then the logits [p, vocab].
+    let private cleanRunPeak (model: TransformerConfig) (es: int64) (p: int64) =
+        let l, d, m = int64 model.NLayers, int64 model.DModel, int64 model.DMlp
+        let h, v = int64 model.NHeads, int64 model.VocabSize
+        let mlpTensors = match model.Mlp with Gated _ -> 4L | Plain _ -> 2L
+        l * (4L * h * p * p * es + 2L * p * p + 19L * p * d * es + mlpTensors * p * m * es) + 8L * p * d * es + p * v * es
+
+    /// The estimate from its parts (see `MemoryEstimate`); `tableBytes` is the decoder tables' size, `featureRows`
+    /// the feature rows computed, `cells` / `boundCells` the float32 weights the blocks hold (expected / at most),
+    /// `copyCells` / `boundCopy` those the graph keeps (sources outside the selected features dropped).
     let private estimateParts (model: TransformerConfig) (es: int64) (esC: int64) (p: int64) (nActive: int64) (tableBytes: int64)
-                              (batch: int64) (rows: int64) (adjacencyCells: int64) (ranks: bool) : MemoryEstimate =
+                              (batch: int64) (featureRows: int64) (nLogits: int64) (cells: int64) (copyCells: int64)
+                              (boundCells: int64) (boundCopy: int64) (ranks: bool) : MemoryEstimate =
         let l, d = int64 model.NLayers, int64 model.DModel
         let e = int64 (TransformerConfig.dHead model)
         let h, kv, v = int64 model.NHeads, int64 model.NKvHeads, int64 model.VocabSize
-        let clean =
+        let rows = featureRows + nLogits
+        let live =
             l * p * (h + kv) * e * es                       // frozen queries and keys
             + l * h * p * p * es                            // attention patterns
             + l * p * 3L * d * es                           // MLP inputs, outputs, errors
-            + p * d * es                                    // embedding
+            + p * d * es + v * es                           // embedding, last logits
             + nActive * 52L                                 // active features: host arrays and device tensors
-            + max (p * v * es) (2L * h * p * p * es)        // the clean run's largest transient (logits, or a layer's scores)
         let prepared =
             (if esC <> es then l * h * p * p * esC else 0L) // patterns in the backward dtype
-            + 3L * l * p * d * esC                          // normalisation factors and zeroed errors
+            + 3L * l * p * d * esC + p * d * esC            // normalisation factors, zeroed errors, embedding
             + tableBytes                                    // activation-scaled decoder rows, per position
         let batchBytes =
             8L * batch * p * d * esC                        // the gradient and the transposed pass's temporaries
             + 2L * batch * (nActive + (l + 1L) * p) * 4L    // one batch's rows and their transposed copy
-        let adjacency =
-            adjacencyCells * 4L + rows * 40L
-            + (if ranks then rows * min rows nActive * 4L else 0L)   // ranking: the block among visited nodes
-        { CleanRunBytes = clean + prepared; BatchBytes = batchBytes; AdjacencyBytes = adjacency
-          TotalBytes = clean + prepared + batchBytes + adjacency }
+        let ranking = if ranks then rows * featureRows * 4L else 0L   // the block among visited nodes
+        let adjacency (c: int64) (kept: int64) = c * 4L + kept * 4L + rows * 40L + ranking
+        let total (c: int64) (kept: int64) =
+            slackBytes + max (live + prepared + batchBytes + adjacency c kept) (cleanRunPeak model es p)
+        let adj = adjacency cells copyCells
+        let totalBytes = total cells copyCells
+        { CleanRunBytes = totalBytes - batchBytes - adj; BatchBytes = batchBytes; AdjacencyBytes = adj
+          TotalBytes = totalBytes; BoundBytes = max totalBytes (total boundCells boundCopy) }
 
     /// The memory a graph of a prompt of `nTokens` tokens with `nActive` active features and `nLogits` logits needs
-    /// with this model (`elementBytes` per activation value: 4 for float32, 8 for float64): an upper bound in which
-    /// every adjacency row spans every source. `estimateFor` is tighter once the prompt has run.
+    /// with this model (`elementBytes` per activation value: 4 for float32, 8 for float64), before the prompt has run:
+    /// a bound in which every adjacency row spans every source (`TotalBytes` = `BoundBytes`). `estimateFor` is
+    /// tighter once the prompt has run.
     let estimateMemory (model: TransformerConfig) (elementBytes: int) (nTokens: int) (nActive: int64) (nLogits: int) (config: GraphConfig) : MemoryEstimate =
         let es = int64 elementBytes
         let esC = match config.BackwardDType with Some t -> bytesOf t | None -> es
         let p, l, d = int64 nTokens, int64 model.NLayers, int64 model.DModel
-        let rows = (match config.MaxFeatureNodes with Some n -> min (int64 n) nActive | None -> nActive) + int64 nLogits
-        let cols = nActive + (l + 1L) * p
+        let featureRows = match config.MaxFeatureNodes with Some n -> min (int64 n) nActive | None -> nActive
+        let cells = (featureRows + int64 nLogits) * (nActive + (l + 1L) * p)
         let batch = int64 (if config.BatchSize > 0 then config.BatchSize else 64)
         let ranks = match config.MaxFeatureNodes with Some n -> int64 n < nActive | None -> false
-        estimateParts model es esC p nActive (nActive * d * esC * 5L / 4L) batch rows (rows * cols) ranks
+        estimateParts model es esC p nActive (nActive * d * esC * 5L / 4L) batch featureRows (int64 nLogits) cells cells cells cells ranks
 
     let private refuseBeyondBudget (config: GraphConfig) (est: MemoryEstimate) (what: string) =
         match config.MemoryBudgetBytes with
-        | Some budget when est.TotalBytes > budget ->
-            invalidOp (sprintf "the attribution graph %s needs about %s (clean run %s, one backward batch %s, adjacency %s), more than the memory budget of %s (GraphConfig.MemoryBudgetBytes): lower MaxFeatureNodes or BatchSize, shorten the prompt, or raise the budget"
-                           what (gib est.TotalBytes) (gib est.CleanRunBytes) (gib est.BatchBytes) (gib est.AdjacencyBytes) (gib budget))
+        | Some budget when est.BoundBytes > budget ->
+            invalidOp (sprintf "the attribution graph %s may need up to %s (expected about %s: clean run %s, one backward batch %s, adjacency %s), more than the memory budget of %s (GraphConfig.MemoryBudgetBytes): lower MaxFeatureNodes or BatchSize, shorten the prompt, or raise the budget"
+                           what (gib est.BoundBytes) (gib est.TotalBytes) (gib est.CleanRunBytes) (gib est.BatchBytes) (gib est.AdjacencyBytes) (gib budget))
         | _ -> ()
 
     /// The features that can be nodes: the prompt's active features outside the zeroed positions, in the local
@@ -222,22 +255,26 @@ module AttributionGraph =
             if nodes.LayerStart[l + 1] > nodes.LayerStart[l] then w * int64 lr.NPositions * int64 (maxPerPosition nodes l) * d * esC else 0L)
         |> Array.sum
 
-    /// Adjacency weights held while building when the batches are known in advance (every node a row): each batch of
-    /// targets, in (position, layer) order, spans the features below its highest layer and last position.
-    let private exactCells (lr: LocalReplacement) (nodes: NodeFeatures) (order: int[]) (nLogits: int) (batch: int) (causalCone: bool) =
+    /// The weights the feature rows of these batches hold while building: each batch of targets (`order`, in
+    /// batches of `batch`) spans the features below its highest layer and last position, then the errors and tokens of
+    /// its cone; returned as (feature-source cells, error- and token-source cells).
+    let private featureRowCells (lr: LocalReplacement) (nodes: NodeFeatures) (order: int[]) (batch: int) (causalCone: bool) =
         let nL, p = lr.NLayers, lr.NPositions
-        let cols (top: int) (prefix: int) =
+        let widths (top: int) (prefix: int) =
             let src = min top nL
-            int64 ([ 0 .. src - 1 ] |> List.sumBy (fun l -> countBelow nodes l prefix)) + int64 ((src + 1) * prefix)
-        let full = cols nL p
-        let mutable cells = int64 nLogits * full
+            int64 ([ 0 .. src - 1 ] |> List.sumBy (fun l -> countBelow nodes l prefix)), int64 ((src + 1) * prefix)
+        let mutable feats, others = 0L, 0L
         let mutable s = 0
         while s < order.Length do
             let m = min batch (order.Length - s)
             let idx = order[s .. s + m - 1]
-            cells <- cells + int64 m * (if causalCone then cols (idx |> Array.map (fun k -> nodes.Layer[k]) |> Array.max) ((idx |> Array.map (fun k -> nodes.Position[k]) |> Array.max) + 1) else full)
+            let f, o =
+                if causalCone then widths (idx |> Array.map (fun k -> nodes.Layer[k]) |> Array.max) ((idx |> Array.map (fun k -> nodes.Position[k]) |> Array.max) + 1)
+                else widths nL p
+            feats <- feats + int64 m * f
+            others <- others + int64 m * o
             s <- s + m
-        cells
+        feats, others
 
     /// Orders node features by position, then layer, then index (tight causal cones for consecutive targets).
     let private byPositionThenLayer (nodes: NodeFeatures) (a: int) (b: int) =
@@ -253,28 +290,42 @@ module AttributionGraph =
         let all = Array.init nodes.Count id
         if causalCone then all |> Array.sortWith (byPositionThenLayer nodes) else all
 
-    /// The memory this build needs, from the local replacement model (exact node counts and decoder tables; the
-    /// adjacency exact without a binding feature cap, an upper bound with one).
+    /// The memory this build needs, from the local replacement model (exact node counts and decoder tables). The
+    /// adjacency is exact without a binding feature cap; with one, the rows the ranking picks are unknown, so the
+    /// expected cells take each row as wide as the active features' own cones are on average, and the bound takes every row over the whole prompt (see `MemoryEstimate`).
     let internal estimateWith (lr: LocalReplacement) (nodes: NodeFeatures) (nLogits: int) (batch: int) (config: GraphConfig) : MemoryEstimate =
         let c = lr.Model.Config
         let es = bytesOf lr.DType
         let esC = match config.BackwardDType with Some t -> bytesOf t | None -> es
         let nNode = int64 nodes.Count
-        let p, nL = lr.NPositions, lr.NLayers
+        let p, nL = int64 lr.NPositions, int64 lr.NLayers
         let capped = match config.MaxFeatureNodes with Some n -> int64 n < nNode | None -> false
-        let rows = (match config.MaxFeatureNodes with Some n -> min (int64 n) nNode | None -> nNode) + int64 nLogits
-        let cells =
-            if capped then rows * (nNode + int64 ((nL + 1) * p))
-            else exactCells lr nodes (uncappedOrder nodes config.CausalCone) nLogits batch config.CausalCone
+        let featureRows = match config.MaxFeatureNodes with Some n -> min (int64 n) nNode | None -> nNode
+        let others = (nL + 1L) * p
+        let logitCells = int64 nLogits * (nNode + others)
+        // capped: the picked rows come in batches spread over positions and layers, so each is taken as wide as
+        // its own cone (batches of one), averaged over the active features
+        let feats, errs = featureRowCells lr nodes (uncappedOrder nodes config.CausalCone) (if capped then 1 else batch) config.CausalCone
+        let cells, copy, boundCells, boundCopy =
+            if not capped then
+                let cells = logitCells + feats + errs
+                cells, cells, cells, cells
+            else
+                // the graph keeps the selected features' columns (about featureRows / nNode of the feature sources)
+                // and every error and token column
+                let scale (x: int64) = int64 (float x * float featureRows / float (max 1L nNode))
+                let keptWidth = featureRows + others
+                logitCells + scale (feats + errs), int64 nLogits * keptWidth + scale (scale feats + errs),
+                (featureRows + int64 nLogits) * (nNode + others), (featureRows + int64 nLogits) * keptWidth
         let tables = match config.Engine with GraphEngine.Explicit -> tableBytes lr nodes esC | GraphEngine.Autograd -> 0L
-        estimateParts c es esC (int64 p) nNode tables (int64 batch) rows cells capped
+        estimateParts c es esC p nNode tables (int64 batch) featureRows (int64 nLogits) cells copy boundCells boundCopy capped
 
-    /// The batch size: BatchSize, or with 0 the largest (up to 1,024) whose estimate fits the budget (1 when none does).
+    /// The batch size: BatchSize, or with 0 the largest (up to 1,024) whose bound fits the budget (1 when none does).
     let internal chooseBatch (lr: LocalReplacement) (nodes: NodeFeatures) (nLogits: int) (config: GraphConfig) : int =
         if config.BatchSize > 0 then config.BatchSize
         else
             let budget = defaultArg config.MemoryBudgetBytes Int64.MaxValue
-            let fits b = (estimateWith lr nodes nLogits b config).TotalBytes <= budget
+            let fits b = (estimateWith lr nodes nLogits b config).BoundBytes <= budget
             if not (fits 1) then 1
             else
                 let mutable lo, hi = 1, 1024
@@ -283,7 +334,7 @@ module AttributionGraph =
                     if fits mid then lo <- mid else hi <- mid - 1
                 lo
 
-    /// The memory estimate of building the graph of `lr` with `config` (see `estimateMemory`), with the batch size
+    /// The memory estimate of building the graph of `lr` with `config` (see `MemoryEstimate`), with the batch size
     /// the build would choose.
     let estimateFor (lr: LocalReplacement) (config: GraphConfig) : MemoryEstimate =
         let nodes = nodeFeatures lr config.ZeroPositions
