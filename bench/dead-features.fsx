@@ -41,6 +41,10 @@ let variants : (string * (TrainConfig -> TrainConfig)) list =
     let window w (t: TrainConfig) = { t with DeadAfterTokens = int64 w * int64 t.BatchSize }
     let auxK kAux coef (t: TrainConfig) = { t with Loss = { t.Loss with Auxiliary = AuxK(kAux, coef) } }
     [ "defaults", id
+      // the recipe shipped before: sparsify's (independent encoder, dead after 1/4 of the run, AuxK d/2 at 1/32)
+      "previous", (fun t -> { t with EncoderInit = RandomEncoder
+                                     DeadAfterTokens = max 1L (int64 t.Steps * int64 t.BatchSize / 4L)
+                                     Loss = { t.Loss with Auxiliary = AuxK(dModel / 2, 1.0 / 32.0) } })
       "no-auxk", (fun t -> { t with Loss = { t.Loss with Auxiliary = NoAuxiliary } })
       "no-centring", (fun t -> { t with BiasInit = Normalisation.ZeroBias })
       "tied-init", (fun t -> { t with EncoderInit = DecoderTranspose })
