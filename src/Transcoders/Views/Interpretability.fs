@@ -63,15 +63,9 @@ module Interpretability =
         |> Seq.map (fun s -> Tokenizer.encodeDocument tokenizer true false s.Text)
         |> List.ofSeq
 
-    /// A coder's display name: `M{layer}` (`M1-3` for a cross-layer transcoder), with the kind for SAEs.
-    let coderName (c: Coder) =
-        let cfg = c.Config
-        let layers = if cfg.NLayers = 1 then string cfg.Layers[0] else sprintf "%d-%d" cfg.Layers[0] (Array.last cfg.Layers)
-        match cfg.Kind with
-        | Sae -> sprintf "sae-L%s" layers
-        | SkipTranscoder -> sprintf "skip-M%s" layers
-        | CrossLayerTranscoder -> sprintf "clt-M%s" layers
-        | Transcoder -> sprintf "M%s" layers
+    /// A coder's display name on pages: the name of its folder (`transcoder-L1`, `sae-L1`, `skip-transcoder-L1`,
+    /// `clt-L0-1-2-3`; `CoderJob.name`), so a page names the coder the way the files on disk do.
+    let coderName (c: Coder) = CoderJob.name c.Config
 
     /// Writes every page kind into `options.Out` (see the module doc); `log` receives progress lines.
     let writeAll (model: Transformer) (tokenizer: Tokenizer) (coders: Coder list) (options: ReportOptions) (log: string -> unit) : ReportResult =
