@@ -15,16 +15,20 @@ dotnet tool restore && dotnet build src/Transcoders.Cli -c Release
 cli train-lm --layers 4 --d-model 256 --heads 8 --ctx 256 --batch 16 --steps 1200 --lr 2e-3 --warmup 60 \
     --eval-every 200 --checkpoint-every 100 --seed 1 --out "$work/lm" --resume
 
-# 2. Its coders from one activation stream: per-layer transcoders, SAEs on hook_mlp_out, skip transcoders, and a
-#    cross-layer transcoder; TopK (k 32) with AuxK, 2,048 features each (8 × d_model).
-cli train-coder "$work/lm/model" --kind transcoder sae skip-transcoder clt --width 2048 --k 32 \
-    --steps 1500 --batch 1024 --checkpoint-every 250 --out "$work/coders"
+# 2. Its coders from one activation stream (the same seed gives the same batches in both commands): per-layer
+#    transcoders, skip transcoders and a cross-layer transcoder, then SAEs on hook_mlp_out; TopK (k 32), 2,048
+#    features each (8 × d_model), the recipe of CoderDefaults.topK (tied start, 20-step dead window, AuxK 1,024 at 1/4).
+cli train-coder "$work/lm/model" --kind transcoder skip-transcoder clt --width 2048 --k 32 \
+    --steps 1000 --batch 1024 --checkpoint-every 250 --out "$work/coders"
+cli train-coder "$work/lm/model" --kind sae --width 2048 --k 32 \
+    --steps 1000 --batch 1024 --checkpoint-every 250 --out "$work/coders-sae"
 
 # 3. Into data/: the model as trained (float32, 17 MB), the coders in float16.
 mkdir -p data/models/tinystories-gpt
 cp "$work"/lm/model/* data/models/tinystories-gpt/
 cp "$work"/lm/metrics.jsonl data/models/tinystories-gpt/
 dotnet fsi scripts/ship-coders.fsx "$work/coders" data/coders/tinystories-gpt
+dotnet fsi scripts/ship-coders.fsx "$work/coders-sae" data/coders/tinystories-gpt
 
 # 4. The shipped (float16) coders evaluated: dead features over 1M held-out tokens (the training stream past what the
 #    coders read), L0, FVU, and the spliced model on 32,768 validation tokens; the table ships beside them.
