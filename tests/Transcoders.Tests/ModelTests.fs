@@ -603,8 +603,9 @@ let scopeTests =
                 let tokens = randomTokens 9 c.VocabSize 2 (min c.NCtx 5)
                 let mutable seen : torch.Tensor = null
                 let mutable made : torch.Tensor = null
+                let mutable escaped : torch.Tensor = null
                 let hooks : (string * HookFn) list =
-                    [ HookNames.ln2Normalized 0, (fun (x: torch.Tensor) -> seen <- x; made <- x * 2.0; x)
+                    [ HookNames.ln2Normalized 0, (fun (x: torch.Tensor) -> seen <- x; made <- x * 2.0; escaped <- x.clone().MoveToOuterDisposeScope(); x)
                       HookNames.mlpOut 2, (fun (y: torch.Tensor) -> y.add(seen).add(made)) ]
                 let hooked = Transformer.runWithHooks m hooks tokens
                 // the same edit with the layer-0 value taken from a cached run
@@ -613,6 +614,7 @@ let scopeTests =
                 let twice = x0 * 2.0
                 let expected = Transformer.runWithHooks m [ HookNames.mlpOut 2, (fun (y: torch.Tensor) -> y.add(x0).add(twice)) ] tokens
                 Expect.isTrue (identical hooked expected) (sprintf "%A: the kept tensors were alive and unchanged" kind)
+                Expect.isTrue (identical escaped x0) (sprintf "%A: a tensor a hook moved out of its scope outlives the run" kind)
 
         testCase "a pass holds one block's temporaries at a time, and leaves only what it returns" <| fun () ->
             for kind in kinds do

@@ -84,8 +84,8 @@ type GraphConfig =
 /// exceed; without a binding cap the two are equal.
 type MemoryEstimate =
     { /// The clean run's part: its frozen values (queries, keys, patterns, scales, MLP inputs, outputs, errors),
-      /// the engine's prepared tables and the fixed allowance; or, when the clean run's own peak (every layer's
-      /// temporaries of one forward pass alive at once) exceeds all the build holds, the rest of that peak.
+      /// the engine's prepared tables and the fixed allowance; or, when the clean run's own peak (what it keeps plus
+      /// one block's temporaries) exceeds all the build holds, the rest of that peak.
       CleanRunBytes: int64
       /// The widest backward pass: its gradients, the transposed pass's temporaries and its rows.
       BatchBytes: int64
@@ -141,14 +141,21 @@ module AttributionGraph =
     /// glibc keeps): measured as about 30 MiB on the bench fixture at 64 tokens.
     let private slackBytes = 32L <<< 20
 
-    /// Bytes the clean run holds at its peak: `Transformer.run` keeps every layer's temporaries until it returns
-    /// (per layer four [heads, p, p] score-sized tensors — scores, scaled, masked, pattern — two [p, p] masks, about
-    /// 19 [p, d] and two (gated: four) [p, d_mlp]), then the logits [p, vocab].
+    /// Bytes the clean run holds at its peak. `Transformer.run` frees each block's temporaries when the block ends, so
+    /// the peak is what the run keeps for the caller — per layer the cached queries, keys, [heads, p, p] pattern, MLP
+    /// input and output and two normalisation scales, plus the embedding and the residual stream — and on top of it
+    /// one block's temporaries: the attention's larger step (two score-sized tensors, one of them the pattern the run
+    /// keeps, and two [p, p] boolean masks) or the MLP's hidden units (two, gated four, [p, d_mlp]), with about 19
+    /// [p, d]; or, at the end, the logits [p, vocab].
     let private cleanRunPeak (model: TransformerConfig) (es: int64) (p: int64) =
         let l, d, m = int64 model.NLayers, int64 model.DModel, int64 model.DMlp
-        let h, v = int64 model.NHeads, int64 model.VocabSize
+        let e = int64 (TransformerConfig.dHead model)
+        let h, kv, v = int64 model.NHeads, int64 model.NKvHeads, int64 model.VocabSize
         let mlpTensors = match model.Mlp with Gated _ -> 4L | Plain _ -> 2L
-        l * (4L * h * p * p * es + 2L * p * p + 19L * p * d * es + mlpTensors * p * m * es) + 8L * p * d * es + p * v * es
+        let kept = l * (p * (h + kv) * e + h * p * p + 2L * p * d + 2L * p) * es + 2L * p * d * es
+        let block = max (h * p * p * es + 2L * p * p) (mlpTensors * p * m * es) + 19L * p * d * es
+        let final = p * v * es + 8L * p * d * es
+        kept + max block final
 
     /// The estimate from its parts (see `MemoryEstimate`); `tableBytes` is the decoder tables' size, `featureRows`
     /// the feature rows computed, `cells` / `boundCells` the float32 weights the blocks hold (expected / at most),

@@ -113,7 +113,8 @@ module HookNames =
 /// of the same shape (patching, ablation, splicing). It runs inside the forward pass, so autograd flows
 /// through whatever it returns. Tensors it sees and makes are disposed when the run ends (not when their layer does,
 /// so a hook may keep one for a later layer's hook): keep one longer with `.detach().DetachFromDisposeScope()` (then you
-/// own it) or ask the run to cache it.
+/// own it), with `MoveToOuterDisposeScope()` (it then belongs to the scope the run was called in), or ask the run to
+/// cache it.
 type HookFn = torch.Tensor -> torch.Tensor
 
 /// The hook points of one forward pass: which functions run where and which activations are saved.
@@ -128,6 +129,8 @@ type HookPoints private (hooks: IReadOnlyDictionary<string, HookFn list>, cached
     let mutable runScope : DisposeScope = null
     // the scopes the model opened inside the run, innermost last
     let modelScopes = Stack<DisposeScope>()
+    // tensors hooks moved out of their scope, now in the scope the run was called in (see `TakeEscaped`)
+    let escapedTensors = ResizeArray<IDisposable>()
 
     /// Moves `t` from the model's scope that owns it (if any) to the run's scope.
     let keepForRun (t: torch.Tensor) =
@@ -165,6 +168,10 @@ type HookPoints private (hooks: IReadOnlyDictionary<string, HookFn list>, cached
             if fs.IsEmpty && not caches then x
             else
                 if not fs.IsEmpty then keepForRun x
+                // a hook may move a tensor out of its scope (MoveToOuterDisposeScope) to keep it beyond the run: it then
+                // lands in the model's scope that encloses the hooks, and goes on to the scope the run was called in
+                let enclosing = if fs.IsEmpty || isNull runScope || modelScopes.Count = 0 then null else modelScopes.Peek()
+                let before = if isNull enclosing then null else HashSet<IDisposable>(enclosing.DisposablesView, HashIdentity.Reference)
                 let made = torch.NewDisposeScope()
                 try
                     let y =
@@ -184,11 +191,24 @@ type HookPoints private (hooks: IReadOnlyDictionary<string, HookFn list>, cached
                     let kept = made.DisposablesView
                     if isNull runScope then made.MoveToOuter kept else made.MoveToOther(runScope, kept)
                     made.Dispose()
+                    if not (isNull enclosing) then
+                        let escaped = enclosing.DisposablesView |> Seq.filter (fun t -> not (before.Contains t)) |> Array.ofSeq
+                        if escaped.Length > 0 then
+                            enclosing.MoveToOther(runScope, escaped)
+                            runScope.MoveToOuter escaped
+                            escapedTensors.AddRange escaped
 
     /// The scope of the run in progress (null outside a run); the model sets it for the run and restores it after.
     member internal _.RunScope
         with get () = runScope
         and set (s: DisposeScope) = if active then runScope <- s
+
+    /// The tensors hooks moved out of their scope since the last call (they are in the scope the run was called in),
+    /// for a caller that wraps the run in a scope of its own to move them on to its own caller's.
+    member internal _.TakeEscaped() : IDisposable[] =
+        let xs = escapedTensors.ToArray()
+        escapedTensors.Clear()
+        xs
 
     /// Runs one piece of the forward pass (`f` gets its scope) in its own dispose scope and returns its result in
     /// the enclosing scope: every other tensor made there is freed when it returns, except what hooks saw or made

@@ -228,6 +228,8 @@ module Transformer =
         use scope = torch.NewDisposeScope()
         // alias: the output may be a tensor the caller passed to a hook, which must not leave its own scope
         let out = m.Run(tokens, hp, kv, opts.StopAtLayer).alias().MoveToOuterDisposeScope()
+        // what hooks moved out of their scope goes where it would had the hooks run in this scope
+        for t in hp.TakeEscaped() do if scope.Contains t then scope.MoveToOuter t |> ignore
         let cache = hp.Cached |> Seq.map (fun kv -> kv.Key, kv.Value.MoveToOuterDisposeScope()) |> Map.ofSeq
         match opts.StopAtLayer with
         | Some _ -> { Logits = None; Residual = Some out; Cache = cache }
