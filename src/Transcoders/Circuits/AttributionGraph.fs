@@ -78,10 +78,12 @@ type GraphConfig =
 /// coders already loaded). `TotalBytes` is the expected peak: the larger of the clean run's own peak and what the
 /// build holds at once (the clean run's frozen values, the engine's tables, the widest backward batch, the adjacency
 /// blocks, the ranking's square and the graph's copy), plus a fixed allowance for the runtime and the allocator. With a
-/// binding feature cap the rows the ranking will pick are not known before building: `TotalBytes` then takes their
-/// causal cones as wide as the active features' cones on average, and `BoundBytes` as wide as the whole prompt's.
-/// The memory budget (`GraphConfig.MemoryBudgetBytes`) is checked against `BoundBytes`, which no choice of rows can
-/// exceed; without a binding cap the two are equal.
+/// binding feature cap the rows the ranking will pick are not known before building: `TotalBytes` then expects the
+/// rows the first ranking (through the logit rows alone) puts first, each batch over its causal cone (`estimateFor`
+/// computes the logit rows for this; without them, each row is taken as wide as the active features' cones on
+/// average), and `BoundBytes` takes every row as wide as the whole prompt. The memory budget
+/// (`GraphConfig.MemoryBudgetBytes`) is checked against `BoundBytes`, which no choice of rows can exceed; without a
+/// binding cap the two are equal.
 type MemoryEstimate =
     { /// The clean run's part: its frozen values (queries, keys, patterns, scales, MLP inputs, outputs, errors),
       /// the engine's prepared tables and the fixed allowance; or, when the clean run's own peak (what it keeps plus
@@ -299,7 +301,9 @@ module AttributionGraph =
 
     /// The memory this build needs, from the local replacement model (exact node counts and decoder tables). The
     /// adjacency is exact without a binding feature cap; with one, the rows the ranking picks are unknown, so the
-    /// expected cells take each row as wide as the active features' own cones are on average, and the bound takes every row over the whole prompt (see `MemoryEstimate`).
+    /// expected cells take the rows of `picks` (`firstRankingPicks`) in the build's batches, or without them each row
+    /// as wide as the active features' own cones are on average, and the bound takes every row over the whole prompt
+    /// (see `MemoryEstimate`).
     let internal estimateWith (lr: LocalReplacement) (nodes: NodeFeatures) (nLogits: int) (batch: int) (config: GraphConfig)
                               (picks: int[] option) : MemoryEstimate =
         let c = lr.Model.Config
