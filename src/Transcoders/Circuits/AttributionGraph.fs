@@ -781,7 +781,7 @@ module AttributionGraph =
     let internal firstRankingPicks (rowsOf: int[] -> int[] -> torch.Tensor -> int[] * torch.Tensor * torch.Tensor)
                                    (lr: LocalReplacement) (nodes: NodeFeatures) (logits: LogitNode[]) (batch: int)
                                    (config: GraphConfig) : int[] =
-        use _ = torch.no_grad ()
+        // (not under no_grad: the autograd engine's rows need the graph)
         use scope = torch.NewDisposeScope()
         let nL, p, nNode = lr.NLayers, lr.NPositions, nodes.Count
         let maxFeatures = match config.MaxFeatureNodes with Some n -> min n nNode | None -> nNode
