@@ -524,6 +524,117 @@ let tlProcessingTests =
             Expect.stringContains msg "LayerNorm" "the reason"
     ]
 
+/// The forward pass frees each block's temporaries when the block ends (`HookPoints.InScope`): gradients, hooks that
+/// keep tensors across layers, and the number of tensors alive during a pass.
+let scopeTests =
+    let live () = DisposeScopeManager.Statistics.ThreadTotalLiveCount
+    testList "per-block dispose scopes" [
+        testPropertyWithConfig { FsCheckConfig.defaultConfig with maxTest = 6 } "a training step's gradients match central differences and a pass that keeps every activation"
+        <| fun (seed: int) (kindIndex: uint8) ->
+            let c = { randomConfig seed kinds.[int kindIndex % 3] with Dropout = 0.0 }
+            use m = randomModel seed c
+            m.``to``(torch.float64) |> ignore
+            m.train ()
+            use scope = torch.NewDisposeScope()
+            let tokens = randomTokens seed c.VocabSize 2 (min c.NCtx 6)
+            let ps = Transformer.parameters m |> List.map snd
+            let gradients (logits: unit -> torch.Tensor) =
+                for p in ps do p.grad <- null
+                let loss = Transformer.nextTokenLoss (logits ()) tokens
+                loss.backward ()
+                loss.item<float> (), [ for p in ps -> p.grad.clone() ]
+            let loss, grads = gradients (fun () -> Transformer.forward m tokens)
+            // identity hooks at every point whose hook does not switch to another kernel: each sees its activation,
+            // which then stays alive until the run ends
+            let keepAll =
+                HookNames.all c
+                |> List.filter (fun n -> not (n.EndsWith "hook_scale" || n.EndsWith "hook_attn_scores" || n.EndsWith "hook_pattern"))
+                |> List.map (fun n -> n, id)
+            let loss2, grads2 = gradients (fun () -> Transformer.runWithHooks m keepAll tokens)
+            Expect.equal loss2 loss "same loss"
+            List.iteri2 (fun i (a: torch.Tensor) b -> Expect.isTrue (identical a b) (sprintf "parameter %d: same gradient" i)) grads grads2
+            // central differences on a few entries of the first and last weight matrices
+            use _ = torch.no_grad ()
+            let lossAt () = (Transformer.nextTokenLoss (Transformer.forward m tokens) tokens).item<float> ()
+            let rng = Random seed
+            for pi in [ 0; ps.Length - 1 ] do
+                let p, g = ps[pi], grads[pi]
+                let flat = p.view(-1L)
+                for _ in 1 .. 3 do
+                    let k = int64 (rng.Next(int (flat.shape[0])))
+                    let x0 = flat[k].item<float> ()
+                    let h = 1e-6
+                    flat[k].fill_((x0 + h).ToScalar()) |> ignore
+                    let up = lossAt ()
+                    flat[k].fill_((x0 - h).ToScalar()) |> ignore
+                    let down = lossAt ()
+                    flat[k].fill_(x0.ToScalar()) |> ignore
+                    let numeric = (up - down) / (2.0 * h)
+                    let analytic = (g.view(-1L)).[k].item<float> ()
+                    Expect.isLessThan (abs (numeric - analytic)) (1e-6 + 1e-5 * abs analytic) (sprintf "parameter %d entry %d: %g vs %g" pi k numeric analytic)
+
+        testCase "with dropout in training mode, a pass that keeps every activation gives the same loss and gradients" <| fun () ->
+            let c = { randomConfig 5 GptLike with Dropout = 0.1; NLayers = 3 }
+            use m = randomModel 5 c
+            m.train ()
+            use scope = torch.NewDisposeScope()
+            let tokens = randomTokens 5 c.VocabSize 2 (min c.NCtx 6)
+            let ps = Transformer.parameters m |> List.map snd
+            let gradients (hooks: (string * HookFn) list) =
+                for p in ps do p.grad <- null
+                Transcoders.Tensors.Device.seed 3L
+                let loss = Transformer.nextTokenLoss (Transformer.runWithHooks m hooks tokens) tokens
+                loss.backward ()
+                loss.item<float32> (), [ for p in ps -> p.grad.clone() ]
+            // a hook at the pattern makes the attention explicit in both (dropout on the pattern needs it anyway)
+            let pattern = [ "blocks.*.attn.hook_pattern", id ]
+            let loss, grads = gradients pattern
+            let keepAll = pattern @ [ for n in HookNames.all c do if not (n.EndsWith "hook_scale") then yield n, id ]
+            let loss2, grads2 = gradients keepAll
+            Expect.equal loss2 loss "same loss"
+            List.iteri2 (fun i (a: torch.Tensor) b -> Expect.isTrue (identical a b) (sprintf "parameter %d: same gradient" i)) grads grads2
+
+        testCase "a hook may keep what it saw or made at one layer for a later layer's hook" <| fun () ->
+            for kind in kinds do
+                let c = { randomConfig 9 kind with NLayers = 3 }
+                use m = randomModel 9 c
+                use _ = torch.no_grad ()
+                use scope = torch.NewDisposeScope()
+                let tokens = randomTokens 9 c.VocabSize 2 (min c.NCtx 5)
+                let mutable seen : torch.Tensor = null
+                let mutable made : torch.Tensor = null
+                let mutable escaped : torch.Tensor = null
+                let hooks : (string * HookFn) list =
+                    [ HookNames.ln2Normalized 0, (fun (x: torch.Tensor) -> seen <- x; made <- x * 2.0; escaped <- x.clone().MoveToOuterDisposeScope(); x)
+                      HookNames.mlpOut 2, (fun (y: torch.Tensor) -> y.add(seen).add(made)) ]
+                let hooked = Transformer.runWithHooks m hooks tokens
+                // the same edit with the layer-0 value taken from a cached run
+                use r = Transformer.runWithCache m [ HookNames.ln2Normalized 0 ] tokens
+                let x0 = r[HookNames.ln2Normalized 0]
+                let twice = x0 * 2.0
+                let expected = Transformer.runWithHooks m [ HookNames.mlpOut 2, (fun (y: torch.Tensor) -> y.add(x0).add(twice)) ] tokens
+                Expect.isTrue (identical hooked expected) (sprintf "%A: the kept tensors were alive and unchanged" kind)
+                Expect.isTrue (identical escaped x0) (sprintf "%A: a tensor a hook moved out of its scope outlives the run" kind)
+
+        testCase "a pass holds one block's temporaries at a time, and leaves only what it returns" <| fun () ->
+            for kind in kinds do
+                let c = { randomConfig 13 kind with NLayers = 5 }
+                use m = randomModel 13 c
+                use _ = torch.no_grad ()
+                use scope = torch.NewDisposeScope()
+                let tokens = randomTokens 13 c.VocabSize 2 (min c.NCtx 6)
+                let counts = Array.zeroCreate c.NLayers
+                let hooks = [ for l in 0 .. c.NLayers - 1 -> HookNames.residPre l, (fun (x: torch.Tensor) -> counts[l] <- live (); x) ]
+                let before = live ()
+                let names = [ HookNames.pattern 1; HookNames.mlpIn 3 ]
+                (use r = Transformer.run m { RunOptions.Default with Cache = set names; Hooks = hooks } tokens
+                 Expect.equal (live ()) (before + int64 (names.Length + 1)) (sprintf "%A: the logits and the cached values" kind)
+                 // each hooked stream stays alive (a hook saw it), the two cached values, and nothing else per block
+                 let growth = counts[c.NLayers - 1] - counts[0]
+                 Expect.isLessThanOrEqual growth (int64 (c.NLayers - 1 + names.Length)) (sprintf "%A: tensors alive at the last block against the first: %d more" kind growth))
+                Expect.equal (live ()) before (sprintf "%A: nothing left after disposing the result" kind)
+    ]
+
 let tests =
     testList "Models" [
         testList "Hugging Face fixtures" [
@@ -542,4 +653,5 @@ let tests =
         kvCacheTests
         validationTests
         tlProcessingTests
+        scopeTests
     ]

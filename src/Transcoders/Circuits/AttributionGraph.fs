@@ -78,14 +78,16 @@ type GraphConfig =
 /// coders already loaded). `TotalBytes` is the expected peak: the larger of the clean run's own peak and what the
 /// build holds at once (the clean run's frozen values, the engine's tables, the widest backward batch, the adjacency
 /// blocks, the ranking's square and the graph's copy), plus a fixed allowance for the runtime and the allocator. With a
-/// binding feature cap the rows the ranking will pick are not known before building: `TotalBytes` then takes their
-/// causal cones as wide as the active features' cones on average, and `BoundBytes` as wide as the whole prompt's.
-/// The memory budget (`GraphConfig.MemoryBudgetBytes`) is checked against `BoundBytes`, which no choice of rows can
-/// exceed; without a binding cap the two are equal.
+/// binding feature cap the rows the ranking will pick are not known before building: `TotalBytes` then expects the
+/// rows the first ranking (through the logit rows alone) puts first, each batch over its causal cone (`estimateFor`
+/// computes the logit rows for this; without them, each row is taken as wide as the active features' cones on
+/// average), and `BoundBytes` takes every row as wide as the whole prompt. The memory budget
+/// (`GraphConfig.MemoryBudgetBytes`) is checked against `BoundBytes`, which no choice of rows can exceed; without a
+/// binding cap the two are equal.
 type MemoryEstimate =
     { /// The clean run's part: its frozen values (queries, keys, patterns, scales, MLP inputs, outputs, errors),
-      /// the engine's prepared tables and the fixed allowance; or, when the clean run's own peak (every layer's
-      /// temporaries of one forward pass alive at once) exceeds all the build holds, the rest of that peak.
+      /// the engine's prepared tables and the fixed allowance; or, when the clean run's own peak (what it keeps plus
+      /// one block's temporaries) exceeds all the build holds, the rest of that peak.
       CleanRunBytes: int64
       /// The widest backward pass: its gradients, the transposed pass's temporaries and its rows.
       BatchBytes: int64
@@ -141,14 +143,21 @@ module AttributionGraph =
     /// glibc keeps): measured as about 30 MiB on the bench fixture at 64 tokens.
     let private slackBytes = 32L <<< 20
 
-    /// Bytes the clean run holds at its peak: `Transformer.run` keeps every layer's temporaries until it returns
-    /// (per layer four [heads, p, p] score-sized tensors — scores, scaled, masked, pattern — two [p, p] masks, about
-    /// 19 [p, d] and two (gated: four) [p, d_mlp]), then the logits [p, vocab].
+    /// Bytes the clean run holds at its peak. `Transformer.run` frees each block's temporaries when the block ends, so
+    /// the peak is what the run keeps for the caller — per layer the cached queries, keys, [heads, p, p] pattern, MLP
+    /// input and output and two normalisation scales, plus the embedding and the residual stream — and on top of it
+    /// one block's temporaries: the attention's larger step (two score-sized tensors, one of them the pattern the run
+    /// keeps, and two [p, p] boolean masks) or the MLP's hidden units (two, gated four, [p, d_mlp]), with about 19
+    /// [p, d]; or, at the end, the logits [p, vocab].
     let private cleanRunPeak (model: TransformerConfig) (es: int64) (p: int64) =
         let l, d, m = int64 model.NLayers, int64 model.DModel, int64 model.DMlp
-        let h, v = int64 model.NHeads, int64 model.VocabSize
+        let e = int64 (TransformerConfig.dHead model)
+        let h, kv, v = int64 model.NHeads, int64 model.NKvHeads, int64 model.VocabSize
         let mlpTensors = match model.Mlp with Gated _ -> 4L | Plain _ -> 2L
-        l * (4L * h * p * p * es + 2L * p * p + 19L * p * d * es + mlpTensors * p * m * es) + 8L * p * d * es + p * v * es
+        let kept = l * (p * (h + kv) * e + h * p * p + 2L * p * d + 2L * p) * es + 2L * p * d * es
+        let block = max (h * p * p * es + 2L * p * p) (mlpTensors * p * m * es) + 19L * p * d * es
+        let final = p * v * es + 8L * p * d * es
+        kept + max block final
 
     /// The estimate from its parts (see `MemoryEstimate`); `tableBytes` is the decoder tables' size, `featureRows`
     /// the feature rows computed, `cells` / `boundCells` the float32 weights the blocks hold (expected / at most),
@@ -292,8 +301,11 @@ module AttributionGraph =
 
     /// The memory this build needs, from the local replacement model (exact node counts and decoder tables). The
     /// adjacency is exact without a binding feature cap; with one, the rows the ranking picks are unknown, so the
-    /// expected cells take each row as wide as the active features' own cones are on average, and the bound takes every row over the whole prompt (see `MemoryEstimate`).
-    let internal estimateWith (lr: LocalReplacement) (nodes: NodeFeatures) (nLogits: int) (batch: int) (config: GraphConfig) : MemoryEstimate =
+    /// expected cells take the rows of `picks` (`firstRankingPicks`) in the build's batches, or without them each row
+    /// as wide as the active features' own cones are on average, and the bound takes every row over the whole prompt
+    /// (see `MemoryEstimate`).
+    let internal estimateWith (lr: LocalReplacement) (nodes: NodeFeatures) (nLogits: int) (batch: int) (config: GraphConfig)
+                              (picks: int[] option) : MemoryEstimate =
         let c = lr.Model.Config
         let es = bytesOf lr.DType
         let esC = match config.BackwardDType with Some t -> bytesOf t | None -> es
@@ -303,11 +315,9 @@ module AttributionGraph =
         let featureRows = match config.MaxFeatureNodes with Some n -> min (int64 n) nNode | None -> nNode
         let others = (nL + 1L) * p
         let logitCells = int64 nLogits * (nNode + others)
-        // capped: the picked rows come in batches spread over positions and layers, so each is taken as wide as
-        // its own cone (batches of one), averaged over the active features
-        let feats, errs = featureRowCells lr nodes (uncappedOrder nodes config.CausalCone) (if capped then 1 else batch) config.CausalCone
         let cells, copy, boundCells, boundCopy =
             if not capped then
+                let feats, errs = featureRowCells lr nodes (uncappedOrder nodes config.CausalCone) batch config.CausalCone
                 let cells = logitCells + feats + errs
                 cells, cells, cells, cells
             else
@@ -315,7 +325,17 @@ module AttributionGraph =
                 // and every error and token column
                 let scale (x: int64) = int64 (float x * float featureRows / float (max 1L nNode))
                 let keptWidth = featureRows + others
-                logitCells + scale (feats + errs), int64 nLogits * keptWidth + scale (scale feats + errs),
+                let expected, expectedCopy =
+                    match picks with
+                    | Some order ->
+                        // the rows the first ranking puts first, in the build's batches, each over its causal cone
+                        let feats, errs = featureRowCells lr nodes order batch config.CausalCone
+                        logitCells + feats + errs, int64 nLogits * keptWidth + scale feats + errs
+                    | None ->
+                        // unknown rows: each as wide as its own cone (batches of one), averaged over the active features
+                        let feats, errs = featureRowCells lr nodes (uncappedOrder nodes config.CausalCone) 1 config.CausalCone
+                        logitCells + scale (feats + errs), int64 nLogits * keptWidth + scale (scale feats + errs)
+                expected, expectedCopy,
                 (featureRows + int64 nLogits) * (nNode + others), (featureRows + int64 nLogits) * keptWidth
         let tables = match config.Engine with GraphEngine.Explicit -> tableBytes lr nodes esC | GraphEngine.Autograd -> 0L
         estimateParts c es esC p nNode tables (int64 batch) featureRows (int64 nLogits) cells copy boundCells boundCopy capped
@@ -325,7 +345,7 @@ module AttributionGraph =
         if config.BatchSize > 0 then config.BatchSize
         else
             let budget = defaultArg config.MemoryBudgetBytes Int64.MaxValue
-            let fits b = (estimateWith lr nodes nLogits b config).BoundBytes <= budget
+            let fits b = (estimateWith lr nodes nLogits b config None).BoundBytes <= budget
             if not (fits 1) then 1
             else
                 let mutable lo, hi = 1, 1024
@@ -333,13 +353,6 @@ module AttributionGraph =
                     let mid = (lo + hi + 1) / 2
                     if fits mid then lo <- mid else hi <- mid - 1
                 lo
-
-    /// The memory estimate of building the graph of `lr` with `config` (see `MemoryEstimate`), with the batch size
-    /// the build would choose.
-    let estimateFor (lr: LocalReplacement) (config: GraphConfig) : MemoryEstimate =
-        let nodes = nodeFeatures lr config.ZeroPositions
-        let nLogits = match config.LogitTokens with Some ts -> ts.Length | None -> config.MaxLogits
-        estimateWith lr nodes nLogits (chooseBatch lr nodes nLogits config) config
 
     /// The unembedding matrix W_U [vocab, d] and the final normalisation's weight and bias (None when absent).
     let internal unembedding (model: Transformer) =
@@ -761,6 +774,51 @@ module AttributionGraph =
         interface IDisposable with
             member _.Dispose() = square.Dispose()
 
+    /// The feature rows a binding cap is expected to pick, in the order the build visits them: the nodes the first
+    /// ranking puts first (influence through the logit rows alone: each row's |weights| normalised to a unit sum, times
+    /// the logit's probability), a queue of UpdateInterval × batch at a time, each sorted as the build sorts it.
+    /// `rowsOf` computes rows as the build does. Later rankings may pick other rows: an expectation, not a bound.
+    let internal firstRankingPicks (rowsOf: int[] -> int[] -> torch.Tensor -> int[] * torch.Tensor * torch.Tensor)
+                                   (lr: LocalReplacement) (nodes: NodeFeatures) (logits: LogitNode[]) (batch: int)
+                                   (config: GraphConfig) : int[] =
+        // (not under no_grad: the autograd engine's rows need the graph)
+        use scope = torch.NewDisposeScope()
+        let nL, p, nNode = lr.NLayers, lr.NPositions, nodes.Count
+        let maxFeatures = match config.MaxFeatureNodes with Some n -> min n nNode | None -> nNode
+        let influence = torch.zeros([| int64 (nNode + (nL + 1) * p) |], dtype = torch.float64, device = lr.Device)
+        let dirs = logitDirections lr (logits |> Array.map (fun l -> l.Token))
+        let mutable s = 0
+        while s < logits.Length do
+            let m = min batch (logits.Length - s)
+            use step = torch.NewDisposeScope()
+            let order, sources, values = rowsOf (Array.create m nL) (Array.create m (p - 1)) (dirs.narrow(0, int64 s, int64 m))
+            let a = values.to_type(torch.float64).abs()
+            let w = torch.tensor(order |> Array.map (fun i -> logits[s + i].Probability), dtype = torch.float64, device = lr.Device)
+            let coef = w.div(a.sum(1L).clamp_min(sc 1e-10))
+            influence.index_add_(0L, sources, coef.unsqueeze(0).matmul(a).squeeze(0), sc 1.0) |> ignore
+            s <- s + m
+        let values = influence.narrow(0, 0L, int64 nNode).cpu().data<float>().ToArray()
+        Array.init nNode id
+        |> Array.sortWith (fun a b -> let c = compare values[b] values[a] in if c <> 0 then c else compare a b)
+        |> Array.truncate maxFeatures
+        |> Array.chunkBySize (max 1 (config.UpdateInterval * batch))
+        |> Array.collect (fun q -> if config.CausalCone then Array.sortWith (byPositionThenLayer nodes) q else q)
+
+    /// The memory estimate of building the graph of `lr` with `config` (see `MemoryEstimate`), with the batch size
+    /// the build would choose. With a binding feature cap it computes the logit rows (one transposed pass per batch of
+    /// logits) to expect the rows the first ranking picks.
+    let estimateFor (lr: LocalReplacement) (config: GraphConfig) : MemoryEstimate =
+        let nodes = nodeFeatures lr config.ZeroPositions
+        let nLogits = match config.LogitTokens with Some ts -> ts.Length | None -> config.MaxLogits
+        let batch = chooseBatch lr nodes nLogits config
+        let capped = match config.MaxFeatureNodes with Some n -> n < nodes.Count | None -> false
+        let picks =
+            if not capped then None
+            else
+                use pr = prepare lr nodes config.ZeroPositions config.BackwardDType
+                Some (firstRankingPicks (explicitRows pr lr.NPositions config.CausalCone) lr nodes (logitTargets lr config) batch config)
+        estimateWith lr nodes nLogits batch config picks
+
     /// Checks a prompt against a model (not empty, within the context, ids in the vocabulary).
     let checkPrompt (model: TransformerConfig) (tokens: int[]) =
         if isNull (box tokens) || tokens.Length = 0 then invalidArg "tokens" "the prompt is empty: give at least one token"
@@ -787,8 +845,8 @@ module AttributionGraph =
         let logits = logitTargets lr config
         let nLogits = logits.Length
         let batchSize = chooseBatch lr nodes nLogits config
-        let est = estimateWith lr nodes nLogits batchSize config
-        refuseBeyondBudget config est (sprintf "of %d tokens with %d active features" p nNode)
+        // the bound does not depend on which rows a cap picks: checked before any heavy work
+        refuseBeyondBudget config (estimateWith lr nodes nLogits batchSize config None) (sprintf "of %d tokens with %d active features" p nNode)
         let nBuild = nNode + (nL + 1) * p + nLogits
         let logitBase = nNode + (nL + 1) * p
         let rowsOf, engine =
@@ -798,9 +856,12 @@ module AttributionGraph =
                 explicitRows pr p config.CausalCone, (pr :> IDisposable)
             | GraphEngine.Autograd -> autogradEngine lr nodes config.ZeroPositions config.CausalCone
         use _engine = engine
+        let maxFeatures = match config.MaxFeatureNodes with Some n -> min n nNode | None -> nNode
+        let est =
+            let picks = if maxFeatures < nNode then Some (firstRankingPicks rowsOf lr nodes logits batchSize config) else None
+            estimateWith lr nodes nLogits batchSize config picks
         let blocks = ResizeArray<Adjacency.DeviceBlock>()
         let invSums = ResizeArray<torch.Tensor>()
-        let maxFeatures = match config.MaxFeatureNodes with Some n -> min n nNode | None -> nNode
         // ranking by influence only when the cap binds
         let ranker = if maxFeatures < nNode then Some (new Ranker(nBuild, nLogits + maxFeatures, maxFeatures, device)) else None
         use _ranker = { new IDisposable with member _.Dispose() = ranker |> Option.iter (fun r -> (r :> IDisposable).Dispose()) }

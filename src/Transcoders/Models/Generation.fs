@@ -113,7 +113,10 @@ let generate (model: Transformer) (o: GenerateOptions) (prompt: int[]) : Generat
         else
             let next =
                 use scope = torch.NewDisposeScope()
-                pick o generator (nextLogits ())
+                let logits = nextLogits ()
+                // what hooks moved out of their scope goes where it would had the hooks run in this scope
+                for t in hooks.TakeEscaped() do if scope.Contains t then scope.MoveToOuter t |> ignore
+                pick o generator logits
             tokens.Add next
             if o.StopTokens.Contains next then StopToken next else loop (produced + 1)
     let stop = loop 0

@@ -111,16 +111,33 @@ module HookNames =
 
 /// A function at a hook point: it gets the activation and returns it (to read it) or a replacement
 /// of the same shape (patching, ablation, splicing). It runs inside the forward pass, so autograd flows
-/// through whatever it returns. Tensors it sees are disposed when the run ends: keep one with
-/// `.detach().DetachFromDisposeScope()` (then you own it) or ask the run to cache it.
+/// through whatever it returns. Tensors it sees and makes are disposed when the run ends (not when their layer does,
+/// so a hook may keep one for a later layer's hook): keep one longer with `.detach().DetachFromDisposeScope()` (then you
+/// own it), with `MoveToOuterDisposeScope()` (it then belongs to the scope the run was called in), or ask the run to
+/// cache it.
 type HookFn = torch.Tensor -> torch.Tensor
 
 /// The hook points of one forward pass: which functions run where and which activations are saved.
 /// Made by `HookPoints.Create` with names validated against the model's configuration.
+///
+/// The model frees each layer's temporaries when the layer ends (`InScope`): what hooks see and make, and the cached
+/// values, move to the run's scope (`RunScope`) instead, so they live until the run ends, as the caller expects.
 type HookPoints private (hooks: IReadOnlyDictionary<string, HookFn list>, cached: HashSet<string>, detach: bool) =
     let store = Dictionary<string, torch.Tensor>()
     static let none = HookPoints(Dictionary(), HashSet(), true)
     let active = hooks.Count > 0 || cached.Count > 0
+    let mutable runScope : DisposeScope = null
+    // the scopes the model opened inside the run, innermost last
+    let modelScopes = Stack<DisposeScope>()
+    // tensors hooks moved out of their scope, now in the scope the run was called in (see `TakeEscaped`)
+    let escapedTensors = ResizeArray<IDisposable>()
+
+    /// Moves `t` from the model's scope that owns it (if any) to the run's scope.
+    let keepForRun (t: torch.Tensor) =
+        if not (isNull runScope) then
+            match modelScopes |> Seq.tryFind (fun s -> s.Contains t) with
+            | Some s -> s.MoveToOther(runScope, t) |> ignore
+            | None -> ()
 
     /// No hooks and no cache: the plain forward pass.
     static member None = none
@@ -142,25 +159,68 @@ type HookPoints private (hooks: IReadOnlyDictionary<string, HookFn list>, cached
     member _.Wants(name: string) = active && (hooks.ContainsKey name || cached.Contains name)
 
     /// Runs the hooks at `name` on `x` and caches the result when asked; returns the (possibly replaced) value.
+    /// What the hooks see and make and the cached value stay alive until the run ends (see the type's comment).
     member _.Point(name: string, x: torch.Tensor) : torch.Tensor =
         if not active then x
         else
-            let y =
-                match hooks.TryGetValue name with
-                | true, fs ->
-                    fs |> List.fold (fun (t: torch.Tensor) f ->
-                        let r = f t
-                        if isNull r then invalidOp (sprintf "the hook at '%s' returned null (return the tensor it got to leave it unchanged)" name)
-                        if r.shape <> t.shape then
-                            invalidOp (sprintf "the hook at '%s' returned shape %s, but the activation there has shape %s" name (Shape.show r.shape) (Shape.show t.shape))
-                        r) x
-                | _ -> x
-            if cached.Contains name then
-                match store.TryGetValue name with
-                | true, old -> old.Dispose()
-                | _ -> ()
-                store.[name] <- (if detach then y.detach() else y.alias())
-            y
+            let fs = match hooks.TryGetValue name with | true, fs -> fs | _ -> []
+            let caches = cached.Contains name
+            if fs.IsEmpty && not caches then x
+            else
+                if not fs.IsEmpty then keepForRun x
+                // a hook may move a tensor out of its scope (MoveToOuterDisposeScope) to keep it beyond the run: it then
+                // lands in the model's scope that encloses the hooks, and goes on to the scope the run was called in
+                let enclosing = if fs.IsEmpty || isNull runScope || modelScopes.Count = 0 then null else modelScopes.Peek()
+                let before = if isNull enclosing then null else HashSet<IDisposable>(enclosing.DisposablesView, HashIdentity.Reference)
+                let made = torch.NewDisposeScope()
+                try
+                    let y =
+                        fs |> List.fold (fun (t: torch.Tensor) f ->
+                            let r = f t
+                            if isNull r then invalidOp (sprintf "the hook at '%s' returned null (return the tensor it got to leave it unchanged)" name)
+                            if r.shape <> t.shape then
+                                invalidOp (sprintf "the hook at '%s' returned shape %s, but the activation there has shape %s" name (Shape.show r.shape) (Shape.show t.shape))
+                            r) x
+                    if caches then
+                        match store.TryGetValue name with
+                        | true, old -> old.Dispose()
+                        | _ -> ()
+                        store.[name] <- (if detach then y.detach() else y.alias())
+                    y
+                finally
+                    let kept = made.DisposablesView
+                    if isNull runScope then made.MoveToOuter kept else made.MoveToOther(runScope, kept)
+                    made.Dispose()
+                    if not (isNull enclosing) then
+                        let escaped = enclosing.DisposablesView |> Seq.filter (fun t -> not (before.Contains t)) |> Array.ofSeq
+                        if escaped.Length > 0 then
+                            enclosing.MoveToOther(runScope, escaped)
+                            runScope.MoveToOuter escaped
+                            escapedTensors.AddRange escaped
+
+    /// The scope of the run in progress (null outside a run); the model sets it for the run and restores it after.
+    member internal _.RunScope
+        with get () = runScope
+        and set (s: DisposeScope) = if active then runScope <- s
+
+    /// The tensors hooks moved out of their scope since the last call (they are in the scope the run was called in),
+    /// for a caller that wraps the run in a scope of its own to move them on to its own caller's.
+    member internal _.TakeEscaped() : IDisposable[] =
+        let xs = escapedTensors.ToArray()
+        escapedTensors.Clear()
+        xs
+
+    /// Runs one piece of the forward pass (`f` gets its scope) in its own dispose scope and returns its result in
+    /// the enclosing scope: every other tensor made there is freed when it returns, except what hooks saw or made
+    /// and the cached values (which move to the run's scope).
+    member _.InScope(f: DisposeScope -> torch.Tensor) : torch.Tensor =
+        use s = torch.NewDisposeScope()
+        if active then modelScopes.Push s
+        try
+            let y = f s
+            if s.Contains y then s.MoveToOuter y else y
+        finally
+            if active then modelScopes.Pop() |> ignore
 
     /// The activations cached so far (owned by the run that made this object).
     member _.Cached : IReadOnlyDictionary<string, torch.Tensor> = store

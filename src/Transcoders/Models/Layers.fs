@@ -117,11 +117,27 @@ type Attention(c: TransformerConfig, layer: int) as this =
             let dropout = if this.training then c.Dropout else 0.0
             // dropout on the pattern needs the explicit softmax (scaled_dot_product_attention draws from the global generator)
             if hp.Wants names.Scores || hp.Wants names.Pattern || dropout > 0.0 then
-                let scores = qt.matmul(kAll.transpose(-2, -1)) / sqrt (float e)
-                let scores = if p > 1L then scores.masked_fill(allowed().logical_not(), System.Double.NegativeInfinity) else scores
-                let scores = hp.Point(names.Scores, scores)
-                let pattern = hp.Point(names.Pattern, F.softmax(scores, -1L))
-                (Init.dropout this.training dropout pattern).matmul(vAll)
+                // [b, h, p, P] each: in a scope of their own, each freed as soon as the next is made (unless a hook saw
+                // it), so that at most two are alive at once
+                hp.InScope(fun s ->
+                    let free (t: torch.Tensor) = if s.Contains t then t.Dispose()
+                    let raw = qt.matmul(kAll.transpose(-2, -1))
+                    let scaled = raw / sqrt (float e)
+                    free raw
+                    let scores =
+                        if p > 1L then
+                            use allowedHere = allowed ()
+                            use notAllowed = allowedHere.logical_not()
+                            let masked = scaled.masked_fill(notAllowed, System.Double.NegativeInfinity)
+                            free scaled
+                            masked
+                        else scaled
+                    let scores = hp.Point(names.Scores, scores)
+                    let pattern = hp.Point(names.Pattern, F.softmax(scores, -1L))
+                    free scores
+                    let dropped = Init.dropout this.training dropout pattern
+                    if not (obj.ReferenceEquals(dropped, pattern)) then free pattern
+                    dropped.matmul(vAll))
             elif past = 0L then F.scaled_dot_product_attention(qt, kAll, vAll, p = dropout, is_casual = (p > 1L))
             elif p = 1L then F.scaled_dot_product_attention(qt, kAll, vAll, p = dropout)
             else F.scaled_dot_product_attention(qt, kAll, vAll, attn_mask = allowed (), p = dropout)

@@ -76,18 +76,51 @@ type Transformer private (config: TransformerConfig) as this =
     /// receives this call's (it advances only when the whole model ran). With `stopAtLayer = Some l`
     /// it returns the residual stream entering block l (after hook_resid_pre; l = n_layers gives the
     /// stream after the last block) instead of logits.
+    ///
+    /// Memory: the embedding, every block and the unembedding run in dispose scopes of their own (`HookPoints.InScope`),
+    /// so a block's temporaries (its attention scores, MLP hidden units, normalisation steps) and the residual stream
+    /// it consumed are freed when the block ends; the pass holds one block's temporaries at a time. What the caller
+    /// gets back — the output, the cached values, what hooks saw and made — lands in the caller's dispose scope, as
+    /// every tensor of the pass did before.
     member this.Run(tokens: torch.Tensor, hp: HookPoints, cache: KvCache option, stopAtLayer: int option) : torch.Tensor =
+        let run = torch.NewDisposeScope()
+        let outer = hp.RunScope
+        hp.RunScope <- run
+        try
+            this.RunIn(run, tokens, hp, cache, stopAtLayer)
+        finally
+            hp.RunScope <- outer
+            run.MoveToOuter run.DisposablesView
+            run.Dispose()
+
+    member private this.RunIn(run: DisposeScope, tokens: torch.Tensor, hp: HookPoints, cache: KvCache option, stopAtLayer: int option) : torch.Tensor =
         let tokens = this.CheckTokens(tokens, (match cache with Some k -> k.Length | None -> 0))
         let b, p = tokens.shape.[0], tokens.shape.[1]
         let start = match cache with Some k -> k.Length | None -> 0
         if cache.IsSome && stopAtLayer.IsSome then invalidArg "stopAtLayer" "stopAtLayer cannot be combined with a KV cache"
-        let x = hp.Point(HookNames.embed, embed.forward tokens)
+        // the residual stream the previous piece made in its own scope (null when a hook made it: hooks may keep theirs)
+        let mutable stream : torch.Tensor = null
+        // a piece of the pass reading `input`; when the model made that stream, it is freed with the piece's temporaries
+        let piece (input: torch.Tensor) (f: unit -> torch.Tensor) =
+            let mutable owned = false
+            let y =
+                hp.InScope(fun s ->
+                    if not (isNull input) && obj.ReferenceEquals(input, stream) && run.Contains input then
+                        run.MoveToOther(s, input) |> ignore
+                    let y = f ()
+                    owned <- s.Contains y
+                    y)
+            stream <- (if owned then y else null)
+            y
         let x =
-            if isNull posEmbed then x
-            else
-                let positions = torch.arange(int64 start, int64 start + p, dtype = torch.int64, device = tokens.device)
-                x + hp.Point(HookNames.posEmbed, posEmbed.forward(positions).unsqueeze(0).expand(b, p, int64 c.DModel))
-        let x = Init.dropout this.training c.Dropout x
+            piece null (fun () ->
+                let x = hp.Point(HookNames.embed, embed.forward tokens)
+                let x =
+                    if isNull posEmbed then x
+                    else
+                        let positions = torch.arange(int64 start, int64 start + p, dtype = torch.int64, device = tokens.device)
+                        x + hp.Point(HookNames.posEmbed, posEmbed.forward(positions).unsqueeze(0).expand(b, p, int64 c.DModel))
+                Init.dropout this.training c.Dropout x)
         let pos =
             { Start = start
               Rotate =
@@ -97,13 +130,13 @@ type Transformer private (config: TransformerConfig) as this =
         let last = defaultArg stopAtLayer c.NLayers
         let mutable x = x
         for l in 0 .. last - 1 do
-            x <- blocks.[l].Run(hp.Point(HookNames.residPre l, x), hp, pos, cache)
+            x <- piece x (fun () -> blocks.[l].Run(hp.Point(HookNames.residPre l, x), hp, pos, cache))
         match stopAtLayer with
         | Some l when l < c.NLayers -> hp.Point(HookNames.residPre l, x)
         | Some _ -> x
         | None ->
             cache |> Option.iter (fun k -> k.Advance(int p))
-            unembed.Run(lnFinal.Run(x, hp), embed.weight)
+            piece x (fun () -> unembed.Run(lnFinal.Run(x, hp), embed.weight))
 
     /// Token ids as int64 [batch, pos] (a 1-D input becomes a batch of one), checked against the
     /// vocabulary and the context length.
@@ -195,6 +228,8 @@ module Transformer =
         use scope = torch.NewDisposeScope()
         // alias: the output may be a tensor the caller passed to a hook, which must not leave its own scope
         let out = m.Run(tokens, hp, kv, opts.StopAtLayer).alias().MoveToOuterDisposeScope()
+        // what hooks moved out of their scope goes where it would had the hooks run in this scope
+        for t in hp.TakeEscaped() do if scope.Contains t then scope.MoveToOuter t |> ignore
         let cache = hp.Cached |> Seq.map (fun kv -> kv.Key, kv.Value.MoveToOuterDisposeScope()) |> Map.ofSeq
         match opts.StopAtLayer with
         | Some _ -> { Logits = None; Residual = Some out; Cache = cache }
