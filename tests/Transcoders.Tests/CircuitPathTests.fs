@@ -227,6 +227,42 @@ let invariantTests =
             finally
                 dispose m coders
 
+        testPropertyWithConfig (config 6) "the feature pages' head de-embeddings (all features at once) equal Attribution's one feature at a time" <| fun (NonNegativeInt seed) ->
+            let kind = kinds[seed % 3]
+            let _, m, coders, _ = setup seed kind true
+            try
+                let coder = coders.Head
+                let layer = coder.Config.Layers[0]
+                let dSae = coder.Config.DSae
+                let live = Array.init dSae (fun f -> f % 3 <> 1)
+                let k, heads = 5, 2
+                match Transcoders.Views.FeatureDashboard.deembeddings m coder 0 k heads live with
+                | None -> failtest "a transcoder has de-embeddings"
+                | Some pages ->
+                    use circuit = CircuitModel.create m [ coder ]
+                    for f in 0 .. dSae - 1 do
+                        let _, got = pages[f]
+                        if not live[f] then Expect.isEmpty got (sprintf "feature %d is not live: no heads" f)
+                        else
+                            let dir = Attribution.encoderDirection circuit layer f
+                            let norms = Attribution.ovNorms circuit dir
+                            let expected =
+                                [| for l in 0 .. layer do for h in 0 .. norms[l].Length - 1 -> l, h, norms[l][h] |]
+                                |> Array.sortByDescending (fun (_, _, n) -> n) |> Array.truncate heads
+                            Expect.equal got.Length expected.Length (sprintf "feature %d: heads shown" f)
+                            for (gl, gh, gn, gt), (el, eh, en) in Array.zip got expected do
+                                close (sprintf "feature %d: OV norm of attn%d[%d]" f el eh) gn en
+                                // equal norms may order differently; the head must carry its own norm
+                                close (sprintf "feature %d: the norm of the head shown, attn%d[%d]" f gl gh) gn (norms[gl][gh])
+                                let scores = Attribution.deembeddingThroughHead circuit gl gh dir
+                                let top = Attribution.top k false scores
+                                Expect.equal gt.Length top.Length (sprintf "feature %d, attn%d[%d]: tokens shown" f gl gh)
+                                for t, (_, s) in Array.zip gt (Array.ofList top) do
+                                    close (sprintf "feature %d, attn%d[%d]: score of the %d-th token" f gl gh t.Token) t.Score s
+                                    close (sprintf "feature %d, attn%d[%d]: token %d's own score" f gl gh t.Token) t.Score (scores[t.Token])
+            finally
+                dispose m coders
+
         testPropertyWithConfig (config 6) "de-embeddings equal the explicit products, directly and through a head's OV circuit" <| fun (NonNegativeInt seed) ->
             let kind = kinds[seed % 3]
             let c, m, coders, _ = setup seed kind true

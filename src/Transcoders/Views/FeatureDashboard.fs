@@ -142,18 +142,49 @@ module FeatureDashboard =
                 let d = torch.tensor(rawArray = Array.concat dirs, dimensions = ReadOnlySpan<int64>([| int64 dSae; int64 model.Config.DModel |]), dtype = torch.float64)
                 let e = circuit.Embed.cpu()
                 topOf k true (d.matmul(e.t()))
-            let headsOf f =
-                if heads <= 0 || not live[f] then [||]
+            // The heads' OV de-embeddings of every live feature at once (the per-feature `Attribution.ovNorms` and
+            // `Attribution.deembeddingThroughHead` as matrix products; one feature at a time took ~25 s per coder here).
+            let headsAll : (int * int * float * TokenScore[])[][] =
+                let none = Array.create dSae [||]
+                let liveIdx = Array.init dSae id |> Array.filter (fun f -> live[f])
+                if heads <= 0 || liveIdx.Length = 0 then none
                 else
-                    let norms = Attribution.ovNorms circuit dirs[f]
-                    [| for l in 0 .. layer do for h in 0 .. norms[l].Length - 1 -> l, h, norms[l][h] |]
-                    |> Array.sortByDescending (fun (_, _, n) -> n)
-                    |> Array.truncate heads
-                    |> Array.map (fun (l, h, n) ->
-                        let scores = Attribution.deembeddingThroughHead circuit l h dirs[f]
-                        let top = Attribution.top k false scores |> List.map (fun (t, s) -> { Token = t; Score = s }) |> Array.ofList
-                        l, h, n, top)
-            Some (Array.init dSae (fun f -> direct[f], headsOf f))
+                    use _ = torch.no_grad ()
+                    use scope = torch.NewDisposeScope()
+                    let c = model.Config
+                    let e = int64 (TransformerConfig.dHead c)
+                    let dm = int64 c.DModel
+                    let d =
+                        torch.tensor(rawArray = Array.concat [| for f in liveIdx -> dirs[f] |],
+                                     dimensions = ReadOnlySpan<int64>([| int64 liveIdx.Length; dm |]), dtype = torch.float64)
+                         .``to``(circuit.Device)
+                    // ln1(W_Vᵀ W_O^hᵀ u) for every row u of `rows`, with ln1's weight and centring (Attribution.throughNorm)
+                    let written (l: int) (h: int) (rows: torch.Tensor) =
+                        let g = int64 (h / (c.NHeads / c.NKvHeads))
+                        let r = rows.matmul(circuit.WO(l).narrow(1, int64 h * e, e)).matmul(circuit.WV(l).narrow(0, g * e, e))
+                        let w, _ = circuit.Ln1 l
+                        let r = match w with Some w -> r.mul w | None -> r
+                        if c.Norm = LayerNorm then r.sub(r.mean([| -1L |], true)) else r
+                    let pairs = [| for l in 0 .. layer do for h in 0 .. c.NHeads - 1 -> l, h |]
+                    let norms =
+                        [| for l, h in pairs ->
+                               use n = (written l h d).norm(1)
+                               n.cpu().data<float>().ToArray() |]
+                    let chosen =
+                        liveIdx |> Array.mapi (fun j _ ->
+                            pairs |> Array.mapi (fun q (l, h) -> q, l, h, norms[q][j])
+                            |> Array.sortByDescending (fun (_, _, _, n) -> n) |> Array.truncate heads)
+                    let tops = Collections.Generic.Dictionary<int * int, TokenScore[]>()
+                    for q, (l, h) in Array.indexed pairs do
+                        let rows = chosen |> Array.indexed |> Array.filter (fun (_, cs) -> cs |> Array.exists (fun (q', _, _, _) -> q' = q)) |> Array.map fst
+                        if rows.Length > 0 then
+                            use idx = torch.tensor(rows |> Array.map int64, device = circuit.Device)
+                            let scores = (written l h (d.index_select(0, idx))).matmul(circuit.Embed.t()).cpu()
+                            topOf k true scores |> Array.iteri (fun r ts -> tops[(rows[r], q)] <- ts)
+                    let result = Array.copy none
+                    liveIdx |> Array.iteri (fun j f -> result[f] <- chosen[j] |> Array.map (fun (q, l, h, n) -> l, h, n, tops[(j, q)]))
+                    result
+            Some (Array.init dSae (fun f -> direct[f], headsAll[f]))
 
     /// Activations of every feature of coder layer index `i` on token batches: calls `onSequence` with each
     /// sequence's tokens and its active (position, feature, value) entries plus a dense accessor.
